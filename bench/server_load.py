@@ -1,0 +1,298 @@
+"""Benchmark of the task server on loopback (no packets are sent: this is HTTP only).
+
+1. Load: N keep-alive clients doing GET /get_task + POST /submit_result cycles with real
+   65,536-character results, against ping_server.py (every answer durable) and, in the same run,
+   against a bare ThreadingHTTPServer that only parses and answers (the ceiling), twice: "bare
+   json" also decodes the JSON body (the least any real server does), "bare http" does not.
+   Prints cycles/s, p50/p99 latency, server CPU and RSS, and the ratios; then ping_server again
+   with 50 dashboards' /events streams open.
+2. Census: all 65,536 tasks handed out and completed through HTTP by 64 simulated clients, timed.
+3. Restart: the server killed with SIGKILL after the census, restarted, timed until it answers
+   (then once more after a clean SIGTERM).
+
+The clients run in their own processes (the machine may have only 2 cores; clients and server
+share them). Servers bind to 127.0.0.1 only.
+
+    python3 bench/server_load.py [--clients 8] [--procs 2] [--seconds 10] [--census-clients 64]
+"""
+
+import argparse
+import http.client
+import json
+import multiprocessing
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+
+
+class BareHandler(BaseHTTPRequestHandler):
+    """The ceiling: parse the request, read the body (and decode its JSON when ``decode``),
+    answer a fixed-shape JSON. Same HTTP settings as ping_server.py."""
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    wbufsize = 1 << 16
+    counter = iter(range(1 << 62))
+    decode = False
+
+    def do_GET(self):
+        self._answer(b'{"task_index":%d,"task_status":1,"lease":"x"}' % next(self.counter))
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.decode:
+            json.loads(body)
+        self._answer(b'{"success":true}')
+
+    def _answer(self, data):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format, *args):
+        pass
+
+
+def run_bare_server(decode):
+    BareHandler.decode = decode
+    server = ThreadingHTTPServer((HOST, 0), BareHandler)
+    server.daemon_threads = True
+    print(f"listening on http://{HOST}:{server.server_address[1]}/", flush=True)
+    server.serve_forever()
+
+
+def start(argv, **kw):
+    """A server subprocess and its port (from its 'listening on' line)."""
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, **kw)
+    line = process.stdout.readline().decode()
+    if not line.startswith("listening on "):
+        process.kill()
+        raise RuntimeError(f"server did not start: {line!r}")
+    return process, int(line.rsplit(":", 1)[1].strip(" /\n"))
+
+
+def census_server(data_dir, scope="0.0.0.0/0"):
+    return start([sys.executable, str(ROOT / "ping_server.py"), "--host", HOST, "--port", "0",
+                  "--data", str(data_dir), "--scope", scope],
+                 env={**os.environ, "PING_ADMIN_TOKEN": ""})
+
+
+def rss_mb(pid) -> tuple[float, float]:
+    """(current, peak) resident set size of a process, MB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value
+    return (int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024)
+
+
+# -- clients --------------------------------------------------------------------------------------
+
+def results_pool(seed, count=8):
+    """Realistic results: about 10 % of addresses answer."""
+    rng = random.Random(seed)
+    return [("".join("1" if rng.random() < 0.1 else "0" for _ in range(65536))).encode()
+            for _ in range(count)]
+
+
+def client_thread(port, deadline, pool, name, out, until_empty):
+    conn = http.client.HTTPConnection(HOST, port, timeout=60)
+    latencies, cycles = [], 0
+    while until_empty or time.perf_counter() < deadline:
+        started = time.perf_counter()
+        conn.request("GET", "/get_task")
+        task = json.loads(conn.getresponse().read())
+        if "task_index" not in task:
+            break
+        middle = time.perf_counter()
+        body = (b'{"task_index":%d,"lease":"%s","name":"%s","result":{"success":true,'
+                b'"result_data":"' % (task["task_index"], task["lease"].encode(), name.encode())
+                + pool[cycles % len(pool)] + b'"}}')
+        conn.request("POST", "/submit_result", body, {"Content-Type": "application/json"})
+        answer = json.loads(conn.getresponse().read())
+        if not answer.get("success"):
+            raise RuntimeError(f"submit refused: {answer}")
+        ended = time.perf_counter()
+        latencies.append((middle - started, ended - middle, ended - started))
+        cycles += 1
+    conn.close()
+    out.extend(latencies)
+
+
+def client_process(port, threads, seconds, first, until_empty, queue):
+    pool = results_pool(first)
+    started = time.perf_counter()
+    deadline = started + seconds
+    out = []
+    workers = [threading.Thread(target=client_thread,
+                                args=(port, deadline, pool, f"c{first + n}", out, until_empty))
+               for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    queue.put((out, time.perf_counter() - started))
+
+
+def drive(port, clients, procs, seconds=0.0, until_empty=False):
+    """Run the clients in ``procs`` processes; (latency triples, seconds the clients ran)."""
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    per = [clients // procs + (1 if n < clients % procs else 0) for n in range(procs)]
+    workers = [ctx.Process(target=client_process,
+                           args=(port, per[n], seconds, sum(per[:n]), until_empty, queue))
+               for n in range(procs) if per[n]]
+    for worker in workers:
+        worker.start()
+    answers = [queue.get() for _ in workers]
+    for worker in workers:
+        worker.join()
+    return [item for out, _ in answers for item in out], max(wall for _, wall in answers)
+
+
+def cpu_seconds(pid) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(pid, port, clients, procs, seconds=0.0, until_empty=False):
+    """drive() plus the server's CPU use over the run."""
+    cpu = cpu_seconds(pid)
+    latencies, wall = drive(port, clients, procs, seconds, until_empty)
+    return latencies, wall, (cpu_seconds(pid) - cpu) / wall
+
+
+def summary(label, latencies, wall, cpu, pid):
+    cycles = len(latencies)
+    whole = sorted(t[2] for t in latencies)
+    submit = sorted(t[1] for t in latencies)
+    rss, peak = rss_mb(pid)
+    rate = cycles / wall
+    print(f"{label:>12}: {rate:8.0f} cycles/s   cycle p50 {pct(whole, 50):6.2f} ms  "
+          f"p99 {pct(whole, 99):6.2f} ms   submit p50 {pct(submit, 50):6.2f} ms  "
+          f"p99 {pct(submit, 99):6.2f} ms   server CPU {cpu:.0%}   "
+          f"RSS {rss:.0f} MB (peak {peak:.0f})",
+          flush=True)
+    return rate
+
+
+def pct(values, p):
+    return 1000 * values[min(len(values) - 1, int(len(values) * p / 100))] if values else 0.0
+
+
+# -- phases ---------------------------------------------------------------------------------------
+
+def load_phase(args, tmp):
+    print(f"load: {args.clients} keep-alive clients in {args.procs} processes, "
+          f"{args.seconds} s a run, 65,536-char results", flush=True)
+    ceilings = {}
+    for kind in ("http", "json"):
+        bare, port = start([sys.executable, __file__, "--bare-server", kind])
+        try:
+            drive(port, args.clients, args.procs, 1.0)             # warm up
+            ceilings[kind] = summary(f"bare {kind}", *measured(bare.pid, port, args.clients,
+                                                               args.procs, args.seconds), bare.pid)
+        finally:
+            bare.kill()
+            bare.wait()
+    server, port = census_server(tmp / "load")
+    try:
+        drive(port, args.clients, args.procs, 1.0)
+        ours = summary("ping_server", *measured(server.pid, port, args.clients, args.procs,
+                                                args.seconds), server.pid)
+        if args.dashboards:
+            stop = threading.Event()
+            for _ in range(args.dashboards):
+                threading.Thread(target=dashboard, args=(port, stop), daemon=True).start()
+            summary(f"+{args.dashboards} SSE", *measured(server.pid, port, args.clients,
+                                                         args.procs, args.seconds), server.pid)
+            stop.set()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait()
+    print(f"       ratio: {ours / ceilings['json']:.0%} of the bare server that parses the HTTP "
+          f"request and its JSON body; {ours / ceilings['http']:.0%} of one that parses only "
+          "the HTTP (every ping_server answer durable)", flush=True)
+
+
+def census_phase(args, tmp):
+    data = tmp / "census"
+    server, port = census_server(data)
+    print(f"census: 65,536 tasks by {args.census_clients} clients in {args.procs} processes",
+          flush=True)
+    try:
+        latencies, wall, cpu = measured(server.pid, port, args.census_clients, args.procs,
+                                        until_empty=True)
+        summary("census", latencies, wall, cpu, server.pid)
+        progress = get_json(port, "/get_progress")
+    finally:
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+    print(f"      census: {progress['done_tasks']} tasks done in {wall:.1f} s; "
+          f"log {os.path.getsize(data / 'census.log') / 1e6:.0f} MB, "
+          f"snapshot {os.path.getsize(data / 'census.json') / 1e6:.1f} MB", flush=True)
+    for how in ("after kill -9", "after SIGTERM"):
+        started = time.perf_counter()
+        server, port = census_server(data)
+        try:
+            progress = get_json(port, "/get_progress")
+            elapsed = time.perf_counter() - started
+            print(f"     restart: {elapsed:.2f} s {how} until it answers; done_tasks "
+                  f"{progress['done_tasks']}; RSS {rss_mb(server.pid)[0]:.0f} MB", flush=True)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait()
+
+
+def dashboard(port, stop):
+    """An open dashboard: one /events stream, read until told to stop."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=30)
+    conn.request("GET", "/events")
+    response = conn.getresponse()
+    while not stop.is_set() and response.fp.readline():
+        pass
+    conn.close()
+
+
+def get_json(port, path):
+    conn = http.client.HTTPConnection(HOST, port, timeout=60)
+    conn.request("GET", path)
+    data = json.loads(conn.getresponse().read())
+    conn.close()
+    return data
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--procs", type=int, default=2, help="client processes")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--census-clients", type=int, default=64)
+    parser.add_argument("--dashboards", type=int, default=50, help="SSE streams in a 2nd run")
+    parser.add_argument("--skip-load", action="store_true")
+    parser.add_argument("--skip-census", action="store_true")
+    parser.add_argument("--bare-server", choices=("http", "json"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.bare_server:
+        return run_bare_server(args.bare_server == "json")
+    with tempfile.TemporaryDirectory(prefix="census-bench-") as tmp:
+        if not args.skip_load:
+            load_phase(args, Path(tmp))
+        if not args.skip_census:
+            census_phase(args, Path(tmp))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,902 @@
+"""ICMP echo for the IPv4 census: a pure codec, one socket class and a fast, validated sweep.
+
+The codec (checksum, build, parse) does no I/O and never raises on what comes off the wire:
+anything truncated, corrupt or not an answer to an echo request parses to None. Every probe
+carries TAG and a keyed hash of its destination under a per-sweep secret (`Signer`), so a reply
+counts only when it proves it answers our probe to that very address; an unreachable or time
+exceeded is credited to the address its quote names. `IcmpSocket` is a raw ICMP socket, or the
+unprivileged datagram ICMP socket when raw ones are not allowed (Linux, macOS). `sweep()` sends
+one round at a time in a random permutation (ZMap's cyclic group), under a token bucket, with
+sendmmsg(2) where ctypes finds it and on two cores, while a receiver thread drains and checks
+the replies. Standard library only: a volunteer copies this file with ping_client.py.
+"""
+import argparse
+import array
+import bisect
+import errno
+import hashlib
+import ipaddress
+import json
+import math
+import os
+import secrets
+import select
+import socket
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Callable, NamedTuple, Optional, Sequence
+
+__all__ = [
+    "TAG", "RESERVED", "Status", "IcmpType", "Reply", "Verdict", "Signer", "Progress",
+    "SweepStats", "SweepResult", "IcmpSocket", "IcmpPermissionError", "Outbox", "checksum",
+    "echo_request", "parse", "wholly_reserved", "is_excluded", "permutation", "sweep",
+]
+
+TAG = b"ipv4-census "  # starts every probe payload, so a network operator can tell who we are
+RESERVED = tuple(ipaddress.IPv4Network(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+    "172.16.0.0/12", "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16",
+    "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
+    "255.255.255.255/32"))
+
+IP_HEADER = struct.Struct("!BBHHHBBH4s4s")  # RFC 791: version/IHL ... source, destination
+ICMP_HEADER = struct.Struct("!BBHHH")       # RFC 792: type, code, checksum, identifier, sequence
+ADDRESS = struct.Struct("!I")
+DIGEST_SIZE = 10                            # 2 bytes of sequence number + an 8-byte MAC
+PAYLOAD_SIZE = len(TAG) + ADDRESS.size + DIGEST_SIZE - 2
+PACKET_SIZE = ICMP_HEADER.size + PAYLOAD_SIZE
+PERMISSION_HELP = (
+    "ICMP needs a raw socket (run with sudo) or unprivileged ICMP sockets, which this system "
+    'does not allow for your group; enable them with: sudo sysctl -w net.ipv4.ping_group_range="0 2147483647"')
+
+
+class IcmpType(IntEnum):
+    ECHO_REPLY = 0
+    DEST_UNREACHABLE = 3
+    ECHO_REQUEST = 8
+    TIME_EXCEEDED = 11
+
+
+class Status(IntEnum):
+    NO_ANSWER = 0
+    ECHO_REPLY = 1
+    UNREACHABLE = 2
+    EXCLUDED = 3
+    TIME_EXCEEDED = 4
+
+
+class Verdict(IntEnum):
+    OK = 0
+    STRAY = 1          # not one of our probes: another ping, garbage, a target we never had
+    BAD_PAYLOAD = 2    # carries our tag or identifier but not the keyed hash we sent
+    WRONG_SOURCE = 3   # a genuine echo reply of ours, but it came from another address
+
+
+class Reply(NamedTuple):
+    """An ICMP answer to an echo request. `target` is the address that was probed: the source
+    of an echo reply, the quoted destination of an error. `payload` is the echoed data (for an
+    error, whatever part of our payload the quote holds)."""
+    source: int
+    target: int
+    type: int
+    code: int
+    ident: int
+    seq: int
+    payload: bytes
+
+
+class Progress(NamedTuple):
+    sent: int
+    total: int
+    replies: int
+    unreachable: int
+    elapsed: float
+    pps: float
+
+
+class SweepStats(NamedTuple):
+    sent: int
+    replies: int
+    unreachable: int
+    excluded: int
+    stray: int
+    wrong_source: int
+    bad_payload: int
+    duplicates: int
+    rounds: int
+    elapsed: float
+    kind: str
+    time_exceeded: int = 0
+    send_errors: int = 0
+    send_seconds: float = 0.0   # time spent sending (first to last send of each round)
+
+
+class SweepResult(NamedTuple):
+    """Per target, same index as `addresses`: `status` (a Status), `code` (the ICMP code of
+    an unreachable / time exceeded), `rtt_us` (echo replies only; timed from the start of the
+    send call that carried the probe, so at full speed up to a chunk's send time, ~1-2 ms, high)."""
+    addresses: Sequence[int]
+    status: bytearray
+    code: bytearray
+    rtt_us: array.array
+    stats: SweepStats
+
+
+class IcmpPermissionError(PermissionError):
+    """Neither a raw nor an unprivileged ICMP socket may be opened; the message says what to do."""
+
+
+def checksum(data: bytes) -> int:
+    """RFC 1071 Internet checksum (odd lengths padded with a zero byte).
+
+    The one's-complement sum of 16-bit words equals the whole buffer read as one big-endian
+    integer modulo 0xFFFF (since 2**16 == 1 mod 0xFFFF), which Python does in C."""
+    if len(data) % 2:
+        data = bytes(data) + b"\0"
+    total = int.from_bytes(data, "big")
+    folded = (total - 1) % 0xFFFF + 1 if total else 0  # one's complement: 0xFFFF, never 0
+    return ~folded & 0xFFFF
+
+
+def echo_request(ident: int, seq: int, payload: bytes) -> bytes:
+    """An ICMP echo request in network byte order, checksum filled in."""
+    unsummed = ICMP_HEADER.pack(IcmpType.ECHO_REQUEST, 0, 0, ident, seq) + payload
+    return ICMP_HEADER.pack(IcmpType.ECHO_REQUEST, 0, checksum(unsummed), ident, seq) + payload
+
+
+def parse(packet: bytes, source: Optional[int] = None) -> Optional[Reply]:
+    """Parse what an ICMP socket returned into a Reply, or None if it is not a well-formed
+    answer to an echo request. With `source` None the packet starts with its IPv4 header (raw
+    sockets); otherwise it is the bare ICMP message of a datagram socket sent by `source`."""
+    if source is None:
+        header = _ip_header(packet)
+        if header is None:
+            return None
+        start, source, _ = header
+        packet = packet[start:]
+    if len(packet) < ICMP_HEADER.size or checksum(packet):
+        return None
+    kind, code, _, ident, seq = ICMP_HEADER.unpack_from(packet)
+    if kind == IcmpType.ECHO_REPLY:
+        return Reply(source, source, kind, code, ident, seq, packet[ICMP_HEADER.size:])
+    if kind in (IcmpType.DEST_UNREACHABLE, IcmpType.TIME_EXCEEDED):
+        return _parse_quote(packet[ICMP_HEADER.size:], source, kind, code)
+    return None
+
+
+class Signer:
+    """The per-sweep secret: it gives each destination its sequence number and payload MAC,
+    and checks that a reply carries exactly those for the address it claims to answer."""
+
+    def __init__(self, secret: Optional[bytes] = None, ident: Optional[int] = None):
+        self.secret = secret if secret is not None else secrets.token_bytes(16)
+        self.ident = ident if ident is not None else secrets.randbelow(0x10000)
+        self._keyed = hashlib.blake2b(key=self.secret, digest_size=DIGEST_SIZE)
+        # the words every request shares, summed once (type/code, identifier, TAG)
+        self._fixed_sum = (IcmpType.ECHO_REQUEST << 8) + self.ident + int.from_bytes(TAG, "big")
+
+    def sign(self, addr: int) -> tuple[int, bytes]:
+        """(sequence number, payload) of the probe to `addr`."""
+        dest, digest = self._digest(addr)
+        return int.from_bytes(digest[:2], "big"), TAG + dest + digest[2:]
+
+    def request(self, addr: int) -> bytes:
+        """echo_request(self.ident, *self.sign(addr)), built faster: it runs once per target.
+        The checksum adds the per-target words (destination, sequence, MAC) to the fixed sum,
+        the same big-integer-modulo-0xFFFF sum as checksum()."""
+        dest, digest = self._digest(addr)
+        total = self._fixed_sum + int.from_bytes(dest + digest, "big")
+        summed = ~((total - 1) % 0xFFFF + 1) & 0xFFFF
+        seq = int.from_bytes(digest[:2], "big")
+        return ICMP_HEADER.pack(IcmpType.ECHO_REQUEST, 0, summed, self.ident, seq) + TAG + dest + digest[2:]
+
+    def check(self, reply: Reply, check_ident: bool = True) -> tuple[Verdict, int]:
+        """(verdict, probed address). Datagram sockets pass check_ident=False: there the
+        kernel chose the identifier and only delivers replies that carry it. An error
+        (unreachable, time exceeded) may come from any router on the path, so only its quote
+        is checked; an echo reply must come from the address its payload names."""
+        if check_ident and reply.ident != self.ident:
+            return Verdict.STRAY, reply.target
+        if reply.type != IcmpType.ECHO_REPLY:
+            seq, payload = self.sign(reply.target)
+            quoted = reply.payload[:len(payload)]
+            good = reply.seq == seq and quoted == payload[:len(quoted)]
+            return (Verdict.OK if good else Verdict.BAD_PAYLOAD), reply.target
+        if len(reply.payload) != PAYLOAD_SIZE or not reply.payload.startswith(TAG):
+            return Verdict.STRAY, reply.target
+        (probed,) = ADDRESS.unpack_from(reply.payload, len(TAG))
+        if (reply.seq, reply.payload) != self.sign(probed):
+            return Verdict.BAD_PAYLOAD, probed
+        return (Verdict.OK if probed == reply.source else Verdict.WRONG_SOURCE), probed
+
+    def _digest(self, addr: int) -> tuple[bytes, bytes]:
+        dest = ADDRESS.pack(addr)
+        keyed = self._keyed.copy()
+        keyed.update(dest)
+        return dest, keyed.digest()
+
+
+def wholly_reserved(network, allow=()) -> bool:
+    """True if every address of `network` lies in RESERVED minus the `allow` networks."""
+    net = _network(network)
+    first, last = int(net.network_address), int(net.broadcast_address)
+    spans = _subtract(_spans(RESERVED), _spans(allow))
+    k = bisect.bisect_right(spans, (first, 0xFFFFFFFF)) - 1
+    return k >= 0 and spans[k][0] <= first and last <= spans[k][1]
+
+
+def is_excluded(addr: int, allow=(), exclude=()) -> bool:
+    """True if `addr` is reserved (and not allowed) or lies in `exclude`."""
+    return _in_spans(_excluded_spans(allow, exclude), int(addr))
+
+
+def permutation(count: int, rng=secrets.SystemRandom()):
+    """Yield 0..count-1 in a random order: a random generator of the multiplicative group
+    modulo a prime p > count, from a random start, as ZMap does. Neighbours in the output are
+    far apart, so no /24 gets a burst, and it needs no table of `count` entries."""
+    if count <= 1:
+        yield from range(count)
+        return
+    prime = _next_prime(count + 1)
+    factors = _prime_factors(prime - 1)
+    while True:
+        gen = rng.randrange(2, prime) if prime > 3 else 2
+        if all(pow(gen, (prime - 1) // f, prime) != 1 for f in factors):
+            break
+    x = rng.randrange(1, prime)
+    for _ in range(prime - 1):
+        if x <= count:
+            yield x - 1
+        x = x * gen % prime
+
+
+@dataclass(frozen=True)
+class Outbox:
+    """The packets of one round, all `size` bytes long, back to back in send order."""
+    data: bytes
+    addrs: array.array   # 'I': the destination of each packet
+    size: int = PACKET_SIZE
+
+
+class IcmpSocket:
+    """An ICMP socket: raw if allowed, else the unprivileged datagram kind.
+
+    A raw one also has send-only companions (`lanes` in all): sending is where the kernel
+    spends its time (on loopback it answers the probe inside the send call), and two threads
+    sending on one socket only fight over its lock, while on two sockets they use two cores."""
+
+    def __init__(self, sock: socket.socket, kind: str, companions=()):
+        self.sock = sock
+        self.kind = kind
+        self.lanes = 1 + len(companions)
+        self._senders = [sock, *companions]
+        # Linux datagram ICMP sockets hand over the bare ICMP message; BSD/macOS ones and raw
+        # sockets keep the IPv4 header in front of it.
+        self.has_ip_header = kind == "raw" or not sys.platform.startswith("linux")
+        self._mmsg = _Mmsg.load()
+        self._vectors = None   # (outbox, its sendmmsg vectors), built once per round
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, rcvbuf: int = 32 << 20, lanes: int = 2) -> "IcmpSocket":
+        try:
+            sock, kind = _raw_socket(_ANSWERS), "raw"
+        except PermissionError:
+            try:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+                kind = "dgram"
+            except OSError:
+                raise IcmpPermissionError(PERMISSION_HELP) from None
+            if sys.platform.startswith("linux"):
+                # Linux keeps ICMP errors away from a datagram socket's data; with IP_RECVERR
+                # it queues them (with the probe they quote) on the socket's error queue
+                sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+        _set_rcvbuf(sock, rcvbuf)
+        sock.setblocking(False)
+        # a companion must not receive: only Linux can filter every ICMP type away from it
+        parallel = kind == "raw" and sys.platform.startswith("linux")
+        return cls(sock, kind, [_raw_socket(0) for _ in range(lanes - 1)] if parallel else [])
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, outbox: Outbox, start: int, stop: int, lane: int = 0) -> int:
+        """Send outbox packets start..stop-1 in order (through companion `lane`); return how
+        many the kernel took (0 when its buffer is full). Raises OSError when the packet at
+        `start` itself is refused. Lanes may be used from different threads at once."""
+        sender = self._senders[lane]
+        for _ in range(2):
+            try:
+                return self._send(sender, outbox, start, stop)
+            except OSError:
+                # On a datagram socket with IP_RECVERR, a queued ICMP error (sk_err) fails the
+                # next send once, whatever its destination; that cleared it, so try again.
+                if self.has_ip_header:
+                    raise
+        return self._send(sender, outbox, start, stop)
+
+    def recv(self, timeout: float) -> list:
+        """Wait up to `timeout` s for packets, then take what is queued: a list of
+        (packet, source) pairs, source None when the packet starts with its IP header."""
+        if not select.select([self.sock], [], [], timeout)[0]:
+            return []
+        got = []
+        for _ in range(256):
+            try:
+                if self.has_ip_header:
+                    got.append((self.sock.recv(2048), None))
+                else:
+                    packet, (host, _) = self.sock.recvfrom(2048)
+                    got.append((packet, int.from_bytes(socket.inet_aton(host), "big")))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:   # an ICMP error is pending: it is on the error queue, below
+                break
+        if not self.has_ip_header:
+            got.extend(self._queued_errors())
+        return got
+
+    def close(self) -> None:
+        self._vectors = None
+        for sender in self._senders:
+            sender.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _send(self, sender: socket.socket, outbox: Outbox, start: int, stop: int) -> int:
+        if self._mmsg is not None:
+            try:
+                return self._mmsg.send(sender.fileno(), self._vectors_for(outbox), start, stop - start)
+            except OSError as exc:
+                if exc.errno != errno.ENOSYS:   # a kernel or sandbox without sendmmsg
+                    raise
+                self._mmsg = None
+        size = outbox.size
+        for k in range(start, stop):
+            dest = (socket.inet_ntoa(ADDRESS.pack(outbox.addrs[k])), 0)
+            try:
+                sender.sendto(outbox.data[k * size:(k + 1) * size], dest)
+            except (BlockingIOError, InterruptedError):
+                return k - start
+            except OSError:
+                if k == start:
+                    raise
+                return k - start
+        return stop - start
+
+    def _queued_errors(self) -> list:
+        """ICMP errors from a Linux datagram socket's error queue, rebuilt as the ICMP
+        message that carried them (from the offender, quoting our probe) so that parse()
+        and Signer.check() treat them as they do on a raw socket."""
+        got = []
+        for _ in range(256):
+            try:
+                quoted, ancillary, _, probed = self.sock.recvmsg(2048, 512, socket.MSG_ERRQUEUE)
+            except OSError:   # BlockingIOError: the queue is empty
+                break
+            for level, kind, data in ancillary:
+                if (level != socket.IPPROTO_IP or kind != IP_RECVERR or not isinstance(probed, tuple)
+                        or len(data) < EXTENDED_ERR.size + 8):
+                    continue
+                _, origin, icmp_type, code, _, _, _ = EXTENDED_ERR.unpack_from(data)
+                if origin == SO_EE_ORIGIN_ICMP:
+                    offender = int.from_bytes(data[EXTENDED_ERR.size + 4:EXTENDED_ERR.size + 8], "big")
+                    got.append((_error_message(icmp_type, code, probed[0], quoted), offender))
+        return got
+
+    def _vectors_for(self, outbox: Outbox):
+        with self._lock:
+            if self._vectors is None or self._vectors[0] is not outbox:
+                self._vectors = (outbox, self._mmsg.vectors(outbox))
+            return self._vectors[1]
+
+
+def sweep(targets, *, rate=0, probes=1, cooldown=1.0, timeout=None, allow=(), exclude=(),
+          progress: Optional[Callable[[Progress], None]] = None, sock=None) -> SweepResult:
+    """Ping every target and return per target: echo reply (with RTT), unreachable (with its
+    code), time exceeded, excluded, or no answer. See the module docstring and CONTRACT.md."""
+    addresses = _addresses(targets)
+    if probes < 1 or rate < 0 or cooldown < 0:
+        raise ValueError("probes must be >= 1, rate and cooldown >= 0")
+    state = _Sweep(addresses, rate, cooldown, timeout, progress)
+    state.excluded = _mark_excluded(addresses, _excluded_spans(allow, exclude), state.status)
+    if state.excluded == len(addresses):
+        return state.result("none")
+    own = sock is None
+    if own:
+        sock = IcmpSocket.open()
+    try:
+        return state.run(sock, probes)
+    finally:
+        if own:
+            sock.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# private helpers
+
+SOL_RAW = 255            # linux/socket.h: the level of ICMP_FILTER
+ICMP_FILTER = 1          # linux/icmp.h: a bit mask of ICMP types the kernel must not deliver
+SO_RCVBUFFORCE = 33      # linux/socket.h: root may exceed net.core.rmem_max with it
+SEND_CHUNK = 256         # packets per send call when not rate limited
+PROGRESS_EVERY = 0.25    # seconds between progress callbacks
+IP_RECVERR = 11          # linux/in.h
+SO_EE_ORIGIN_ICMP = 2    # linux/errqueue.h: the error came from an ICMP message
+EXTENDED_ERR = struct.Struct("=IBBBBII")   # struct sock_extended_err, then the offender's sockaddr
+_ANSWERS = (1 << IcmpType.ECHO_REPLY) | (1 << IcmpType.DEST_UNREACHABLE) | (1 << IcmpType.TIME_EXCEEDED)
+_ICMP_PROTOCOL = 1
+
+
+def _ip_header(packet: bytes):
+    """(header length, source, destination) of an IPv4 packet carrying ICMP, or None."""
+    if len(packet) < IP_HEADER.size:
+        return None
+    vihl, _, _, _, _, _, proto, _, src, dst = IP_HEADER.unpack_from(packet)
+    start = (vihl & 0x0F) * 4
+    if vihl >> 4 != 4 or start < IP_HEADER.size or proto != _ICMP_PROTOCOL or len(packet) < start:
+        return None
+    return start, int.from_bytes(src, "big"), int.from_bytes(dst, "big")
+
+
+def _parse_quote(quote: bytes, source: int, kind: int, code: int) -> Optional[Reply]:
+    """An error quotes the IP header and at least 8 bytes of the datagram that caused it
+    (RFC 792); credit it to that datagram's destination when it was an echo request."""
+    header = _ip_header(quote)
+    if header is None or len(quote) < header[0] + ICMP_HEADER.size:
+        return None
+    start, _, target = header
+    quoted_type, _, _, ident, seq = ICMP_HEADER.unpack_from(quote, start)
+    if quoted_type != IcmpType.ECHO_REQUEST:
+        return None
+    return Reply(source, target, kind, code, ident, seq, quote[start + ICMP_HEADER.size:])
+
+
+def _error_message(icmp_type: int, code: int, target: str, quoted: bytes) -> bytes:
+    """An ICMP error as on the wire: its header, then the IPv4 header of our probe to
+    `target` (rebuilt; the kernel keeps only the probe's ICMP part) and the probe."""
+    inner = IP_HEADER.pack(0x45, 0, IP_HEADER.size + len(quoted), 0, 0, 64, _ICMP_PROTOCOL, 0,
+                           bytes(4), socket.inet_aton(target)) + quoted
+    unsummed = ICMP_HEADER.pack(icmp_type, code, 0, 0, 0) + inner
+    return ICMP_HEADER.pack(icmp_type, code, checksum(unsummed), 0, 0) + inner
+
+
+def _network(value) -> ipaddress.IPv4Network:
+    return value if isinstance(value, ipaddress.IPv4Network) else ipaddress.IPv4Network(value, strict=False)
+
+
+def _spans(networks) -> list:
+    """Sorted, merged, inclusive (first, last) integer spans covering `networks`."""
+    if isinstance(networks, (str, ipaddress.IPv4Network)):
+        networks = [networks]
+    return _merge((int(n.network_address), int(n.broadcast_address)) for n in map(_network, networks))
+
+
+def _merge(spans) -> list:
+    merged = []
+    for first, last in sorted(spans):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+        else:
+            merged.append((first, last))
+    return merged
+
+
+def _subtract(spans: list, holes: list) -> list:
+    """The parts of `spans` outside `holes` (both sorted and merged)."""
+    out = []
+    for first, last in spans:
+        for hole_first, hole_last in holes:
+            if hole_last < first or hole_first > last:
+                continue
+            if hole_first > first:
+                out.append((first, hole_first - 1))
+            first = hole_last + 1
+            if first > last:
+                break
+        if first <= last:
+            out.append((first, last))
+    return out
+
+
+def _excluded_spans(allow, exclude) -> list:
+    return _merge(_subtract(_spans(RESERVED), _spans(allow)) + _spans(exclude))
+
+
+def _in_spans(spans: list, addr: int) -> bool:
+    k = bisect.bisect_right(spans, (addr, 0xFFFFFFFF)) - 1
+    return k >= 0 and spans[k][0] <= addr <= spans[k][1]
+
+
+def _addresses(targets) -> Sequence[int]:
+    """Targets as a sequence of int addresses: a range for a network."""
+    if isinstance(targets, str):
+        targets = ipaddress.IPv4Network(targets, strict=False)
+    if isinstance(targets, ipaddress.IPv4Network):
+        return range(int(targets.network_address), int(targets.broadcast_address) + 1)
+    if isinstance(targets, range):
+        if targets and (targets[0] < 0 or targets[-1] > 0xFFFFFFFF or targets.step != 1):
+            raise ValueError("an address range must be ascending IPv4 integers")
+        return targets
+    return [int(ipaddress.IPv4Address(t)) for t in targets]
+
+
+def _mark_excluded(addresses: Sequence[int], spans: list, status: bytearray) -> int:
+    """Set Status.EXCLUDED in `status` for every excluded address; return how many."""
+    if isinstance(addresses, range):
+        base, count = addresses.start, len(addresses)
+        for first, last in spans:
+            lo, hi = max(first - base, 0), min(last - base + 1, count)
+            if lo < hi:
+                status[lo:hi] = bytes([Status.EXCLUDED]) * (hi - lo)
+    else:
+        for k, addr in enumerate(addresses):
+            if _in_spans(spans, addr):
+                status[k] = Status.EXCLUDED
+    return status.count(Status.EXCLUDED)
+
+
+def _set_rcvbuf(sock: socket.socket, size: int) -> None:
+    """A big receive buffer, so replies to a fast burst of probes are not dropped; the
+    FORCE variant (Linux only) lets root go past net.core.rmem_max."""
+    linux = sys.platform.startswith("linux")
+    for option in (SO_RCVBUFFORCE, socket.SO_RCVBUF) if linux else (socket.SO_RCVBUF,):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, size)
+            return
+        except OSError:
+            continue
+
+
+def _raw_socket(wanted: int) -> socket.socket:
+    """A raw ICMP socket that is delivered only the ICMP types in the bit mask `wanted`.
+    Linux hands a raw socket every ICMP packet, including (on lo) each echo request we send,
+    looped back as input; ICMP_FILTER makes the kernel drop the rest before copying them."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    if sys.platform.startswith("linux"):
+        sock.setsockopt(SOL_RAW, ICMP_FILTER, struct.pack("I", 0xFFFFFFFF & ~wanted))
+    sock.setblocking(False)
+    return sock
+
+
+def _next_prime(n: int) -> int:
+    while not _is_prime(n):
+        n += 1
+    return n
+
+
+def _is_prime(n: int) -> bool:
+    if n < 4:
+        return n >= 2
+    if n % 2 == 0:
+        return False
+    k = 3
+    while k * k <= n:
+        if n % k == 0:
+            return False
+        k += 2
+    return True
+
+
+def _prime_factors(n: int) -> list:
+    factors, k = [], 2
+    while k * k <= n:
+        if n % k == 0:
+            factors.append(k)
+            while n % k == 0:
+                n //= k
+        k += 1
+    return factors + ([n] if n > 1 else [])
+
+
+class _Mmsg:
+    """sendmmsg(2) through ctypes: one system call sends a whole chunk of a round. Only on
+    64-bit little-endian Linux, where struct mmsghdr is eight 8-byte words; anywhere else
+    (macOS, no ctypes, no libc) load() gives None and IcmpSocket uses plain sendto."""
+    WORDS = 8   # msg_name, msg_namelen, msg_iov, msg_iovlen, control, controllen, flags, msg_len
+
+    def __init__(self, libc, ctypes):
+        self.ctypes = ctypes
+        self.sendmmsg = libc.sendmmsg
+        self.sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+        self.sendmmsg.restype = ctypes.c_int
+
+    @classmethod
+    def load(cls):
+        if not sys.platform.startswith("linux") or sys.byteorder != "little":
+            return None
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            if ctypes.sizeof(ctypes.c_void_p) != 8 or not hasattr(libc, "sendmmsg"):
+                return None
+            return cls(libc, ctypes)
+        except (ImportError, OSError):
+            return None
+
+    def vectors(self, outbox: Outbox):
+        """The iovec, sockaddr_in and mmsghdr arrays for a whole outbox, filled with slice
+        assignments (C speed) rather than a Python loop per packet."""
+        count = len(outbox.addrs)
+        data = self.ctypes.create_string_buffer(outbox.data, len(outbox.data) or 1)
+        names = array.array("I", bytes(16 * count))     # struct sockaddr_in, 16 bytes
+        names[0::4] = array.array("I", [socket.AF_INET]) * count   # family; port 0
+        wire = array.array("I", outbox.addrs)
+        wire.byteswap()                                   # network byte order in memory
+        names[1::4] = wire
+        iov = array.array("Q", bytes(16 * count))         # struct iovec: base, length
+        base = self.ctypes.addressof(data)
+        iov[0::2] = array.array("Q", range(base, base + outbox.size * count, outbox.size))
+        iov[1::2] = array.array("Q", [outbox.size]) * count
+        msgs = array.array("Q", bytes(8 * self.WORDS * count))
+        msgs[0::8] = array.array("Q", range(names.buffer_info()[0], names.buffer_info()[0] + 16 * count, 16))
+        msgs[1::8] = array.array("Q", [16]) * count
+        msgs[2::8] = array.array("Q", range(iov.buffer_info()[0], iov.buffer_info()[0] + 16 * count, 16))
+        msgs[3::8] = array.array("Q", [1]) * count
+        return data, names, iov, msgs   # keep the buffers alive with the pointers into them
+
+    def send(self, fd: int, vectors, start: int, count: int) -> int:
+        msgs = vectors[3]
+        taken = self.sendmmsg(fd, msgs.buffer_info()[0] + 8 * self.WORDS * start, count, socket.MSG_DONTWAIT)
+        if taken >= 0:
+            return taken
+        err = self.ctypes.get_errno()
+        if err in (errno.EAGAIN, errno.EINTR, errno.ENOBUFS):
+            return 0
+        raise OSError(err, os.strerror(err))
+
+
+class _Pacer:
+    """Token bucket: `rate` probes a second (0 = no limit), bursts of at most 10 ms worth."""
+
+    def __init__(self, rate: float, clock=time.monotonic):
+        self.rate = rate
+        self.clock = clock
+        self.burst = max(1.0, rate / 100)
+        self.tokens = 1.0
+        self.last = clock()
+
+    def take(self, want: int) -> int:
+        """How many probes may go now (at most `want`); 0 after a short sleep if none."""
+        if not self.rate:
+            return want
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1:
+            allowed = min(want, int(self.tokens))
+            self.tokens -= allowed
+            return allowed
+        time.sleep(min((1 - self.tokens) / self.rate, 0.05))
+        return 0
+
+
+class _Sweep:
+    """One sweep's state. The calling thread sends (with a helper thread per extra send lane
+    of the socket); a receiver thread drains the socket and credits replies. Only the
+    receiver writes status/code/rtt_us and the reply counters; the send counters take a lock."""
+
+    def __init__(self, addresses, rate, cooldown, timeout, progress, clock=time.monotonic):
+        count = len(addresses)
+        self.addresses, self.rate, self.cooldown, self.on_progress = addresses, rate, cooldown, progress
+        self.clock = clock
+        self.started = self.last_report = clock()
+        self.deadline = self.started + timeout if timeout is not None else math.inf
+        self.status, self.code = bytearray(count), bytearray(count)
+        self.rtt_us = array.array("I", bytes(4 * count))
+        self.sent_at = array.array("d", bytes(8 * count))
+        self.index = _indexer(addresses)
+        self.signer, self.check_ident = Signer(), True
+        self.excluded = self.rounds = self.sent = self.send_errors = self.replies = self.errors = 0
+        self.stray = self.wrong_source = self.bad_payload = self.duplicates = 0
+        self.send_seconds = 0.0
+        self.round_sent = self.round_answered = 0
+        self.sending, self.stopping, self.failure = False, False, None
+        self.quiet = threading.Event()
+        self.lock = threading.Lock()    # the send counters, shared by the send lanes
+
+    def run(self, sock, probes: int) -> SweepResult:
+        self.check_ident = sock.kind == "raw"   # a datagram socket's kernel owns the identifier
+        order = [k for k in permutation(len(self.addresses)) if not self.status[k]]
+        receiver = self._thread("icmp-receiver", self._receive, sock)
+        try:
+            for _ in range(probes):
+                todo = [k for k in order if self.status[k] == Status.NO_ANSWER]
+                if not todo or self.clock() >= self.deadline or self.failure is not None:
+                    break
+                self.rounds += 1
+                self._send_round(sock, todo)
+                self._cool_down()
+        finally:
+            self.stopping = True
+            receiver.join()
+        if self.failure is not None:
+            raise self.failure
+        self._report(final=True)
+        return self.result(sock.kind)
+
+    def result(self, kind: str) -> SweepResult:
+        count = self.status.count
+        stats = SweepStats(
+            sent=self.sent, replies=count(Status.ECHO_REPLY), unreachable=count(Status.UNREACHABLE),
+            excluded=self.excluded, stray=self.stray, wrong_source=self.wrong_source,
+            bad_payload=self.bad_payload, duplicates=self.duplicates, rounds=self.rounds,
+            elapsed=self.clock() - self.started, kind=kind, time_exceeded=count(Status.TIME_EXCEEDED),
+            send_errors=self.send_errors, send_seconds=self.send_seconds)
+        return SweepResult(self.addresses, self.status, self.code, self.rtt_us, stats)
+
+    def _send_round(self, sock, todo: list) -> None:
+        """Send one probe to each of `todo`, split over the socket's send lanes (each paced at
+        its share of the rate)."""
+        request = self.signer.request
+        addrs = array.array("I", [self.addresses[k] for k in todo])
+        outbox = Outbox(b"".join(map(request, addrs)), addrs)
+        lanes = getattr(sock, "lanes", 1)
+        bounds = [len(todo) * n // lanes for n in range(lanes + 1)]
+        self.round_sent = self.round_answered = 0
+        self.quiet.clear()
+        self.sending = True
+        first = self.clock()
+        pace = self.rate / lanes
+        helpers = [self._thread(f"icmp-sender-{n}", self._send_lane, sock, outbox, todo, bounds[n], bounds[n + 1], n, pace)
+                   for n in range(1, lanes)]
+        self._send_lane(sock, outbox, todo, bounds[0], bounds[1], 0, pace)
+        for helper in helpers:
+            helper.join()
+        self.send_seconds += self.clock() - first
+
+    def _send_lane(self, sock, outbox: Outbox, todo: list, pos: int, stop: int, lane: int, rate: float) -> None:
+        """Send todo[pos:stop], `rate` a second; lane 0 (the caller's thread) reports progress."""
+        pacer = _Pacer(rate, self.clock)
+        chunk = max(1, min(SEND_CHUNK, int(rate // 1000))) if rate else SEND_CHUNK
+        while pos < stop and self.clock() < self.deadline and not self.stopping:
+            want = pacer.take(min(chunk, stop - pos))
+            now = self.clock()
+            for k in todo[pos:pos + want]:
+                self.sent_at[k] = now    # before the send: the receiver may see the reply first
+            pos += self._send_chunk(sock, outbox, pos, want, pacer, lane)
+            if not lane:
+                self._report()
+
+    def _send_chunk(self, sock, outbox: Outbox, pos: int, want: int, pacer: _Pacer, lane: int) -> int:
+        """Send up to `want` packets from `pos`; return how far to advance."""
+        if not want:
+            return 0
+        try:
+            taken = sock.send(outbox, pos, pos + want, *((lane,) if lane else ()))
+        except OSError:              # this one destination refused (e.g. EACCES): skip it
+            with self.lock:
+                self.send_errors += 1
+            return 1
+        with self.lock:
+            self.sent += taken
+            self.round_sent += taken
+        pacer.tokens += want - taken
+        if not taken:
+            time.sleep(0.0005)       # the send buffer is full; the receiver keeps draining
+        return taken
+
+    def _cool_down(self) -> None:
+        """Wait for stragglers: up to `cooldown` s, but no longer than it takes every probe of
+        the round to be answered."""
+        end = min(self.clock() + self.cooldown, self.deadline)
+        self.sending = False
+        while self.round_answered < self.round_sent and not self.stopping and (left := end - self.clock()) > 0:
+            self.quiet.wait(min(left, PROGRESS_EVERY))
+            self._report()
+
+    def _receive(self, sock) -> None:
+        while not self.stopping:
+            got = sock.recv(0.005)
+            now = self.clock()
+            for packet, source in got:
+                self._credit(packet, source, now)
+
+    def _thread(self, name: str, work, *args) -> threading.Thread:
+        """Start `work(*args)` in a daemon thread; an exception there stops the sweep and is
+        raised in the caller's thread (Ctrl-C reaches only the caller's thread)."""
+        def guarded():
+            try:
+                work(*args)
+            except BaseException as exc:
+                self.failure = exc
+                self.stopping = True
+        thread = threading.Thread(target=guarded, name=name, daemon=True)
+        thread.start()
+        return thread
+
+    def _credit(self, packet: bytes, source: Optional[int], now: float) -> None:
+        reply = parse(packet, source)
+        verdict, target = self.signer.check(reply, self.check_ident) if reply else (Verdict.STRAY, 0)
+        k = self.index(target) if verdict == Verdict.OK else None
+        if k is None or self.status[k] == Status.EXCLUDED:
+            self._count(verdict if verdict != Verdict.OK else Verdict.STRAY)
+            return
+        old = self.status[k]
+        echo = reply.type == IcmpType.ECHO_REPLY
+        if old == Status.ECHO_REPLY or (old != Status.NO_ANSWER and not echo):
+            self.duplicates += 1
+            return
+        if echo:
+            self.status[k] = Status.ECHO_REPLY
+            self.rtt_us[k] = min(int((now - self.sent_at[k]) * 1e6), 0xFFFFFFFF)
+            self.replies += 1
+        else:
+            unreachable = reply.type == IcmpType.DEST_UNREACHABLE
+            self.status[k] = Status.UNREACHABLE if unreachable else Status.TIME_EXCEEDED
+            self.code[k] = reply.code
+            self.errors += 1
+        if old == Status.NO_ANSWER:
+            self.round_answered += 1
+            if not self.sending and self.round_answered >= self.round_sent:
+                self.quiet.set()
+
+    def _count(self, verdict: Verdict) -> None:
+        if verdict == Verdict.WRONG_SOURCE:
+            self.wrong_source += 1
+        elif verdict == Verdict.BAD_PAYLOAD:
+            self.bad_payload += 1
+        else:
+            self.stray += 1
+
+    def _report(self, final: bool = False) -> None:
+        now = self.clock()
+        if self.on_progress is None or (not final and now - self.last_report < PROGRESS_EVERY):
+            return
+        self.last_report = now
+        elapsed = now - self.started
+        total = len(self.addresses) - self.excluded
+        self.on_progress(Progress(sent=self.sent, total=total, replies=self.replies,
+                                  unreachable=self.errors, elapsed=elapsed,
+                                  pps=self.sent / elapsed if elapsed > 0 else 0.0))
+
+
+def _indexer(addresses: Sequence[int]) -> Callable[[int], Optional[int]]:
+    """addr -> its index in `addresses`, or None."""
+    if isinstance(addresses, range):
+        base, count = addresses.start, len(addresses)
+        return lambda addr: addr - base if 0 <= addr - base < count else None
+    return {addr: k for k, addr in enumerate(addresses)}.get
+
+
+def _max_rss_kb() -> int:
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def main(argv=None) -> int:
+    """Sweep one network and print a JSON line: the stats, and the status of every address
+    as a string of digits (Status values, character k for the k-th address)."""
+    parser = argparse.ArgumentParser(description="Ping every address of a network once (or --probes times).")
+    parser.add_argument("network", type=ipaddress.IPv4Network)
+    parser.add_argument("--allow", action="append", default=[], help="CIDR to allow inside reserved space")
+    parser.add_argument("--exclude", action="append", default=[], help="CIDR never to probe")
+    parser.add_argument("--rate", type=float, default=0.0, help="probes per second, 0 = unlimited")
+    parser.add_argument("--probes", type=int, default=1)
+    parser.add_argument("--cooldown", type=float, default=1.0)
+    parser.add_argument("--timeout", type=float, default=None)
+    args = parser.parse_args(argv)
+    try:
+        result = sweep(args.network, rate=args.rate, probes=args.probes, cooldown=args.cooldown,
+                       timeout=args.timeout, allow=args.allow, exclude=args.exclude)
+    except IcmpPermissionError as exc:
+        print(f"icmp.py: {exc}", file=sys.stderr)
+        return 1
+    digits = bytes(result.status).translate(bytes.maketrans(bytes(range(5)), b"01234")).decode()
+    report = {"stats": result.stats._asdict(), "status": digits, "max_rss_kb": _max_rss_kb()}
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

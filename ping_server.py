@@ -1,0 +1,613 @@
+"""The census task server: hands out /16 blocks to volunteers and keeps what they find.
+
+An ``http.server.ThreadingHTTPServer`` speaking HTTP/1.1 keep-alive, with one handler class and
+a route table keyed on (method, path). Route functions return ``(HTTPStatus, body)``; a dict or
+list body is serialised as JSON in one place, and every refusal is an ``HttpError`` turned into
+``{"error": ...}`` there too. State lives in ``store.Store`` (crash-safe, answers only once a change
+is durable). Also serves the dashboard (``dashboard.html`` beside this file), its data endpoints,
+Prometheus metrics and the client download ``/ping.zip``.
+
+    python3 ping_server.py [--host H] [--port P] [--data DIR] [--scope CIDR[,CIDR]]
+                           [--exclude FILE] [--lease SECONDS] [--admin-token T]
+"""
+
+import argparse
+import hmac
+import html
+import io
+import ipaddress
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+import zipfile
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterable, NamedTuple
+from urllib.parse import parse_qs, urlsplit
+
+from store import TASKS, Refused, Store, network_of, parse_blocklist
+
+MAX_BODY = 4 << 20                  # 4 MiB: a result is 64 KiB of '0'/'1' plus a few fields
+MAX_URL = 8192
+IDLE_TIMEOUT = 30.0                 # seconds a connection may sit silent before it is dropped
+KEEPALIVE_EVERY = 15.0              # SSE comment interval
+EVENTS_MIN_GAP = 1.0                # an SSE stream sends at most one update a second
+JSON_TYPE = "application/json"
+HERE = Path(__file__).resolve().parent
+
+
+class HttpError(Exception):
+    """A refusal: answered as JSON ``{..extra, "error": message}`` with ``status``."""
+
+    def __init__(self, status: HTTPStatus, message: str, *, headers=(), **extra):
+        super().__init__(message)
+        self.status = HTTPStatus(status)
+        self.message = message
+        self.headers = tuple(headers)
+        self.extra = extra
+
+    def body(self) -> dict:
+        return {**self.extra, "error": self.message}
+
+
+class Request(NamedTuple):
+    method: str
+    path: str
+    query: dict             # first value of each parameter
+    body: bytes
+    client: str             # remote address
+    headers: object         # the email.message.Message of the request headers
+
+
+class Raw(NamedTuple):
+    """A non-JSON body."""
+    content_type: str
+    data: bytes
+    headers: tuple = ()
+
+
+class Stream(NamedTuple):
+    """A body written as it is produced; the connection closes at its end."""
+    content_type: str
+    chunks: Iterable[bytes]
+
+
+def is_loopback(client: str) -> bool:
+    try:
+        address = ipaddress.ip_address(client.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def check_admin(token: str | None, authorization: str | None, client: str) -> None:
+    """Raise HttpError unless the request may use admin actions.
+
+    With a token configured it must come as ``Authorization: Bearer <token>``, from anywhere,
+    loopback included; with none configured only loopback clients are admitted.
+    """
+    if token:
+        scheme, _, given = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise HttpError(HTTPStatus.UNAUTHORIZED, "admin token required",
+                            headers=[("WWW-Authenticate", "Bearer")])
+        if not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise HttpError(HTTPStatus.FORBIDDEN, "wrong admin token")
+    elif not is_loopback(client):
+        raise HttpError(HTTPStatus.FORBIDDEN,
+                        "admin actions need a token (none is set: loopback only)")
+
+
+class Metrics:
+    """Request counts and latency by endpoint, for /metrics."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.latency: dict[str, list] = {}
+
+    def observe(self, endpoint: str, status: int, seconds: float) -> None:
+        with self._lock:
+            key = (endpoint, int(status))
+            self.requests[key] = self.requests.get(key, 0) + 1
+            total = self.latency.setdefault(endpoint, [0, 0.0])
+            total[0] += 1
+            total[1] += seconds
+
+    def copy(self):
+        with self._lock:
+            return dict(self.requests), {k: tuple(v) for k, v in self.latency.items()}
+
+
+class CensusServer(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 1024       # listen backlog: a burst of volunteers must not be refused
+
+    def __init__(self, address, store: Store, *, admin_token=None, idle_timeout=IDLE_TIMEOUT,
+                 static_dir=HERE, verbose=False):
+        self.store = store
+        self.admin_token = admin_token or None
+        self.idle_timeout = idle_timeout
+        self.static_dir = Path(static_dir)
+        self.verbose = verbose
+        self.metrics = Metrics()
+        self.stopping = threading.Event()
+        super().__init__(address, Handler)
+
+    def server_close(self):
+        self.stopping.set()
+        super().server_close()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "ipv4-census/1"
+    disable_nagle_algorithm = True  # Nagle + delayed ACK costs 40 ms a request on keep-alive
+    wbufsize = 1 << 16              # headers and body leave in one send, at the flush
+
+    def setup(self):
+        self.timeout = self.server.idle_timeout
+        super().setup()
+
+    def do_GET(self):
+        self._dispatch()
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_GET
+
+    def send_error(self, code, message=None, explain=None):
+        """Protocol errors (bad request line, headers, URL over 64 KiB) as JSON too."""
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # a garbled request line: answer in HTTP/1.x
+            self.request_version = "HTTP/1.0"
+        try:
+            message = message or HTTPStatus(code).phrase
+        except ValueError:
+            message = message or "error"
+        self.log_error("code %d, message %s", code, message)
+        self._send(code, {"error": message})
+
+    def log_message(self, format, *args):
+        if self.server.verbose:
+            super().log_message(format, *args)
+
+    # -- dispatch ---------------------------------------------------------------------------------
+
+    def _dispatch(self):
+        started = time.perf_counter()
+        path = self.path.split("?", 1)[0]
+        endpoint = path if path in PATHS else "other"
+        try:
+            status, body = self._route()
+        except HttpError as exc:
+            status, body = exc.status, Raw(JSON_TYPE, _json(exc.body()), exc.headers)
+        except Refused as exc:
+            status, body = exc.status, {"error": exc.message}
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True        # the client went away mid-request
+            return
+        except OSError as exc:                  # the store cannot write: try again later
+            self.log_error("storage error: %s", exc)
+            status, body = HTTPStatus.SERVICE_UNAVAILABLE, {"error": "storage unavailable"}
+        except Exception:                       # a bug, not the client's fault: still JSON
+            self.log_error("internal error:\n%s", traceback.format_exc())
+            self.close_connection = True
+            status, body = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"}
+        self._send(status, body)
+        self.server.metrics.observe(endpoint, status, time.perf_counter() - started)
+
+    def _route(self):
+        if len(self.path) > MAX_URL:
+            self.close_connection = True
+            raise HttpError(HTTPStatus.REQUEST_URI_TOO_LONG, "URL too long")
+        body = self._read_body()
+        try:
+            url = urlsplit(self.path)
+        except ValueError:
+            raise HttpError(HTTPStatus.BAD_REQUEST, "bad URL") from None
+        method = "GET" if self.command == "HEAD" else self.command
+        route = ROUTES.get((method, url.path))
+        if route is None:
+            allowed = sorted(m for m, p in ROUTES if p == url.path)
+            if allowed:
+                raise HttpError(HTTPStatus.METHOD_NOT_ALLOWED, f"use {' or '.join(allowed)}",
+                                headers=[("Allow", ", ".join(allowed))])
+            raise HttpError(HTTPStatus.NOT_FOUND, "no such path")
+        try:
+            query = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True,
+                                                  max_num_fields=32).items()}
+        except ValueError:
+            raise HttpError(HTTPStatus.BAD_REQUEST, "bad query string") from None
+        return route(self, Request(method, url.path, query, body, self.client_address[0],
+                                   self.headers))
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            raise HttpError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length, not chunks")
+        length = self.headers.get("Content-Length")
+        if length is None:
+            return b""
+        if not length.strip().isdecimal():
+            self.close_connection = True
+            raise HttpError(HTTPStatus.BAD_REQUEST, "bad Content-Length")
+        length = int(length)
+        if length > MAX_BODY:
+            self.close_connection = True        # the body is not read: the stream is lost
+            raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY} bytes")
+        data = self.rfile.read(length)
+        if len(data) < length:
+            self.close_connection = True
+            raise HttpError(HTTPStatus.BAD_REQUEST, "body shorter than Content-Length")
+        return data
+
+    def _send(self, status, body):
+        """The one place answers are written; dict/list bodies become JSON here."""
+        if isinstance(body, Stream):
+            return self._send_stream(status, body)
+        if not isinstance(body, Raw):
+            body = Raw(JSON_TYPE, _json(body))
+        self.send_response(status)
+        self.send_header("Content-Type", body.content_type)
+        if status != HTTPStatus.NOT_MODIFIED:
+            self.send_header("Content-Length", str(len(body.data)))
+        for name, value in body.headers:
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD" and status != HTTPStatus.NOT_MODIFIED:
+            self.wfile.write(body.data)
+
+    def _send_stream(self, status, body):
+        self.close_connection = True
+        self.send_response(status)
+        self.send_header("Content-Type", body.content_type)
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        try:
+            self.wfile.flush()
+            if self.command == "HEAD":
+                return
+            for chunk in body.chunks:
+                self.wfile.write(chunk)
+                self.wfile.flush()
+        except (ConnectionError, TimeoutError):
+            pass                                # the reader went away
+        finally:
+            close = getattr(body.chunks, "close", None)
+            if close:
+                close()
+
+    # -- volunteers -------------------------------------------------------------------------------
+
+    def get_task(self, req):
+        handout = self.server.store.get_task(req.client)
+        if handout is None:
+            return HTTPStatus.OK, {"error": "No tasks available"}
+        lease_seconds = self.server.store.lease_seconds
+        return HTTPStatus.OK, {
+            "task_index": handout.task, "task_status": 1, "lease": handout.lease.token,
+            "deadline": handout.lease.deadline,
+            "lease_seconds": int(lease_seconds) if lease_seconds.is_integer() else lease_seconds,
+            "network": handout.network, "exclude": handout.exclude}
+
+    def submit_result(self, req):
+        data = _json_object(req.body, success=False)
+        task = _task_index(data.get("task_index"), success=False)
+        result = data.get("result")
+        if not isinstance(result, dict):
+            raise HttpError(HTTPStatus.BAD_REQUEST, "result must be an object", success=False)
+        failure = None
+        if result.get("success") is not True:
+            failure = str(result.get("error") or result.get("message") or "no result")
+        fields = {key: _optional_str(data, key) for key in ("lease", "name", "rtt_us")}
+        stats = data.get("stats")
+        if stats is not None and not isinstance(stats, dict):
+            raise HttpError(HTTPStatus.BAD_REQUEST, "stats must be an object", success=False)
+        name = (fields["name"] or "").strip()[:64] or None
+        try:
+            duplicate = self.server.store.submit(
+                task, result.get("result_data"), holder=req.client, token=fields["lease"],
+                name=name, rtt=fields["rtt_us"], stats=stats, failure=failure)
+        except Refused as exc:
+            raise HttpError(exc.status, exc.message, success=False) from None
+        return HTTPStatus.OK, ({"success": True, "duplicate": True} if duplicate
+                               else {"success": True})
+
+    def release(self, req):
+        data = _json_object(req.body, success=False)
+        task = _task_index(data.get("task_index"), success=False)
+        try:
+            self.server.store.release(task, holder=req.client, token=_optional_str(data, "lease"))
+        except Refused as exc:
+            raise HttpError(exc.status, exc.message, success=False) from None
+        return HTTPStatus.OK, {"success": True}
+
+    def ping(self, req):
+        return HTTPStatus.OK, {}
+
+    # -- admin ------------------------------------------------------------------------------------
+
+    def _admin(self, req):
+        check_admin(self.server.admin_token, req.headers.get("Authorization"), req.client)
+
+    def add_task(self, req):
+        self._admin(req)
+        data = _json_object(req.body, success=False)
+        status = _task_index(data.get("task_status", 0), "task_status")
+        task = self.server.store.add_task(status, req.client)
+        return HTTPStatus.OK, {"success": True, "task_index": task}
+
+    def revise(self, req):
+        self._admin(req)
+        task = _task_index(req.query.get("id"), "id")
+        code = _task_index(req.query.get("code"), "code")
+        force = req.query.get("force", "").lower() in ("1", "true", "yes", "on")
+        self.server.store.revise(task, code, force=force, holder=req.client)
+        return HTTPStatus.OK, {"success": True, "task_index": task, "task_status": code}
+
+    def reset_errors(self, req):
+        self._admin(req)
+        ident = req.query.get("id")
+        task = -1 if ident is not None and ident.strip() == "-1" else _task_index(ident, "id")
+        count = self.server.store.reset_errors(task)
+        return HTTPStatus.OK, {"success": True, "reset": count}
+
+    # -- reading the census -----------------------------------------------------------------------
+
+    def error_list(self, req):
+        return HTTPStatus.OK, [{"task_index": t, "error": e} for t, e in self.server.store.errors()]
+
+    def error_page(self, req):
+        rows = "".join(f"<tr><td>{t}</td><td>{html.escape(str(network_of(t)))}</td>"
+                       f"<td>{html.escape(e)}</td></tr>\n" for t, e in self.server.store.errors())
+        page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Census errors</title>"
+                f"</head><body><h1>Tasks in error</h1><p><a href='/'>dashboard</a></p>"
+                f"<table border='1'><tr><th>task</th><th>network</th><th>error</th></tr>\n"
+                f"{rows}</table></body></html>\n")
+        return HTTPStatus.OK, Raw("text/html; charset=utf-8", page.encode())
+
+    def get_pending(self, req):
+        return HTTPStatus.OK, {str(t): 1 for t in self.server.store.pending()}
+
+    def get_latest_task(self, req):
+        task = self.server.store.latest_available()
+        if task is None:
+            return HTTPStatus.OK, {"error": "No tasks available"}
+        return HTTPStatus.OK, {"task_index": task, "task_status": 0}
+
+    def get_progress(self, req):
+        return HTTPStatus.OK, self.server.store.progress()
+
+    def rate(self, req):
+        return HTTPStatus.OK, self.server.store.rate()
+
+    def result(self, req):
+        return HTTPStatus.OK, self.server.store.result(_task_index(req.query.get("id"), "id"))
+
+    def task(self, req):
+        return HTTPStatus.OK, self.server.store.task_info(_task_index(req.query.get("id"), "id"))
+
+    def contributors(self, req):
+        ranked = [{"rank": rank, "name": c.name, "tasks_done": c.tasks_done,
+                   "addresses_probed": c.addresses_probed, "responders": c.responders,
+                   "first_seen": c.first_seen, "last_seen": c.last_seen}
+                  for rank, c in enumerate(self.server.store.contributors(), 1)]
+        name = req.query.get("name")
+        if name is not None:
+            ranked = [c for c in ranked if c["name"] == name]
+            if not ranked:
+                raise HttpError(HTTPStatus.NOT_FOUND, "no such contributor")
+        return HTTPStatus.OK, {"contributors": ranked}
+
+    def census_map(self, req):
+        version, data = self.server.store.map_bytes()
+        etag = f'"{version}"'
+        headers = (("ETag", etag), ("Cache-Control", "no-cache"))
+        if req.headers.get("If-None-Match", "").strip() == etag:
+            return HTTPStatus.NOT_MODIFIED, Raw("application/octet-stream", b"", headers)
+        return HTTPStatus.OK, Raw("application/octet-stream", data, headers)
+
+    def export_csv(self, req):
+        return HTTPStatus.OK, Stream("text/csv; charset=utf-8", _csv_chunks(self.server.store))
+
+    def events(self, req):
+        return HTTPStatus.OK, Stream("text/event-stream", _event_chunks(self.server))
+
+    def metrics(self, req):
+        text = _prometheus(self.server.store.counters(), *self.server.metrics.copy())
+        return HTTPStatus.OK, Raw("text/plain; version=0.0.4; charset=utf-8", text.encode())
+
+    def healthz(self, req):
+        return HTTPStatus.OK, {"status": "ok"}
+
+    def ping_zip(self, req):
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for name in ("ping_client.py", "icmp.py"):
+                path = self.server.static_dir / name
+                if not path.is_file():
+                    raise HttpError(HTTPStatus.NOT_FOUND, f"{name} is missing on the server")
+                archive.write(path, name)
+        return HTTPStatus.OK, Raw("application/zip", buffer.getvalue(),
+                                  (("Content-Disposition", 'attachment; filename="ping.zip"'),))
+
+    def dashboard(self, req):
+        path = self.server.static_dir / "dashboard.html"
+        page = path.read_bytes() if path.is_file() else _FALLBACK_PAGE
+        return HTTPStatus.OK, Raw("text/html; charset=utf-8", page)
+
+
+ROUTES = {
+    ("GET", "/get_task"): Handler.get_task,
+    ("POST", "/submit_result"): Handler.submit_result,
+    ("POST", "/release"): Handler.release,
+    ("GET", "/ping"): Handler.ping,
+    ("POST", "/add_task"): Handler.add_task,
+    ("GET", "/revise"): Handler.revise,
+    ("GET", "/error/reset"): Handler.reset_errors,
+    ("GET", "/error"): Handler.error_list,
+    ("GET", "/errors"): Handler.error_page,
+    ("GET", "/get_pending"): Handler.get_pending,
+    ("GET", "/get_latest_task"): Handler.get_latest_task,
+    ("GET", "/get_progress"): Handler.get_progress,
+    ("GET", "/rate"): Handler.rate,
+    ("GET", "/result"): Handler.result,
+    ("GET", "/task"): Handler.task,
+    ("GET", "/contributors"): Handler.contributors,
+    ("GET", "/map"): Handler.census_map,
+    ("GET", "/export.csv"): Handler.export_csv,
+    ("GET", "/events"): Handler.events,
+    ("GET", "/metrics"): Handler.metrics,
+    ("GET", "/healthz"): Handler.healthz,
+    ("GET", "/ping.zip"): Handler.ping_zip,
+    ("GET", "/"): Handler.dashboard,
+    ("GET", "/dashboard.html"): Handler.dashboard,
+}
+PATHS = frozenset(path for _, path in ROUTES)
+
+_FALLBACK_PAGE = (b"<!doctype html><html><head><meta charset='utf-8'><title>IPv4 census</title>"
+                  b"</head><body><h1>IPv4 census</h1><p>The dashboard page is missing; the data: "
+                  b"<a href='/get_progress'>progress</a>, "
+                  b"<a href='/contributors'>contributors</a>, "
+                  b"<a href='/errors'>errors</a>, <a href='/ping.zip'>the client</a>.</p>"
+                  b"</body></html>\n")
+
+
+# -- private helpers ------------------------------------------------------------------------------
+
+def _json(body) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _json_object(raw: bytes, **extra) -> dict:
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise HttpError(HTTPStatus.BAD_REQUEST, "body is not valid JSON", **extra) from None
+    if not isinstance(data, dict):
+        raise HttpError(HTTPStatus.BAD_REQUEST, "body must be a JSON object", **extra)
+    return data
+
+
+def _task_index(value, field="task_index", **extra) -> int:
+    """An int, or a decimal string (the original client sends strings)."""
+    if isinstance(value, str) and value.strip().isdecimal() and len(value) <= 12:
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise HttpError(HTTPStatus.BAD_REQUEST, f"{field} must be an integer", **extra)
+
+
+def _optional_str(data: dict, key: str):
+    value = data.get(key)
+    if value is not None and not isinstance(value, str):
+        raise HttpError(HTTPStatus.BAD_REQUEST, f"{key} must be a string", success=False)
+    return value
+
+
+_BITS = tuple(tuple(bit for bit in range(8) if byte & (0x80 >> bit)) for byte in range(256))
+
+
+def _csv_chunks(store: Store):
+    """``saddr`` then every responder, one chunk per block."""
+    yield b"saddr\n"
+    for task, bitmap in store.bitmaps():
+        if task >= TASKS:
+            continue
+        prefix = f"{task >> 8}.{task & 255}."
+        lines = [f"{prefix}{k >> 8}.{k & 255}\n" for j, byte in enumerate(bitmap) if byte
+                 for k in (8 * j + bit for bit in _BITS[byte])]
+        if lines:
+            yield "".join(lines).encode()
+
+
+def _event_chunks(server: CensusServer):
+    """An update on every change (at most one a second), a keepalive comment when idle."""
+    store = server.store
+    version = None
+    yield b"retry: 3000\n\n"
+    while not server.stopping.is_set():
+        if store.version != version:
+            version = store.version
+            yield b"event: update\ndata: " + _json(store.progress()) + b"\n\n"
+            server.stopping.wait(EVENTS_MIN_GAP)
+        elif store.wait_change(version, KEEPALIVE_EVERY) == version:
+            yield b": keepalive\n\n"
+
+
+def _prometheus(counters: dict, requests: dict, latency: dict) -> str:
+    lines = ["# HELP census_tasks Tasks by state.", "# TYPE census_tasks gauge"]
+    lines += [f'census_tasks{{state="{s}"}} {n}' for s, n in counters["states"].items()]
+    for name, key, text in (("census_submissions_total", "submissions", "Results accepted."),
+                            ("census_rejects_total", "rejects", "Requests the store refused."),
+                            ("census_leases_expired_total", "leases_expired", "Leases expired.")):
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} counter", f"{name} {counters[key]}"]
+    lines += ["# HELP census_http_requests_total HTTP requests by endpoint and status.",
+              "# TYPE census_http_requests_total counter"]
+    lines += [f'census_http_requests_total{{endpoint="{e}",code="{c}"}} {n}'
+              for (e, c), n in sorted(requests.items())]
+    lines += ["# HELP census_http_request_duration_seconds Time to answer, by endpoint.",
+              "# TYPE census_http_request_duration_seconds summary"]
+    for endpoint, (count, total) in sorted(latency.items()):
+        lines += [f'census_http_request_duration_seconds_sum{{endpoint="{endpoint}"}} {total:.6f}',
+                  f'census_http_request_duration_seconds_count{{endpoint="{endpoint}"}} {count}']
+    return "\n".join(lines) + "\n"
+
+
+def _parse_args(argv):
+    env = os.environ.get
+    parser = argparse.ArgumentParser(description="The IPv4 census task server.")
+    parser.add_argument("--host", default=env("PING_HOST", "0.0.0.0"))
+    parser.add_argument("--port", type=int, default=int(env("PING_PORT", "8001")))
+    parser.add_argument("--data", default=env("PING_DATA", "."), help="folder for the state files")
+    parser.add_argument("--scope", default=env("PING_SCOPE"),
+                        help="CIDR[,CIDR]: limit the census (names reserved space explicitly)")
+    parser.add_argument("--exclude", default=env("PING_EXCLUDE"),
+                        help="opt-out list, ZMap blocklist format")
+    parser.add_argument("--lease", type=float, default=float(env("PING_LEASE", "600")),
+                        help="seconds a volunteer holds a block")
+    parser.add_argument("--admin-token", default=env("PING_ADMIN_TOKEN"),
+                        help="Bearer token for admin actions (else loopback only)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    args = parser.parse_args(argv)
+    try:
+        args.scope = ([ipaddress.IPv4Network(s.strip(), strict=False)
+                       for s in args.scope.split(",") if s.strip()] if args.scope else None)
+        args.exclude = parse_blocklist(Path(args.exclude).read_text()) if args.exclude else ()
+    except (ValueError, OSError) as exc:
+        parser.error(str(exc))
+    if args.lease <= 0:
+        parser.error("--lease must be positive")
+    return args
+
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
+    store = Store(args.data, scope=args.scope, exclude=args.exclude, lease_seconds=args.lease)
+    server = CensusServer((args.host, args.port), store, admin_token=args.admin_token,
+                          verbose=args.verbose)
+    signal.signal(signal.SIGTERM,
+                  lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    host, port = server.server_address[:2]
+    print(f"listening on http://{host}:{port}/", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,629 @@
+"""Unit tests of ping_client.py: fakes for the sweep and a tiny fake task server on 127.0.0.1.
+
+No test here sends a packet: icmp.sweep is replaced by a fake, or the real sweep is handed a
+RecordingSocket that keeps what it is given. The reserved block a "server" hands out here
+(10.0.0.0/16) only ever meets `no_packets`: a sweep, a socket opener and a socket.socket that
+record and fail on anything ICMP, to prove the client refuses it before anything is sent.
+"""
+
+import array
+import base64
+import io
+import ipaddress
+import json
+import os
+import socket
+import threading
+import time
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import icmp
+import ping_client
+from ping_client import Api, Backoff, Spool, TransientError
+
+LOOP = "127.0.0.0/16"
+LOOP_TASK = 32512
+NO_TASK = {"error": "No tasks available"}
+
+
+# --- fakes ------------------------------------------------------------------------------------
+
+def fake_result(network, replied=(), unreachable=(), excluded=(), rtt=100):
+    """An icmp.SweepResult for `network`: offsets in `replied` answered with rtt + offset µs."""
+    net = ipaddress.IPv4Network(network)
+    base, size = int(net.network_address), net.num_addresses
+    status, rtts = bytearray(size), array.array("I", bytes(4 * size))
+    for k in replied:
+        status[k], rtts[k] = icmp.Status.ECHO_REPLY, rtt + k
+    for k in unreachable:
+        status[k] = icmp.Status.UNREACHABLE
+    for k in excluded:
+        status[k] = icmp.Status.EXCLUDED
+    stats = icmp.SweepStats(**{f: 0 for f in icmp.SweepStats._fields})
+    stats = stats._replace(sent=size - len(excluded), elapsed=2.0, kind="fake")
+    return icmp.SweepResult(range(base, base + size), status, bytearray(size), rtts, stats)
+
+
+class FakeSweep:
+    """Stands in for icmp.sweep: records every call, returns a result or raises."""
+
+    def __init__(self, replied=(), error=None):
+        self.calls, self.replied, self.error = [], replied, error
+
+    def __call__(self, targets, **kwargs):
+        self.calls.append((targets, kwargs))
+        if self.error is not None:
+            raise self.error
+        kwargs["progress"](icmp.Progress(10, 20, 5, 0, 1.0, 10.0))
+        return fake_result(targets, self.replied)
+
+
+@pytest.fixture
+def no_packets(monkeypatch):
+    """A sweep, a socket opener and socket.socket that record and fail on anything ICMP."""
+    calls, real_socket = [], socket.socket
+
+    def refuse(*args, **kwargs):
+        calls.append((args, kwargs))
+        raise AssertionError("the client tried to send")
+
+    class GuardedSocket(real_socket):       # TCP for the fake server still works
+        def __init__(self, family=-1, kind=-1, proto=-1, fileno=None):
+            if kind == socket.SOCK_RAW or proto == socket.IPPROTO_ICMP:
+                refuse(family, kind, proto)
+            super().__init__(family, kind, proto, fileno)
+
+    monkeypatch.setattr(icmp, "sweep", refuse)
+    monkeypatch.setattr(icmp.IcmpSocket, "open", classmethod(refuse))
+    monkeypatch.setattr(socket, "socket", GuardedSocket)
+    return calls
+
+
+class RecordingSocket:
+    """A fake IcmpSocket for the real icmp.sweep: keeps every packet, sends none, hears none."""
+    kind = "raw"
+
+    def __init__(self):
+        self.sent = []                       # (destination, packet)
+
+    def send(self, outbox, start, stop, lane=0):
+        size = outbox.size
+        self.sent += [(outbox.addrs[k], outbox.data[k * size:(k + 1) * size])
+                      for k in range(start, stop)]
+        return stop - start
+
+    def recv(self, timeout):
+        time.sleep(min(timeout, 0.001))
+        return []
+
+    def close(self):
+        pass
+
+
+class FakeServer(ThreadingHTTPServer):
+    """Answers from a script: (method, path) -> [(status, body), ...], the last one repeats."""
+
+    def __init__(self, script):
+        super().__init__(("127.0.0.1", 0), ScriptedHandler)
+        self.script = {key: list(answers) for key, answers in script.items()}
+        self.requests = []
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+    def answer(self, method, path):
+        answers = self.script.get((method, path)) or [(404, {"error": "unknown path"})]
+        return answers.pop(0) if len(answers) > 1 else answers[0]
+
+    def calls(self, method=None, path=None):
+        return [r for r in self.requests if method in (None, r[0]) and path in (None, r[1])]
+
+
+class ScriptedHandler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self._serve(None)
+
+    def do_POST(self):
+        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._serve(json.loads(raw))
+
+    def _serve(self, body):
+        path = self.path.split("?")[0]
+        self.server.requests.append((self.command, path, body))
+        status, answer = self.server.answer(self.command, path)
+        raw = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def start(script):
+        server = FakeServer(script)
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def task(index=LOOP_TASK, **extra):
+    answer = {"task_index": index, "task_status": 1, "lease": "L1", "deadline": 0.0,
+              "lease_seconds": 600, "network": str(ping_client.task_network(index)),
+              "exclude": []}
+    answer.update(extra)
+    return answer
+
+
+OK = (200, {"success": True})
+
+
+def run_client(server, tmp_path, *flags, sleep=None):
+    sleeps = []
+    code = ping_client.main(["--server", server.url, "--spool", str(tmp_path / "spool"),
+                             "--name", "tester", *flags], sleep=sleep or sleeps.append)
+    return code, sleeps
+
+
+def spooled(tmp_path):
+    return sorted(os.listdir(tmp_path / "spool"))
+
+
+# --- tasks and rules --------------------------------------------------------------------------
+
+def test_task_numbering():
+    assert ping_client.task_network(LOOP_TASK) == ipaddress.IPv4Network(LOOP)
+    assert ping_client.task_network(0) == ipaddress.IPv4Network("0.0.0.0/16")
+    assert ping_client.task_network(65535) == ipaddress.IPv4Network("255.255.0.0/16")
+
+
+def test_parse_task_original_and_new_shapes():
+    old = ping_client.parse_task({"task_index": "32512", "task_status": 1})
+    assert (old.index, old.lease, old.network) == (LOOP_TASK, None, ipaddress.IPv4Network(LOOP))
+    new = ping_client.parse_task(task(exclude=["127.0.3.0/24"], rate=50))
+    assert (new.lease, new.exclude, new.rate) == ("L1", ("127.0.3.0/24",), 50)
+    assert ping_client.parse_task(NO_TASK) is None
+    for bad in ({"task_index": 65536}, {"task_index": "x"}, {"task_index": True}, {}):
+        with pytest.raises(ping_client.ClientError):
+            ping_client.parse_task(bad)
+
+
+def test_effective_rate_never_above_own():
+    assert ping_client.effective_rate(10000, 1e9) == 10000
+    assert ping_client.effective_rate(10000, 500) == 500
+    assert ping_client.effective_rate(10000, None) == 10000
+    assert ping_client.effective_rate(0, 2000) == 2000
+    assert ping_client.effective_rate(0, None) == 0
+
+
+# --- result encoding --------------------------------------------------------------------------
+
+def test_result_encoding():
+    result = fake_result(LOOP, replied=(0, 258, 65535), unreachable=(2,), excluded=(3, 4))
+    body = ping_client.submission_body(ping_client.parse_task(task()), result, "alice")
+    data = body["result"]["result_data"]
+    assert len(data) == 65536 and set(data) == {"0", "1"}
+    assert [k for k, c in enumerate(data) if c == "1"] == [0, 258, 65535]
+    raw = zlib.decompress(base64.b64decode(body["rtt_us"]))
+    assert [int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw), 4)] == \
+        [100, 358, 65635]
+    assert body["stats"] == {"probed": 65534, "excluded": 2, "unreachable": 1, "sent": 65534}
+    assert (body["task_index"], body["lease"], body["name"]) == (LOOP_TASK, "L1", "alice")
+    assert body["result"]["success"] is True
+
+
+def test_rtt_golden_bytes_and_round_trip():
+    golden = base64.b64encode(zlib.compress(b"\x64\x00\x00\x00\xfa\x00\x00\x00\xff\xff\xff\xff"))
+    assert ping_client.encode_rtt([100, 250, 2**32 - 1]) == golden.decode()
+    assert list(ping_client.decode_rtt(golden.decode())) == [100, 250, 2**32 - 1]
+
+
+def test_submission_refuses_a_result_of_another_shape():
+    with pytest.raises(ping_client.ClientError):
+        ping_client.submission_body(ping_client.parse_task(task()),
+                                    fake_result("127.0.0.0/24"), "alice")
+
+
+# --- backoff and spool ------------------------------------------------------------------------
+
+def test_backoff_doubles_with_jitter_and_caps():
+    top = Backoff(base=0.5, cap=4.0, rng=lambda: 1.0)
+    assert [top.next() for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    low = Backoff(base=0.5, cap=4.0, rng=lambda: 0.0)
+    assert [low.next() for _ in range(3)] == [0.25, 0.5, 1.0]
+    top.reset()
+    assert top.next() == 0.5
+
+
+def test_spool_is_durable_and_survives_a_restart(tmp_path):
+    spool = Spool(str(tmp_path / "s"))
+    first = spool.put({"server": "http://x", "body": {"task_index": 1}}, 1)
+    second = spool.put({"server": "http://x", "body": {"task_index": 2}}, 2)
+    assert not [n for n in os.listdir(spool.path) if n.endswith(".tmp")]
+    reopened = Spool(spool.path)
+    assert reopened.pending() == [(first, {"server": "http://x", "body": {"task_index": 1}}),
+                                  (second, {"server": "http://x", "body": {"task_index": 2}})]
+    reopened.drop(first)
+    reopened.drop(first)                      # already gone: no error
+    assert [p for p, _ in Spool(spool.path).pending()] == [second]
+
+
+def test_spool_sets_aside_a_corrupt_file(tmp_path, serve, capsys):
+    server = serve({})
+    spool = Spool(str(tmp_path / "spool"))
+    with open(os.path.join(spool.path, "0-task1.json"), "w") as fh:
+        fh.write("{torn")
+    client = ping_client.Client(Api(server.url), spool, None, ping_client.Console(),
+                                name="t", sleep=lambda s: None)
+    client.flush_spool()
+    assert os.listdir(spool.path) == ["0-task1.json.bad"]
+    assert "unreadable spool file" in capsys.readouterr().err
+    assert server.requests == []
+
+
+# --- the HTTP layer ---------------------------------------------------------------------------
+
+def test_api_statuses(serve):
+    server = serve({("GET", "/get_task"): [(200, task()), (503, {"error": "busy"}),
+                                           (409, {"error": "taken"}), (404, b"<html>no</html>"),
+                                           (200, b"not json"), (429, {"error": "slow down"})]})
+    api = Api(server.url + "/")
+    assert api.get("/get_task") == (200, task())
+    with pytest.raises(TransientError, match="503"):
+        api.get("/get_task")
+    assert api.get("/get_task") == (409, {"error": "taken"})
+    assert api.get("/get_task") == (404, {"error": "<html>no</html>"})
+    with pytest.raises(TransientError):
+        api.get("/get_task")
+    with pytest.raises(TransientError, match="429"):
+        api.get("/get_task")
+
+
+def test_api_connection_refused_is_transient(serve):
+    server = serve({})
+    server.shutdown()
+    server.server_close()
+    with pytest.raises(TransientError):
+        Api(server.url, timeout=2).get("/get_task")
+
+
+def make_client(server, tmp_path, sleeps):
+    options = ping_client.SweepOptions(0, 1, 0.0, None, (ipaddress.IPv4Network("127.0.0.0/8"),), ())
+    return ping_client.Client(Api(server.url), Spool(str(tmp_path / "spool")), options,
+                              ping_client.Console(), name="t", sleep=sleeps.append)
+
+
+@pytest.mark.parametrize("answers, accepted, kept", [
+    ([(503, {"error": "x"}), (502, b"bad gateway"), OK], True, False),
+    ([(200, {"success": True, "duplicate": True})], True, False),
+    ([(409, {"success": False, "error": "task already done"})], False, False),
+    ([(400, {"success": False, "error": "bad result data"})], False, False),
+    ([(200, {"success": False, "error": "bad result data"})], False, False),
+    ([(401, {"error": "who are you"})], False, True),
+])
+def test_submit_retries_5xx_and_drops_refusals(tmp_path, serve, capsys, answers, accepted, kept):
+    server = serve({("POST", "/submit_result"): answers})
+    sleeps = []
+    client = make_client(server, tmp_path, sleeps)
+    body = {"task_index": 7, "result": {"success": True, "result_data": "0"}}
+    path = client.spool.put({"server": server.url, "body": body}, 7)
+    assert client.submit(path, body) is accepted
+    assert os.path.exists(path) is kept
+    retries = sum(1 for status, _ in answers if status >= 500)
+    assert len(server.calls("POST", "/submit_result")) == retries + 1
+    assert len(sleeps) == retries and sleeps == sorted(sleeps)
+    err = capsys.readouterr().err
+    if not accepted:
+        assert answers[-1][1]["error"] in err       # the reason is logged
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+def test_once_sweeps_and_submits(tmp_path, serve, monkeypatch):
+    sweep = FakeSweep(replied=(1, 2, 300))
+    monkeypatch.setattr(icmp, "sweep", sweep)
+    server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/submit_result"): [OK]})
+    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8")
+    assert code == 0 and spooled(tmp_path) == []
+    [(_, _, body)] = server.calls("POST", "/submit_result")
+    assert [k for k, c in enumerate(body["result"]["result_data"]) if c == "1"] == [1, 2, 300]
+    assert list(ping_client.decode_rtt(body["rtt_us"])) == [101, 102, 400]
+    assert (body["lease"], body["name"], body["task_index"]) == ("L1", "tester", LOOP_TASK)
+    [(targets, kwargs)] = sweep.calls
+    assert targets == ipaddress.IPv4Network(LOOP)
+    assert kwargs["allow"] == (ipaddress.IPv4Network("127.0.0.0/8"),)
+    assert (kwargs["rate"], kwargs["probes"], kwargs["cooldown"]) == (10000, 1, 1.0)
+
+
+def test_server_adds_exclusions_and_cannot_raise_the_rate(tmp_path, serve, monkeypatch):
+    sweep = FakeSweep()
+    monkeypatch.setattr(icmp, "sweep", sweep)
+    server = serve({("GET", "/get_task"): [(200, task(exclude=["127.0.1.0/24"], rate=10**7,
+                                                      allow=["0.0.0.0/0"]))],
+                    ("POST", "/submit_result"): [OK]})
+    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8", "--rate", "500",
+                         "--probes", "3", "--cooldown", "0.25", "--timeout", "9",
+                         "--exclude", "127.0.9.0/24")
+    assert code == 0
+    [(_, kwargs)] = sweep.calls
+    assert kwargs["rate"] == 500
+    assert set(kwargs["exclude"]) == {ipaddress.IPv4Network("127.0.9.0/24"),
+                                      ipaddress.IPv4Network("127.0.1.0/24")}
+    assert kwargs["allow"] == (ipaddress.IPv4Network("127.0.0.0/8"),)
+    assert (kwargs["probes"], kwargs["cooldown"], kwargs["timeout"]) == (3, 0.25, 9.0)
+
+
+def test_real_sweep_skips_both_exclusion_lists_and_tags_every_probe(tmp_path, serve,
+                                                                   monkeypatch):
+    fake = RecordingSocket()
+    monkeypatch.setattr(icmp.IcmpSocket, "open", classmethod(lambda cls, *a, **kw: fake))
+    server = serve({("GET", "/get_task"): [(200, task(exclude=["127.0.1.0/24"]))],
+                    ("POST", "/submit_result"): [OK]})
+    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8", "--rate", "0",
+                         "--cooldown", "0", "--exclude", "127.0.2.0/24")
+    assert code == 0
+    targets = [addr for addr, _ in fake.sent]
+    skipped = {int(ipaddress.IPv4Address("127.0.1.0")) + k for k in range(512)}
+    base = int(ipaddress.IPv4Address("127.0.0.0"))
+    assert sorted(targets) == [a for a in range(base, base + 65536) if a not in skipped]
+    assert all(packet[8:8 + len(icmp.TAG)] == icmp.TAG for _, packet in fake.sent)
+    [(_, _, body)] = server.calls("POST", "/submit_result")
+    assert body["result"]["result_data"] == "0" * 65536
+    assert body["stats"] == {"probed": 65024, "excluded": 512, "unreachable": 0, "sent": 65024}
+
+
+def test_the_no_packets_guard_catches_icmp_sockets(no_packets):
+    with pytest.raises(AssertionError):
+        socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    with pytest.raises(AssertionError):
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+    socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+    assert len(no_packets) == 2
+
+
+def test_refuses_a_reserved_block_and_sends_nothing(tmp_path, serve, no_packets, capsys):
+    # 10.0.0.0/16 is task 2560; the "server" even claims to allow everything.
+    server = serve({("GET", "/get_task"): [(200, task(2560, allow=["0.0.0.0/0"]))],
+                    ("POST", "/release"): [OK]})
+    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8")
+    assert code == 1
+    assert no_packets == []
+    assert server.calls("POST", "/submit_result") == []
+    assert [b for _, _, b in server.calls("POST", "/release")] == [{"task_index": 2560,
+                                                                    "lease": "L1"}]
+    assert "refusing task 2560" in capsys.readouterr().err
+
+
+def test_loop_refuses_then_waits(tmp_path, serve, no_packets):
+    server = serve({("GET", "/get_task"): [(200, task(2560))], ("POST", "/release"): [OK]})
+    waits = []
+
+    def sleep(seconds):
+        waits.append(seconds)
+        if len(waits) == 3:
+            raise KeyboardInterrupt
+
+    code, _ = run_client(server, tmp_path, sleep=sleep)
+    assert code == 130 and no_packets == []
+    assert len(server.calls("POST", "/release")) == 3
+    assert waits == sorted(waits)
+
+
+@pytest.mark.parametrize("answer", [
+    task(LOOP_TASK, network="10.0.0.0/16"),            # the name disagrees with the number
+    task(LOOP_TASK, exclude=["not a network"]),        # an exclusion we cannot honour
+])
+def test_refuses_an_inconsistent_task(tmp_path, serve, no_packets, answer):
+    server = serve({("GET", "/get_task"): [(200, answer)], ("POST", "/release"): [OK]})
+    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8")
+    assert code == 1 and no_packets == []
+    assert len(server.calls("POST", "/release")) == 1
+
+
+@pytest.mark.parametrize("own, theirs", [("127.0.0.0/12", []),
+                                         ("127.0.0.0/17", ["127.0.128.0/17"])])
+def test_exclusions_covering_the_block_refuse(tmp_path, serve, no_packets, own, theirs):
+    server = serve({("GET", "/get_task"): [(200, task(exclude=theirs))],
+                    ("POST", "/release"): [OK]})
+    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8", "--exclude", own)
+    assert code == 1 and no_packets == []
+    assert len(server.calls("POST", "/release")) == 1
+
+
+def test_restart_submits_the_spool_first(tmp_path, serve, monkeypatch):
+    monkeypatch.setattr(icmp, "sweep", FakeSweep())
+    server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/submit_result"): [OK]})
+    old = {"task_index": 99, "result": {"success": True, "result_data": "1" * 65536}}
+    spool = Spool(str(tmp_path / "spool"))
+    spool.put({"server": server.url, "body": old}, 99)
+    spool.put({"server": "http://elsewhere:8001", "body": old}, 99)
+    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8")
+    assert code == 0
+    order = [(method, path) for method, path, _ in server.requests]
+    assert order == [("POST", "/submit_result"), ("GET", "/get_task"), ("POST", "/submit_result")]
+    assert server.requests[0][2] == old
+    assert len(spooled(tmp_path)) == 1            # the other server's result waits for it
+
+
+def test_result_is_spooled_before_it_is_submitted(tmp_path, serve, monkeypatch, capsys):
+    monkeypatch.setattr(icmp, "sweep", FakeSweep())
+    server = serve({("GET", "/get_task"): [(200, task())],
+                    ("POST", "/submit_result"): [(503, {"error": "down"})]})
+
+    def sleep(seconds):           # while the server is failing, the result is on disk
+        [name] = spooled(tmp_path)
+        with open(tmp_path / "spool" / name) as fh:
+            assert json.load(fh)["body"]["task_index"] == LOOP_TASK
+        raise KeyboardInterrupt
+
+    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8", sleep=sleep)
+    assert code == 130 and len(spooled(tmp_path)) == 1
+    assert server.calls("POST", "/release") == []     # the result will still be submitted
+    assert "interrupted; 1 result(s)" in capsys.readouterr().err
+
+
+def test_no_task_waits_with_backoff_and_says_so(tmp_path, serve, monkeypatch, capsys):
+    monkeypatch.setattr(icmp, "sweep", FakeSweep())
+    server = serve({("GET", "/get_task"): [(200, NO_TASK), (200, NO_TASK), (200, NO_TASK),
+                                           (200, task())],
+                    ("POST", "/submit_result"): [OK]})
+    code, sleeps = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8")
+    assert code == 0 and len(sleeps) == 3
+    assert sleeps[0] < sleeps[2]
+    assert capsys.readouterr().err.count("no task available") == 3
+
+
+def test_original_server_shapes(tmp_path, serve, monkeypatch):
+    monkeypatch.setattr(icmp, "sweep", FakeSweep())
+    server = serve({("GET", "/get_task"): [(200, {"task_index": LOOP_TASK, "task_status": 1})],
+                    ("POST", "/submit_result"): [OK]})
+    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8")
+    assert code == 0
+    [(_, _, body)] = server.calls("POST", "/submit_result")
+    assert "lease" not in body and body["task_index"] == LOOP_TASK
+
+
+def test_get_task_refused_is_an_error(tmp_path, serve, no_packets, capsys):
+    server = serve({("GET", "/get_task"): [(404, {"error": "unknown path"})]})
+    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8")
+    assert code == 1 and "unknown path" in capsys.readouterr().err
+
+
+def test_a_sweep_cut_short_is_not_submitted(tmp_path, serve, monkeypatch):
+    short = fake_result(LOOP, replied=(1,))
+    short = short._replace(stats=short.stats._replace(sent=100))
+    monkeypatch.setattr(icmp, "sweep", lambda targets, **kwargs: short)
+    server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/release"): [OK]})
+    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8", "--timeout", "1")
+    assert code == 1 and server.calls("POST", "/submit_result") == []
+    assert len(server.calls("POST", "/release")) == 1 and spooled(tmp_path) == []
+
+
+def test_get_task_retries_when_the_server_is_down(tmp_path, serve, monkeypatch):
+    monkeypatch.setattr(icmp, "sweep", FakeSweep())
+    server = serve({("GET", "/get_task"): [(500, {"error": "x"}), (503, b""), (200, task())],
+                    ("POST", "/submit_result"): [OK]})
+    code, sleeps = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8")
+    assert code == 0 and len(sleeps) == 2
+
+
+def test_ctrl_c_mid_sweep_releases_and_exits_130(tmp_path, serve, monkeypatch):
+    monkeypatch.setattr(icmp, "sweep", FakeSweep(error=KeyboardInterrupt()))
+    server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/release"): [OK]})
+    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8")
+    assert code == 130
+    assert [b for _, _, b in server.calls("POST", "/release")] == [{"task_index": LOOP_TASK,
+                                                                    "lease": "L1"}]
+    assert server.calls("POST", "/submit_result") == [] and spooled(tmp_path) == []
+
+
+def test_no_icmp_permission_releases_and_exits_1(tmp_path, serve, monkeypatch, capsys):
+    error = icmp.IcmpPermissionError("run me with sudo")
+    monkeypatch.setattr(icmp, "sweep", FakeSweep(error=error))
+    server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/release"): [OK]})
+    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8")
+    assert code == 1 and len(server.calls("POST", "/release")) == 1
+    assert "run me with sudo" in capsys.readouterr().err
+
+
+# --- standalone scan --------------------------------------------------------------------------
+
+def test_scan_writes_zmap_csv(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(icmp, "sweep", FakeSweep(replied=(1, 3)))
+    out = tmp_path / "out.csv"
+    assert ping_client.main(["--scan", "127.0.0.0/30", "--allow", "127.0.0.0/8",
+                             "-o", str(out)]) == 0
+    assert "2 replied" in capsys.readouterr().err
+    assert out.read_text() == "saddr,rtt_ms\n127.0.0.1,0.101\n127.0.0.3,0.103\n"
+    assert ping_client.main(["--scan", "127.0.0.0/30", "--allow", "127.0.0.0/8", "-o", "-",
+                             "-q"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == out.read_text() and captured.err == ""
+
+
+def test_scan_refuses_reserved_space_without_allow(no_packets, capsys):
+    assert ping_client.main(["--scan", "10.0.0.0/16", "-o", "-"]) == 2
+    assert ping_client.main(["--scan", "127.0.0.0/16", "--allow", "10.0.0.0/8"]) == 2
+    assert no_packets == []
+    assert "refusing to scan 10.0.0.0/16" in capsys.readouterr().err
+
+
+# --- command line and display -----------------------------------------------------------------
+
+def test_help_explains_every_flag_with_its_default(capsys):
+    parser = ping_client.build_parser()
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert "default" in action.help, action.option_strings
+    with pytest.raises(SystemExit) as exit_:
+        ping_client.main(["--help"])
+    assert exit_.value.code == 0
+    assert "exit codes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["--server", "http://x", "--scan", LOOP], ["--server", "x:8001"],
+    ["--server", "http://x", "--rate", "-1"], ["--server", "http://x", "--probes", "0"],
+    ["--server", "http://x", "-o", "f"], ["--scan", LOOP, "--once"],
+    ["--scan", "127.0.0.1/16"], ["--server", "http://x", "--allow", "nonsense"],
+    ["--server", "http://x", "-q", "-v"], ["--server", "http://x", "--rate", "inf"],
+    ["--server", "http://x", "--timeout", "0"], ["--server", "http://x", "--cooldown", "nan"],
+])
+def test_usage_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        ping_client.main(argv)
+    assert exit_.value.code == 2
+
+
+def test_defaults():
+    args = ping_client.parse_args(["--server", "http://x"])
+    assert (args.rate, args.probes, args.once, args.verbosity) == (10000, 1, False, 1)
+    assert "@" in args.name and args.allow == [] and args.exclude == []
+    args = ping_client.parse_args(["--scan", LOOP, "--allow", "127.0.0.0/8,10.1.0.0/16",
+                                   "10.2.0.0/16", "--allow", "10.3.0.0/16"])
+    assert args.allow == [ipaddress.IPv4Network(n) for n in
+                          ("127.0.0.0/8", "10.1.0.0/16", "10.2.0.0/16", "10.3.0.0/16")]
+
+
+def test_progress_on_a_terminal_is_one_line():
+    stream = io.StringIO()
+    console = ping_client.Console(stream, tty=True)
+    console.begin(LOOP)
+    console.progress(icmp.Progress(16384, 65536, 1000, 0, 1.6, 10000.0))
+    console.progress(icmp.Progress(32768, 65536, 2000, 0, 3.2, 10000.0))
+    console.info("task done")
+    text = stream.getvalue()
+    assert text.count("\n") == 1 and text.endswith("task done\n")
+    assert "\r127.0.0.0/16   50.0 %  10,000 probes/s  2,000 replies  ETA 3 s\x1b[K" in text
+
+
+def test_progress_off_a_terminal_is_plain_lines_now_and_then():
+    stream, now = io.StringIO(), [0.0]
+    console = ping_client.Console(stream, tty=False, clock=lambda: now[0])
+    console.begin(LOOP)
+    for sent in range(0, 65536, 4096):
+        now[0] += 1.0
+        console.progress(icmp.Progress(sent, 65536, 0, 0, now[0], 4096.0))
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1 and "\r" not in stream.getvalue() and "127.0.0.0/16" in lines[0]
+
+
+def test_quiet_shows_only_problems():
+    stream = io.StringIO()
+    console = ping_client.Console(stream, verbosity=0, tty=True)
+    console.progress(icmp.Progress(1, 2, 0, 0, 1.0, 1.0))
+    console.info("hello")
+    console.warn("careful")
+    assert stream.getvalue() == "warning: careful\n"

@@ -1,0 +1,460 @@
+"""Tests of icmp.py: the codec (golden bytes, checksums, a fuzzed parser), reply validation,
+the sweep against a fake socket, and, as root, real sweeps on loopback and in lab namespaces
+(conftest.py) with a dead set, unreachables, random loss and the unprivileged socket."""
+import collections
+import errno
+import ipaddress
+import json
+import os
+import random
+import shutil
+import struct
+import sys
+import tempfile
+import time
+
+import pytest
+
+import icmp
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LOOP = int(ipaddress.IPv4Address("127.0.0.0"))
+ALLOW = ["127.0.0.0/8"]
+SECRET = bytes(range(16))
+
+
+def addr(dotted: str) -> int:
+    return int(ipaddress.IPv4Address(dotted))
+
+
+def reference_checksum(data: bytes) -> int:
+    """RFC 1071 section 4.1, word by word: the oracle for icmp.checksum."""
+    if len(data) % 2:
+        data += b"\0"
+    total = 0
+    for k in range(0, len(data), 2):
+        total += (data[k] << 8) | data[k + 1]
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def ip_packet(src: int, dst: int, payload: bytes, options: bytes = b"") -> bytes:
+    ihl = 5 + len(options) // 4
+    header = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, 4 * ihl + len(payload), 0, 0, 64, 1, 0,
+                         src.to_bytes(4, "big"), dst.to_bytes(4, "big"))
+    return header + options + payload
+
+
+def with_checksum(message: bytes) -> bytes:
+    message = message[:2] + b"\0\0" + message[4:]
+    return message[:2] + icmp.checksum(message).to_bytes(2, "big") + message[4:]
+
+
+def echo_reply(request: bytes) -> bytes:
+    return with_checksum(b"\0\0" + request[2:])
+
+
+def unreachable(target: int, request: bytes, code: int = 1, keep: int = 28) -> bytes:
+    """Destination unreachable quoting our probe to `target` (RFC 792: IP header + 8 bytes, or more)."""
+    quote = ip_packet(LOOP + 1, target, request)[:keep]
+    return with_checksum(bytes([3, code, 0, 0, 0, 0, 0, 0]) + quote)
+
+
+# --- codec -------------------------------------------------------------------------------------
+
+def test_checksum_vectors_even_and_odd():
+    assert icmp.checksum(bytes.fromhex("0001f203f4f5f6f7")) == 0x220D   # RFC 1071's example
+    assert icmp.checksum(b"") == 0xFFFF
+    assert icmp.checksum(b"\xff\xff") == 0x0000
+    assert icmp.checksum(b"\x01") == 0xFEFF                             # odd: padded with 0
+    assert icmp.checksum(b"\x00\x01\xf2") == 0x0DFE
+    rng = random.Random(1071)
+    for length in range(0, 80):
+        data = bytes(rng.randrange(256) for _ in range(length))
+        assert icmp.checksum(data) == reference_checksum(data), data.hex()
+    assert icmp.checksum(b"\xff" * 1501) == reference_checksum(b"\xff" * 1501)
+
+
+def test_echo_request_golden_bytes():
+    packet = icmp.echo_request(0x1234, 0x0001, b"abc")
+    assert packet == bytes.fromhex("0800216812340001616263")
+    assert icmp.checksum(packet) == 0
+
+
+def test_probe_layout_golden_bytes():
+    signer = icmp.Signer(SECRET, ident=0xBEEF)
+    probe = signer.request(addr("127.0.0.7"))
+    assert probe == icmp.echo_request(0xBEEF, *signer.sign(addr("127.0.0.7")))
+    assert len(probe) == icmp.PACKET_SIZE == 32
+    assert probe[:2] == b"\x08\x00" and probe[4:6] == b"\xbe\xef"
+    assert probe[8:20] == icmp.TAG == b"ipv4-census "
+    assert probe[20:24] == bytes([127, 0, 0, 7])
+    assert probe.hex() == "0800fde6beef1c0c697076342d63656e737573207f00000761809a364d73fdde"
+    assert icmp.checksum(probe) == 0
+
+
+def test_parse_raw_echo_reply_with_ip_options():
+    request = icmp.echo_request(7, 9, b"hello")
+    for options in (b"", b"\x01\x01\x01\x01", b"\x01" * 40):     # IHL 5, 6 and 15
+        reply = icmp.parse(ip_packet(LOOP + 5, LOOP + 1, echo_reply(request), options))
+        assert reply == icmp.Reply(LOOP + 5, LOOP + 5, 0, 0, 7, 9, b"hello")
+
+
+def test_parse_dgram_echo_reply_has_no_ip_header():
+    request = icmp.echo_request(7, 9, b"hello")
+    assert icmp.parse(echo_reply(request), LOOP + 5) == icmp.Reply(LOOP + 5, LOOP + 5, 0, 0, 7, 9, b"hello")
+
+
+def test_parse_rejects_requests_corruption_and_truncation():
+    request = icmp.echo_request(7, 9, b"hello")
+    good = ip_packet(LOOP + 5, LOOP + 1, echo_reply(request))
+    assert icmp.parse(ip_packet(LOOP + 5, LOOP + 1, request)) is None        # a looped request
+    corrupt = bytearray(good)
+    corrupt[-1] ^= 1
+    assert icmp.parse(bytes(corrupt)) is None                                 # bad checksum
+    assert all(icmp.parse(good[:k]) is None for k in range(len(good)))
+    udp = bytearray(good)
+    udp[9] = 17
+    assert icmp.parse(bytes(udp)) is None                                     # not ICMP
+
+
+def test_unreachable_quote_is_credited_to_the_probed_target():
+    signer = icmp.Signer(SECRET, ident=0x4242)
+    target, router = LOOP + 0x0107, LOOP + 0x00FE
+    request = signer.request(target)
+    for keep in (28, 20 + len(request)):              # RFC 792's 8 bytes, or the whole probe
+        packet = ip_packet(router, LOOP + 1, unreachable(target, request, code=1, keep=keep))
+        reply = icmp.parse(packet)
+        assert (reply.source, reply.target, reply.type, reply.code) == (router, target, 3, 1)
+        assert signer.check(reply) == (icmp.Verdict.OK, target)
+    exceeded = with_checksum(b"\x0b\x00" + unreachable(target, request)[2:])
+    assert icmp.parse(ip_packet(router, LOOP + 1, exceeded)).type == icmp.IcmpType.TIME_EXCEEDED
+    forged = unreachable(target, icmp.Signer(b"x" * 16, ident=0x4242).request(target))
+    assert signer.check(icmp.parse(ip_packet(router, LOOP + 1, forged)))[0] == icmp.Verdict.BAD_PAYLOAD
+
+
+def test_parser_never_raises_on_100k_random_and_truncated_packets():
+    rng = random.Random(792)
+    signer = icmp.Signer(SECRET, ident=1)
+    request = signer.request(LOOP + 3)
+    seeds = [ip_packet(LOOP + 3, LOOP + 1, echo_reply(request)),
+             ip_packet(LOOP + 9, LOOP + 1, unreachable(LOOP + 3, request, keep=60))]
+    tried = 0
+    for seed in seeds:                                   # every truncation of a real answer
+        for k in range(len(seed) + 1):
+            for packet in (seed[:k], seed[k:]):
+                tried += _parse_both_ways(packet, signer)
+    while tried < 100_000:
+        seed = bytearray(rng.choice(seeds))
+        for _ in range(rng.randrange(1, 4)):             # flip bytes, then maybe cut
+            seed[rng.randrange(len(seed))] = rng.randrange(256)
+        packet = bytes(seed[:rng.randrange(len(seed) + 1)]) if rng.random() < 0.5 else bytes(seed)
+        if rng.random() < 0.3:
+            packet = rng.randbytes(rng.randrange(0, 120))
+        tried += _parse_both_ways(packet, signer)
+    assert tried >= 100_000
+
+
+def _parse_both_ways(packet: bytes, signer: icmp.Signer) -> int:
+    for reply in (icmp.parse(packet), icmp.parse(packet, LOOP + 3)):
+        assert reply is None or isinstance(reply, icmp.Reply)
+        if reply is not None:
+            signer.check(reply)
+            signer.check(reply, check_ident=False)
+    return 1
+
+
+# --- validation --------------------------------------------------------------------------------
+
+def test_only_a_reply_proving_our_probe_to_that_address_counts():
+    signer = icmp.Signer(SECRET, ident=0x7777)
+    target = LOOP + 0x0203
+    request = signer.request(target)
+
+    def check(packet_icmp, src=target):
+        return signer.check(icmp.parse(ip_packet(src, LOOP + 1, packet_icmp)))
+
+    assert check(echo_reply(request)) == (icmp.Verdict.OK, target)
+    wrong_seq = bytearray(echo_reply(request))
+    wrong_seq[7] ^= 1
+    assert check(with_checksum(bytes(wrong_seq)))[0] == icmp.Verdict.BAD_PAYLOAD
+    wrong_mac = bytearray(echo_reply(request))
+    wrong_mac[-1] ^= 1
+    assert check(with_checksum(bytes(wrong_mac)))[0] == icmp.Verdict.BAD_PAYLOAD
+    other_sweep = icmp.Signer(b"another secret!!", ident=0x7777).request(target)
+    assert check(echo_reply(other_sweep))[0] == icmp.Verdict.BAD_PAYLOAD     # a replay
+    assert check(echo_reply(request), src=LOOP + 0x0204) == (icmp.Verdict.WRONG_SOURCE, target)
+    stranger = icmp.echo_request(0x7778, 1, request[8:])                    # another ping's ident
+    assert check(echo_reply(stranger))[0] == icmp.Verdict.STRAY
+    foreign = icmp.echo_request(0x7777, 1, b"abcdefghijklmnopqrstuvwx")     # our ident, not our tag
+    assert check(echo_reply(foreign))[0] == icmp.Verdict.STRAY
+    dgram = icmp.parse(echo_reply(icmp.echo_request(0x1111, *signer.sign(target))), target)
+    assert signer.check(dgram, check_ident=False) == (icmp.Verdict.OK, target)
+
+
+def test_reserved_ranges_and_exclusions():
+    assert len(icmp.RESERVED) == 16
+    assert icmp.wholly_reserved("127.0.0.0/16")
+    assert not icmp.wholly_reserved("127.0.0.0/16", allow=ALLOW)
+    assert icmp.wholly_reserved("127.0.0.0/16", allow=["127.1.0.0/16"])
+    assert icmp.wholly_reserved(ipaddress.IPv4Network("100.64.0.0/10"))
+    assert not icmp.wholly_reserved("100.0.0.0/8")                 # only partly reserved
+    assert icmp.is_excluded(addr("255.255.255.255"))
+    assert icmp.is_excluded(addr("198.19.255.255")) and not icmp.is_excluded(addr("198.20.0.0"))
+    assert not icmp.is_excluded(addr("127.0.0.1"), allow=ALLOW)
+    assert icmp.is_excluded(addr("127.0.0.1"), allow=ALLOW, exclude=["127.0.0.0/24"])
+
+
+def test_permutation_is_a_permutation_without_bursts():
+    for count in (0, 1, 2, 3, 10, 256, 1000):
+        assert sorted(icmp.permutation(count)) == list(range(count))
+    order = list(icmp.permutation(65536))
+    assert sorted(order) == list(range(65536))
+    same_24 = sum(1 for a, b in zip(order, order[1:]) if a >> 8 == b >> 8)
+    assert same_24 < 65536 * 0.02                    # random order: ~1/256 of neighbours
+
+
+def test_pacer_allows_rate_times_elapsed():
+    now = [100.0]
+    pacer = icmp._Pacer(10_000, clock=lambda: now[0])
+    assert pacer.take(256) == 1                      # one token to start with
+    now[0] += 0.0050001
+    assert pacer.take(256) == 50
+    now[0] += 1.0
+    assert pacer.take(1000) == 100                   # never more than a 10 ms burst
+    assert icmp._Pacer(0).take(256) == 256
+
+
+# --- the sweep on a fake socket ------------------------------------------------------------------
+
+class FakeSocket:
+    """Answers probes through `respond(addr, request) -> [packets]`, like a raw socket would.
+    Refuses (raises) anything outside 127.0.0.0/8: no real packet is ever involved."""
+    kind = "raw"
+
+    def __init__(self, respond=None):
+        self.respond = respond or (lambda target, request: [ip_packet(target, LOOP + 1, echo_reply(request))])
+        self.sent = []
+        self.queue = collections.deque()
+
+    def send(self, outbox, start, stop):
+        for k in range(start, stop):
+            target = outbox.addrs[k]
+            if target >> 24 != 127:
+                raise AssertionError(f"{ipaddress.IPv4Address(target)} handed to the socket")
+            request = outbox.data[k * outbox.size:(k + 1) * outbox.size]
+            self.sent.append(target)
+            self.queue.extend((packet, None) for packet in self.respond(target, request))
+        return stop - start
+
+    def recv(self, timeout):
+        got = []
+        while self.queue:
+            got.append(self.queue.popleft())
+        if not got:
+            time.sleep(min(timeout, 0.001))
+        return got
+
+    def close(self):
+        pass
+
+
+def test_sweep_credits_each_answer_once_and_counts_the_rest():
+    def respond(target, request):
+        octet = target & 0xFF
+        if octet % 7 == 0:                                            # a router says unreachable
+            return [ip_packet(LOOP + 254, LOOP + 1, unreachable(target, request, code=1))]
+        if octet % 5 == 0:
+            return []                                                 # silent
+        reply = ip_packet(target, LOOP + 1, echo_reply(request))
+        if octet == 33:
+            return [ip_packet(target + 1, LOOP + 1, echo_reply(request))]   # from the wrong host
+        if octet == 44:
+            return [reply[:-1] + bytes([reply[-1] ^ 1])]              # corrupt: parse gives None
+        if octet == 46:
+            bad = bytearray(echo_reply(request))
+            bad[-1] ^= 1
+            return [ip_packet(target, LOOP + 1, with_checksum(bytes(bad)))]
+        if octet == 52:
+            return [reply, reply]                                     # a duplicate
+        return [reply]
+
+    fake = FakeSocket(respond)
+    seen = []
+    result = icmp.sweep(ipaddress.IPv4Network("127.0.0.0/24"), allow=ALLOW, cooldown=0.2,
+                        sock=fake, progress=seen.append)
+    status = {LOOP + k: icmp.Status(s) for k, s in enumerate(result.status)}
+    expect = {}
+    for k in range(256):
+        if k % 7 == 0:
+            expect[LOOP + k] = icmp.Status.UNREACHABLE
+        elif k % 5 == 0 or k in (33, 44, 46):
+            expect[LOOP + k] = icmp.Status.NO_ANSWER
+        else:
+            expect[LOOP + k] = icmp.Status.ECHO_REPLY
+    assert status == expect
+    assert sorted(fake.sent) == list(range(LOOP, LOOP + 256))        # each once, in random order
+    assert fake.sent != sorted(fake.sent)
+    assert all(result.code[k] == 1 for k in range(0, 256, 7))
+    assert all(result.rtt_us[k] == 0 for k in range(256) if expect[LOOP + k] != icmp.Status.ECHO_REPLY)
+    s = result.stats
+    assert (s.sent, s.wrong_source, s.bad_payload, s.stray, s.duplicates) == (256, 1, 1, 1, 1)
+    assert (s.replies, s.unreachable, s.excluded, s.rounds) == (list(expect.values()).count(1), 37, 0, 1)
+    assert seen and seen[-1].sent == seen[-1].total == 256
+
+
+def test_sweep_reprobes_only_the_silent():
+    answered = collections.Counter()
+
+    def respond(target, request):          # every target ignores its first two probes
+        answered[target] += 1
+        return [ip_packet(target, LOOP + 1, echo_reply(request))] if answered[target] >= 3 else []
+
+    fake = FakeSocket(respond)
+    result = icmp.sweep(range(LOOP, LOOP + 100), probes=3, cooldown=0.05, allow=ALLOW, sock=fake)
+    assert set(result.status) == {icmp.Status.ECHO_REPLY}
+    assert result.stats.rounds == 3 and len(fake.sent) == 300
+
+
+def test_excluded_targets_never_reach_the_socket():
+    fake = FakeSocket()
+    targets = ["127.0.0.1", "10.0.0.1", "192.168.1.1", "127.0.0.2", "224.0.0.1"]
+    result = icmp.sweep(targets, allow=ALLOW, exclude=["127.0.0.2/32"], cooldown=0.1, sock=fake)
+    assert list(result.status) == [1, 3, 3, 3, 3]
+    assert fake.sent == [LOOP + 1] and result.stats.excluded == 4
+    for network, allow in (("127.0.0.0/24", ()), ("10.0.0.0/16", ALLOW)):
+        fake = FakeSocket()
+        result = icmp.sweep(ipaddress.IPv4Network(network), allow=allow, sock=fake)
+        assert fake.sent == [] and set(result.status) == {icmp.Status.EXCLUDED}
+
+
+def test_sweep_stops_at_its_timeout():
+    fake = FakeSocket(lambda target, request: [])
+    result = icmp.sweep(range(LOOP, LOOP + 1000), rate=20, timeout=0.2, allow=ALLOW, sock=fake)
+    assert 1 <= len(fake.sent) < 1000 and result.stats.sent == len(fake.sent)
+
+
+def test_a_failing_receiver_or_an_interrupt_ends_the_sweep():
+    class Broken(FakeSocket):
+        def recv(self, timeout):
+            raise OSError(5, "receive failed")
+
+    with pytest.raises(OSError, match="receive failed"):
+        icmp.sweep(range(LOOP, LOOP + 1000), rate=2000, cooldown=5, allow=ALLOW, sock=Broken())
+
+    def interrupt(progress):
+        raise KeyboardInterrupt
+
+    fake = FakeSocket(lambda target, request: [])
+    with pytest.raises(KeyboardInterrupt):
+        icmp.sweep(range(LOOP, LOOP + 1000), rate=2000, cooldown=5, allow=ALLOW, sock=fake, progress=interrupt)
+    assert len(fake.sent) < 1000
+
+
+# --- real sockets, as root ------------------------------------------------------------------------
+
+@pytest.mark.needs_root
+def test_sweep_of_127_0_0_0_16_on_host_loopback_finds_all():
+    result = icmp.sweep(ipaddress.IPv4Network("127.0.0.0/16"), allow=ALLOW, cooldown=3)
+    assert result.stats.kind == "raw"
+    assert result.stats.replies == 65536 and set(result.status) == {icmp.Status.ECHO_REPLY}
+    assert min(result.rtt_us) > 0
+
+
+class NoSendmmsg:
+    """A libc whose sendmmsg is missing at run time (ENOSYS), as in some sandboxes."""
+
+    def vectors(self, outbox):
+        return None
+
+    def send(self, fd, vectors, start, count):
+        raise OSError(errno.ENOSYS, "sendmmsg")
+
+
+@pytest.mark.needs_root
+@pytest.mark.parametrize("mmsg", [None, NoSendmmsg()], ids=["no-ctypes", "enosys"])
+def test_plain_sendto_path_without_sendmmsg(mmsg):
+    with icmp.IcmpSocket.open() as sock:
+        sock._mmsg = mmsg                       # None: as on macOS, or without ctypes
+        result = icmp.sweep(ipaddress.IPv4Network("127.0.3.0/24"), allow=ALLOW, cooldown=2, sock=sock)
+        assert sock._mmsg is None
+    assert set(result.status) == {icmp.Status.ECHO_REPLY}
+
+
+def run_sweep(box, network, *args, user=None, python=sys.executable, script=None) -> dict:
+    argv = [python, script or os.path.join(HERE, "icmp.py"), network, "--allow", "127.0.0.0/8", *args]
+    if user is not None:
+        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
+    done = box.run(argv)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def found(report: dict, digit: str, base: int = LOOP) -> set:
+    return {base + k for k, c in enumerate(report["status"]) if c == digit}
+
+
+def test_lab_probes_1_reports_only_live_and_credits_unreachables(lab):
+    box = lab(drop=True, unreach=True, loss=0.05)
+    report = run_sweep(box, "127.0.0.0/16", "--probes", "1", "--cooldown", "0.5")
+    alive, unreach = box.alive("127.0.0.0/16"), box.unreachable("127.0.0.0/16")
+    assert len(alive) == 28032 and len(unreach) == 128 * 37
+    assert found(report, "1") <= alive
+    assert len(found(report, "1")) > 0.9 * len(alive)        # 5 % of the probes were lost
+    assert found(report, "2") == unreach                     # REJECT comes before the loss rule
+    assert report["stats"]["unreachable"] == len(unreach)
+    assert report["stats"]["wrong_source"] == report["stats"]["bad_payload"] == 0
+
+
+def test_lab_probes_3_recovers_lost_probes(lab):
+    """With 5 % independent loss a live address stays silent through 3 probes with probability
+    0.05**3: 28,032 live addresses miss ~3.5 on average (0 only ~3 % of the time), so the test
+    allows 20 (chance of more ~1e-9), against the ~1,400 a single probe misses."""
+    box = lab(drop=True, loss=0.05)
+    report = run_sweep(box, "127.0.0.0/16", "--probes", "3", "--cooldown", "0.5")
+    alive = box.alive("127.0.0.0/16")
+    assert found(report, "1") <= alive
+    assert len(alive - found(report, "1")) <= 20
+    assert report["stats"]["rounds"] == 3
+
+
+def test_lab_unprivileged_dgram_socket_for_real(lab):
+    box = lab(drop=True, unreach=True)
+    python = _python_for_nobody(box)
+    with _world_readable_copy() as script:
+        box.run(["sysctl", "-qw", "net.ipv4.ping_group_range=1 0"], check=True)
+        refused = box.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           python, script, "127.0.0.0/24", "--allow", "127.0.0.0/8"])
+        assert refused.returncode == 1
+        assert 'sudo sysctl -w net.ipv4.ping_group_range="0 2147483647"' in refused.stderr
+        assert "sudo" in refused.stderr.split("sysctl")[0]
+        box.run(["sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647"], check=True)
+        report = run_sweep(box, "127.0.0.0/16", "--cooldown", "0.5", user=65534, python=python, script=script)
+    assert report["stats"]["kind"] == "dgram"
+    assert found(report, "1") == box.alive("127.0.0.0/16")
+    assert found(report, "2") == box.unreachable("127.0.0.0/16")   # from the error queue
+
+
+def _python_for_nobody(box) -> str:
+    """An interpreter user nobody may run (a pyenv one under /root usually is not)."""
+    for python in dict.fromkeys([sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"]):
+        probe = box.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python,
+                         "-c", "import sys; assert sys.version_info >= (3, 9)"])
+        if probe.returncode == 0:
+            return python
+    pytest.fail("no python3 >= 3.9 that user nobody (65534) can run; install one outside /root")
+
+
+class _world_readable_copy:
+    """icmp.py copied to a fresh 0755 folder, so user nobody can read it."""
+
+    def __enter__(self) -> str:
+        self.folder = tempfile.mkdtemp(prefix="icmp-nobody-")
+        os.chmod(self.folder, 0o755)
+        script = os.path.join(self.folder, "icmp.py")
+        shutil.copyfile(os.path.join(HERE, "icmp.py"), script)
+        os.chmod(script, 0o644)
+        return script
+
+    def __exit__(self, *exc):
+        shutil.rmtree(self.folder, ignore_errors=True)

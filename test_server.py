@@ -1,0 +1,467 @@
+"""Tests of ping_server.py over real loopback sockets: the original API verbatim, the new
+endpoints, leases, admin rules, bad input, and a kill -9 in the middle of a burst."""
+
+import http.client
+import io
+import ipaddress
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import ping_server
+from ping_server import CensusServer, HttpError, check_admin, is_loopback
+from store import TASKS, Store
+
+LOOP = 32512
+HERE = Path(__file__).resolve().parent
+
+
+class Clock:
+    def __init__(self, now=1_800_000_000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+class Running:
+    """A server on ('127.0.0.1', 0) in a thread, with its store and fake clock."""
+
+    def __init__(self, tmp_path, *, scope="127.0.0.0/8", **kw):
+        self.clock = Clock()
+        self.store = Store(tmp_path / "data", scope=[ipaddress.IPv4Network(scope)],
+                           clock=self.clock, lease_seconds=60)
+        kw.setdefault("static_dir", tmp_path)
+        self.server = CensusServer(("127.0.0.1", 0), self.store, **kw)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
+                                       daemon=True)
+        self.thread.start()
+
+    def call(self, method, path, body=None, headers=None):
+        """(status, headers, JSON or bytes) on a fresh connection."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            return answer(conn, method, path, body, headers)
+        finally:
+            conn.close()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.store.close()
+
+
+def answer(conn, method, path, body=None, headers=None):
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body)
+    conn.request(method, path, body=body, headers=headers or {})
+    response = conn.getresponse()
+    data = response.read()
+    if response.getheader("Content-Type", "").startswith("application/json"):
+        data = json.loads(data)
+    return response.status, response, data
+
+
+def raw_exchange(port, data: bytes) -> tuple[int, dict]:
+    """Send raw bytes; (status, JSON body) of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        assert response.getheader("Content-Type") == "application/json"
+        return response.status, json.loads(response.read())
+
+
+def result_string(ones=()):
+    data = bytearray(b"0" * 65536)
+    for k in ones:
+        data[k] = ord("1")
+    return data.decode()
+
+
+def submission(task, ones=(), **extra):
+    return {"task_index": task, "result": {"success": True, "result_data": result_string(ones)},
+            **extra}
+
+
+@pytest.fixture
+def srv(tmp_path):
+    running = Running(tmp_path)
+    yield running
+    running.stop()
+
+
+# -- the original API, verbatim -------------------------------------------------------------------
+
+def test_original_volunteer_cycle_with_string_index(srv):
+    status, _, task = srv.call("GET", "/get_task")
+    assert status == 200 and task["task_status"] == 1 and isinstance(task["task_index"], int)
+    assert task["network"] == "127.0.0.0/16" and task["lease_seconds"] == 60
+    assert set(task) == {"task_index", "task_status", "lease", "deadline", "lease_seconds",
+                         "network", "exclude"}
+    body = submission(str(task["task_index"]), [1, 2, 3])         # no lease: by address
+    assert srv.call("POST", "/submit_result", body)[::2] == (200, {"success": True})
+    assert srv.call("POST", "/submit_result", body)[::2] == (200, {"success": True,
+                                                                   "duplicate": True})
+    status, _, got = srv.call("GET", f"/result?id={task['task_index']}")
+    assert status == 200 and got["result_data"] == result_string([1, 2, 3])
+    assert got["contributor"] == "127.0.0.1" and got["rtt_us"] is None
+
+
+def test_original_read_endpoints(srv):
+    assert srv.call("GET", "/ping")[::2] == (200, {})
+    _, _, task = srv.call("GET", "/get_task")
+    assert srv.call("GET", "/get_pending")[2] == {str(task["task_index"]): 1}
+    assert srv.call("GET", "/get_latest_task")[2] == {"task_index": LOOP + 255, "task_status": 0}
+    progress = srv.call("GET", "/get_progress")[2]
+    assert {"progress", "done_tasks", "total_tasks", "in_progress", "error_tasks",
+            "excluded_tasks", "available_tasks", "addresses_probed", "responders",
+            "tasks_per_min", "probes_per_min", "eta_seconds", "contributors",
+            "version"} == set(progress)
+    assert (progress["total_tasks"], progress["in_progress"]) == (256, 1)
+    assert set(srv.call("GET", "/rate")[2]) == {"rate", "submissions_last_hour"}
+    assert srv.call("GET", "/healthz")[::2] == (200, {"status": "ok"})
+
+
+def test_none_left_keeps_the_original_answer(tmp_path):
+    running = Running(tmp_path, scope="127.0.0.0/16")
+    try:
+        assert running.call("GET", "/get_task")[2]["task_index"] == LOOP
+        assert running.call("GET", "/get_task")[::2] == (200, {"error": "No tasks available"})
+        none_left = (200, {"error": "No tasks available"})
+        assert running.call("GET", "/get_latest_task")[::2] == none_left
+    finally:
+        running.stop()
+
+
+def test_bad_result_goes_to_error_list_and_page_escapes(srv):
+    _, _, task = srv.call("GET", "/get_task")
+    body = submission(task["task_index"], lease=task["lease"])
+    body["result"]["result_data"] = "01" * 100
+    status, _, got = srv.call("POST", "/submit_result", body)
+    assert status == 400 and got["success"] is False and "65536" in got["error"]
+    assert srv.call("GET", "/error")[2] == [{"task_index": task["task_index"],
+                                             "error": got["error"]}]
+    _, _, again = srv.call("GET", "/get_task")
+    hostile = {"task_index": again["task_index"], "lease": again["lease"],
+               "result": {"success": False, "error": "<script>alert(1)</script>"}}
+    assert srv.call("POST", "/submit_result", hostile)[0] == 400
+    status, response, page = srv.call("GET", "/errors")
+    assert status == 200 and response.getheader("Content-Type").startswith("text/html")
+    assert b"&lt;script&gt;alert(1)&lt;/script&gt;" in page and b"<script>" not in page
+    assert srv.call("GET", "/error/reset?id=-1")[::2] == (200, {"success": True, "reset": 2})
+
+
+def test_admin_endpoints_from_loopback_without_token(srv):
+    status, _, got = srv.call("POST", "/add_task", {"task_status": 0})
+    assert (status, got) == (200, {"success": True, "task_index": TASKS})
+    assert srv.call("GET", f"/revise?id={LOOP}&code=2&force=0")[::2] == (
+        200, {"success": True, "task_index": LOOP, "task_status": 2})
+    _, _, task = srv.call("GET", "/get_task")
+    assert srv.call("GET", f"/revise?id={task['task_index']}&code=0")[0] == 409
+    assert srv.call("GET", f"/revise?id={task['task_index']}&code=0&force=1")[0] == 200
+
+
+def test_admin_token_required_even_from_loopback(tmp_path):
+    running = Running(tmp_path, admin_token="s3cret")
+    try:
+        assert running.call("POST", "/add_task", {"task_status": 0})[0] == 401
+        bad = {"Authorization": "Bearer wrong"}
+        for method, path in (("POST", "/add_task"), ("GET", "/revise?id=1&code=0"),
+                             ("GET", "/error/reset?id=-1")):
+            status, _, got = running.call(method, path, {"task_status": 0}, headers=bad)
+            assert status == 403 and "error" in got
+        good = {"Authorization": "Bearer s3cret"}
+        assert running.call("POST", "/add_task", {"task_status": 1}, headers=good)[0] == 200
+    finally:
+        running.stop()
+
+
+def test_loopback_rule_through_the_address_check():
+    for client in ("127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"):
+        assert is_loopback(client)
+        check_admin(None, None, client)
+    for client in ("192.0.2.1", "2001:db8::1", "::ffff:192.0.2.1", "", "garbage"):
+        assert not is_loopback(client)
+        with pytest.raises(HttpError) as caught:
+            check_admin(None, None, client)
+        assert caught.value.status == 403
+    check_admin("t", "Bearer t", "192.0.2.1")             # a token works from anywhere
+    with pytest.raises(HttpError):
+        check_admin("t", "Basic t", "127.0.0.1")
+
+
+# -- leases over HTTP -----------------------------------------------------------------------------
+
+def test_64_concurrent_get_task_get_64_tasks(srv):
+    got, barrier = [], threading.Barrier(64)
+
+    def take():
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=20)
+        barrier.wait()
+        got.append(answer(conn, "GET", "/get_task")[2]["task_index"])
+        conn.close()
+
+    threads = [threading.Thread(target=take) for _ in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 64 and len(set(got)) == 64
+
+
+def test_lease_expiry_late_duplicate_forged_and_wrong_token(tmp_path):
+    running = Running(tmp_path, scope="127.0.0.0/16")
+    try:
+        _, _, first = running.call("GET", "/get_task")
+        forged = submission(LOOP, lease="forged-token")
+        assert running.call("POST", "/submit_result", forged)[0] == 403
+        assert running.call("POST", "/release", {"task_index": LOOP, "lease": "x"})[0] == 403
+        running.clock.now += 61                              # the lease expires, lazily
+        _, _, second = running.call("GET", "/get_task")
+        assert second["task_index"] == LOOP and second["lease"] != first["lease"]
+        late = submission(LOOP, [9], lease=first["lease"], name="late")
+        assert running.call("POST", "/submit_result", late)[::2] == (200, {"success": True})
+        assert running.call("POST", "/submit_result", late)[2]["duplicate"] is True
+        status, _, got = running.call("POST", "/submit_result",
+                                      submission(LOOP, lease=second["lease"]))
+        assert (status, got["success"]) == (409, False)
+        assert running.call("GET", f"/result?id={LOOP}")[2]["contributor"] == "late"
+        assert running.call("GET", "/metrics")[2].count(b"census_leases_expired_total 1") == 1
+    finally:
+        running.stop()
+
+
+def test_release_puts_the_task_back(srv):
+    _, _, task = srv.call("GET", "/get_task")
+    body = {"task_index": str(task["task_index"]), "lease": task["lease"]}
+    assert srv.call("POST", "/release", body)[::2] == (200, {"success": True})
+    assert srv.call("GET", "/get_task")[2]["task_index"] == task["task_index"]
+
+
+# -- new endpoints --------------------------------------------------------------------------------
+
+def test_map_task_contributors_export(srv):
+    _, _, task = srv.call("GET", "/get_task")
+    body = submission(task["task_index"], [0, 258], lease=task["lease"], name="alice")
+    srv.call("POST", "/submit_result", body)
+    status, response, data = srv.call("GET", "/map")
+    assert status == 200 and len(data) == 131072
+    assert response.getheader("Content-Type") == "application/octet-stream"
+    assert data[2 * LOOP:2 * LOOP + 2] == bytes([2, 1]) and data[0] == 4
+    assert data[2 * (LOOP + 1)] == 0
+    etag = response.getheader("ETag")
+    assert srv.call("GET", "/map", headers={"If-None-Match": etag})[0] == 304
+    info = srv.call("GET", f"/task?id={LOOP}")[2]
+    assert (info["state"], info["state_name"], info["contributor"], info["responders"]) == (
+        2, "done", "alice", 2)
+    people = srv.call("GET", "/contributors")[2]["contributors"]
+    assert [(p["rank"], p["name"], p["tasks_done"], p["responders"]) for p in people] == [
+        (1, "alice", 1, 2)]
+    assert srv.call("GET", "/contributors?name=alice")[2]["contributors"][0]["name"] == "alice"
+    status, response, data = srv.call("GET", "/export.csv")
+    assert response.getheader("Content-Type").startswith("text/csv")
+    assert data == b"saddr\n127.0.0.0\n127.0.1.2\n"
+
+
+def test_events_stream_sees_a_submission(srv):
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+    conn.request("GET", "/events")
+    response = conn.getresponse()
+    assert response.getheader("Content-Type") == "text/event-stream"
+    first = _next_event(response)
+    assert first["done_tasks"] == 0
+    _, _, task = srv.call("GET", "/get_task")
+    srv.call("POST", "/submit_result", submission(task["task_index"], lease=task["lease"]))
+    while (event := _next_event(response))["done_tasks"] == 0:
+        pass
+    assert event["done_tasks"] == 1
+    conn.close()
+
+
+def _next_event(response):
+    while True:
+        line = response.fp.readline()
+        if line.startswith(b"data: "):
+            return json.loads(line[6:])
+
+
+def test_metrics_parse_as_prometheus_text(srv):
+    srv.call("GET", "/get_task")
+    srv.call("GET", "/nope")
+    status, response, text = srv.call("GET", "/metrics")
+    assert response.getheader("Content-Type").startswith("text/plain; version=0.0.4")
+    sample = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_]\w*="[^"\\\n]*",?)*\})? '
+                        r'-?[0-9.e+-]+$')
+    for line in text.decode().splitlines():
+        assert line.startswith(("# HELP ", "# TYPE ")) or sample.match(line), line
+    assert b'census_tasks{state="in_progress"} 1' in text
+    assert b'census_http_requests_total{endpoint="other",code="404"} 1' in text
+
+
+def test_ping_zip_and_dashboard(srv, tmp_path):
+    assert srv.call("GET", "/ping.zip")[0] == 404                # files not beside it yet
+    (tmp_path / "ping_client.py").write_text("# client\n")
+    (tmp_path / "icmp.py").write_text("# engine\n")
+    status, response, data = srv.call("GET", "/ping.zip")
+    assert status == 200 and response.getheader("Content-Type") == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        assert archive.read("icmp.py") == b"# engine\n"
+        assert sorted(archive.namelist()) == ["icmp.py", "ping_client.py"]
+    status, response, page = srv.call("GET", "/")
+    assert status == 200 and b"<html" in page                    # the fallback page
+    (tmp_path / "dashboard.html").write_text("<html>dash</html>")
+    assert srv.call("GET", "/")[2] == b"<html>dash</html>"
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+BAD_REQUESTS = [
+    ("POST", "/submit_result", "not json", 400),
+    ("POST", "/submit_result", "[1, 2]", 400),
+    ("POST", "/submit_result", {"task_index": "abc", "result": {}}, 400),
+    ("POST", "/submit_result", {"task_index": 1.5, "result": {}}, 400),
+    ("POST", "/submit_result", {"task_index": True, "result": {}}, 400),
+    ("POST", "/submit_result", {"task_index": "-1", "result": {}}, 400),
+    ("POST", "/submit_result", {"task_index": 99999999, "result": {"success": True}}, 404),
+    ("POST", "/submit_result", {"task_index": LOOP, "result": "yes"}, 400),
+    ("POST", "/submit_result", {"task_index": LOOP, "result": {}, "lease": 5}, 400),
+    ("POST", "/submit_result", {"task_index": LOOP, "result": {}, "stats": []}, 400),
+    ("POST", "/submit_result", submission(LOOP, lease="\u00e9t\u00e9"), 403),
+    ("POST", "/release", {"task_index": LOOP, "lease": "\u00e9"}, 409),
+    ("POST", "/submit_result", '{"task_index": ' + "[" * 100000, 400),
+    ("POST", "/release", {"task_index": None}, 400),
+    ("POST", "/add_task", {"task_status": 7}, 400),
+    ("POST", "/add_task", {"task_status": "x"}, 400),
+    ("GET", "/nope", None, 404),
+    ("POST", "/get_task", None, 405),
+    ("DELETE", "/ping", None, 405),
+    ("GET", "/result?id=abc", None, 400),
+    ("GET", "/result", None, 400),
+    ("GET", f"/result?id={LOOP}", None, 404),
+    ("GET", "/task?id=99999999", None, 404),
+    ("GET", "/contributors?name=nobody", None, 404),
+    ("GET", "/revise?id=1&code=9", None, 400),
+    ("GET", "/revise?id=1&code=", None, 400),
+    ("GET", "/error/reset?id=x", None, 400),
+    ("GET", "/error/reset", None, 400),
+    ("GET", "/get_task?" + "a" * 9000, None, 414),
+]
+
+
+@pytest.mark.parametrize("method,path,body,status", BAD_REQUESTS)
+def test_bad_input_gets_4xx_json(srv, method, path, body, status):
+    got_status, response, got = srv.call(method, path, body)
+    assert got_status == status and isinstance(got, dict) and isinstance(got["error"], str)
+    assert srv.call("GET", "/ping")[::2] == (200, {})
+
+
+RAW_BAD = [
+    (b"GET /ping HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n", 413),
+    (b"POST /submit_result HTTP/1.1\r\nContent-Length: abc\r\n\r\n", 400),
+    (b"POST /submit_result HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411),
+    (b"NONSENSE\r\n\r\n", 400),
+    (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"GET /ping HTTP/9.9\r\n\r\n", 505),
+    (b"GET http://[bad/ping HTTP/1.1\r\n\r\n", 400),
+]
+
+
+@pytest.mark.parametrize("data,status", RAW_BAD)
+def test_protocol_errors_are_json(srv, data, status):
+    got_status, got = raw_exchange(srv.port, data)
+    assert got_status == status and "error" in got
+    assert srv.call("GET", "/ping")[0] == 200
+
+
+def test_idle_connections_neither_block_nor_linger(tmp_path):
+    running = Running(tmp_path, idle_timeout=0.5)
+    idle = [socket.create_connection(("127.0.0.1", running.port)) for _ in range(200)]
+    try:
+        assert running.call("GET", "/ping")[0] == 200
+        conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=10)
+        assert answer(conn, "GET", "/ping")[0] == answer(conn, "GET", "/healthz")[0] == 200
+        conn.close()
+        idle[0].settimeout(10)
+        assert idle[0].recv(1) == b""                   # dropped after the idle timeout
+    finally:
+        for sock in idle:
+            sock.close()
+        running.stop()
+
+
+# -- crash safety ---------------------------------------------------------------------------------
+
+def test_kill_9_in_a_burst_keeps_every_acknowledged_result(tmp_path):
+    data_dir = tmp_path / "data"
+    first = _start_server(data_dir)
+    acked, lock, stop = {}, threading.Lock(), threading.Event()
+
+    def volunteer(port, me):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            while not stop.is_set():
+                _, _, task = answer(conn, "GET", "/get_task")
+                ones = [me, task["task_index"] & 0xFFFF]
+                body = submission(task["task_index"], ones, lease=task["lease"], name=f"v{me}")
+                if answer(conn, "POST", "/submit_result", body)[0] == 200:
+                    with lock:
+                        acked[task["task_index"]] = ones
+        except (OSError, http.client.HTTPException, KeyError):
+            pass
+
+    port = _read_port(first)
+    threads = [threading.Thread(target=volunteer, args=(port, n)) for n in range(8)]
+    for t in threads:
+        t.start()
+    while len(acked) < 60:
+        threading.Event().wait(0.01)
+    first.send_signal(signal.SIGKILL)
+    stop.set()
+    first.wait()
+    for t in threads:
+        t.join()
+    second = _start_server(data_dir)
+    try:
+        port = _read_port(second)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        assert answer(conn, "GET", "/get_progress")[2]["done_tasks"] >= len(acked)
+        for task, ones in acked.items():
+            status, _, got = answer(conn, "GET", f"/result?id={task}")
+            assert status == 200 and got["result_data"] == result_string(ones)
+        conn.close()
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=20) == 0
+    assert json.loads((data_dir / "census.json").read_bytes())["states"].count("2") >= len(acked)
+
+
+def _start_server(data_dir):
+    return subprocess.Popen(
+        [sys.executable, str(HERE / "ping_server.py"), "--host", "127.0.0.1", "--port", "0",
+         "--data", str(data_dir), "--scope", "127.0.0.0/8"],
+        stdout=subprocess.PIPE, env={**os.environ, "PING_ADMIN_TOKEN": ""})
+
+
+def _read_port(process) -> int:
+    line = process.stdout.readline().decode()
+    assert line.startswith("listening on http://127.0.0.1:"), line
+    return int(line.rsplit(":", 1)[1].strip().rstrip("/"))
+
+
+def test_command_line_errors_exit_2(tmp_path):
+    with pytest.raises(SystemExit) as caught:
+        ping_server._parse_args(["--scope", "not-a-cidr"])
+    assert caught.value.code == 2
+    with pytest.raises(SystemExit):
+        ping_server._parse_args(["--exclude", str(tmp_path / "missing.txt")])
