@@ -49,6 +49,17 @@ ADDRESS = struct.Struct("!I")
 DIGEST_SIZE = 10                            # 2 bytes of sequence number + an 8-byte MAC
 PAYLOAD_SIZE = len(TAG) + ADDRESS.size + DIGEST_SIZE - 2
 PACKET_SIZE = ICMP_HEADER.size + PAYLOAD_SIZE
+
+# Linux constants the socket module does not export
+SOL_RAW = 255            # linux/socket.h: the level of ICMP_FILTER
+ICMP_FILTER = 1          # linux/icmp.h: a bit mask of ICMP types the kernel must not deliver
+SO_RCVBUFFORCE = 33      # linux/socket.h: root may exceed net.core.rmem_max with it
+IP_RECVERR = 11          # linux/in.h
+SO_EE_ORIGIN_ICMP = 2    # linux/errqueue.h: the error came from an ICMP message
+EXTENDED_ERR = struct.Struct("=IBBBBII")   # struct sock_extended_err, then the offender's sockaddr
+
+SEND_CHUNK = 256         # packets per send call when not rate limited
+PROGRESS_EVERY = 0.25    # seconds between progress callbacks
 PERMISSION_HELP = (
     "ICMP needs a raw socket (run with sudo) or unprivileged ICMP sockets, which this system "
     'does not allow for your group; enable them with: sudo sysctl -w net.ipv4.ping_group_range="0 2147483647"')
@@ -59,6 +70,9 @@ class IcmpType(IntEnum):
     DEST_UNREACHABLE = 3
     ECHO_REQUEST = 8
     TIME_EXCEEDED = 11
+
+
+_ANSWERS = (1 << IcmpType.ECHO_REPLY) | (1 << IcmpType.DEST_UNREACHABLE) | (1 << IcmpType.TIME_EXCEEDED)
 
 
 class Status(IntEnum):
@@ -82,7 +96,7 @@ class Reply(NamedTuple):
     error, whatever part of our payload the quote holds)."""
     source: int
     target: int
-    type: int
+    icmp_type: int
     code: int
     ident: int
     seq: int
@@ -137,15 +151,12 @@ def checksum(data: bytes) -> int:
     integer modulo 0xFFFF (since 2**16 == 1 mod 0xFFFF), which Python does in C."""
     if len(data) % 2:
         data = bytes(data) + b"\0"
-    total = int.from_bytes(data, "big")
-    folded = (total - 1) % 0xFFFF + 1 if total else 0  # one's complement: 0xFFFF, never 0
-    return ~folded & 0xFFFF
+    return _complement(int.from_bytes(data, "big"))
 
 
 def echo_request(ident: int, seq: int, payload: bytes) -> bytes:
     """An ICMP echo request in network byte order, checksum filled in."""
-    unsummed = ICMP_HEADER.pack(IcmpType.ECHO_REQUEST, 0, 0, ident, seq) + payload
-    return ICMP_HEADER.pack(IcmpType.ECHO_REQUEST, 0, checksum(unsummed), ident, seq) + payload
+    return _icmp_message(IcmpType.ECHO_REQUEST, 0, ident, seq, payload)
 
 
 def parse(packet: bytes, source: Optional[int] = None) -> Optional[Reply]:
@@ -160,11 +171,11 @@ def parse(packet: bytes, source: Optional[int] = None) -> Optional[Reply]:
         packet = packet[start:]
     if len(packet) < ICMP_HEADER.size or checksum(packet):
         return None
-    kind, code, _, ident, seq = ICMP_HEADER.unpack_from(packet)
-    if kind == IcmpType.ECHO_REPLY:
-        return Reply(source, source, kind, code, ident, seq, packet[ICMP_HEADER.size:])
-    if kind in (IcmpType.DEST_UNREACHABLE, IcmpType.TIME_EXCEEDED):
-        return _parse_quote(packet[ICMP_HEADER.size:], source, kind, code)
+    icmp_type, code, _, ident, seq = ICMP_HEADER.unpack_from(packet)
+    if icmp_type == IcmpType.ECHO_REPLY:
+        return Reply(source, source, icmp_type, code, ident, seq, packet[ICMP_HEADER.size:])
+    if icmp_type in (IcmpType.DEST_UNREACHABLE, IcmpType.TIME_EXCEEDED):
+        return _parse_quote(packet[ICMP_HEADER.size:], source, icmp_type, code)
     return None
 
 
@@ -189,8 +200,7 @@ class Signer:
         The checksum adds the per-target words (destination, sequence, MAC) to the fixed sum,
         the same big-integer-modulo-0xFFFF sum as checksum()."""
         dest, digest = self._digest(addr)
-        total = self._fixed_sum + int.from_bytes(dest + digest, "big")
-        summed = ~((total - 1) % 0xFFFF + 1) & 0xFFFF
+        summed = _complement(self._fixed_sum + int.from_bytes(dest + digest, "big"))
         seq = int.from_bytes(digest[:2], "big")
         return ICMP_HEADER.pack(IcmpType.ECHO_REQUEST, 0, summed, self.ident, seq) + TAG + dest + digest[2:]
 
@@ -201,7 +211,7 @@ class Signer:
         is checked; an echo reply must come from the address its payload names."""
         if check_ident and reply.ident != self.ident:
             return Verdict.STRAY, reply.target
-        if reply.type != IcmpType.ECHO_REPLY:
+        if reply.icmp_type != IcmpType.ECHO_REPLY:
             seq, payload = self.sign(reply.target)
             quoted = reply.payload[:len(payload)]
             good = reply.seq == seq and quoted == payload[:len(quoted)]
@@ -223,15 +233,13 @@ class Signer:
 def wholly_reserved(network, allow=()) -> bool:
     """True if every address of `network` lies in RESERVED minus the `allow` networks."""
     net = _network(network)
-    first, last = int(net.network_address), int(net.broadcast_address)
-    spans = _subtract(_spans(RESERVED), _spans(allow))
-    k = bisect.bisect_right(spans, (first, 0xFFFFFFFF)) - 1
-    return k >= 0 and spans[k][0] <= first and last <= spans[k][1]
+    span = _span_holding(_reserved_spans(allow), int(net.network_address))
+    return span is not None and int(net.broadcast_address) <= span[1]
 
 
 def is_excluded(addr: int, allow=(), exclude=()) -> bool:
     """True if `addr` is reserved (and not allowed) or lies in `exclude`."""
-    return _in_spans(_excluded_spans(allow, exclude), int(addr))
+    return _span_holding(_excluded_spans(allow, exclude), int(addr)) is not None
 
 
 def permutation(count: int, rng=secrets.SystemRandom()):
@@ -260,6 +268,11 @@ class Outbox:
     data: bytes
     addrs: array.array   # 'I': the destination of each packet
     size: int = PACKET_SIZE
+
+    def __post_init__(self):
+        # sendmmsg is handed raw pointers into `data`: a short one would send stray memory
+        if len(self.data) != self.size * len(self.addrs):
+            raise ValueError("an Outbox holds exactly one packet of `size` bytes per address")
 
 
 class IcmpSocket:
@@ -301,23 +314,24 @@ class IcmpSocket:
         parallel = kind == "raw" and sys.platform.startswith("linux")
         return cls(sock, kind, [_raw_socket(0) for _ in range(lanes - 1)] if parallel else [])
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
     def send(self, outbox: Outbox, start: int, stop: int, lane: int = 0) -> int:
         """Send outbox packets start..stop-1 in order (through companion `lane`); return how
         many the kernel took (0 when its buffer is full). Raises OSError when the packet at
         `start` itself is refused. Lanes may be used from different threads at once."""
+        if not 0 <= start <= stop <= len(outbox.addrs):
+            # sendmmsg would read destinations from memory past the outbox
+            raise IndexError(f"packets {start}..{stop} of an outbox of {len(outbox.addrs)}")
         sender = self._senders[lane]
-        for _ in range(2):
+        # On a Linux datagram socket with IP_RECVERR, an ICMP error that came in since the
+        # last send (sk_err) fails the next send once, whatever its destination. The failure
+        # clears it, but another may land meanwhile: try thrice before blaming the packet.
+        tries = 1 if self.has_ip_header else 3
+        for attempt in range(1, tries + 1):
             try:
                 return self._send(sender, outbox, start, stop)
             except OSError:
-                # On a datagram socket with IP_RECVERR, a queued ICMP error (sk_err) fails the
-                # next send once, whatever its destination; that cleared it, so try again.
-                if self.has_ip_header:
+                if attempt == tries:
                     raise
-        return self._send(sender, outbox, start, stop)
 
     def recv(self, timeout: float) -> list:
         """Wait up to `timeout` s for packets, then take what is queued: a list of
@@ -332,9 +346,7 @@ class IcmpSocket:
                 else:
                     packet, (host, _) = self.sock.recvfrom(2048)
                     got.append((packet, int.from_bytes(socket.inet_aton(host), "big")))
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:   # an ICMP error is pending: it is on the error queue, below
+            except OSError:   # none left, or an ICMP error pending: that is on the error queue
                 break
         if not self.has_ip_header:
             got.extend(self._queued_errors())
@@ -382,8 +394,8 @@ class IcmpSocket:
                 quoted, ancillary, _, probed = self.sock.recvmsg(2048, 512, socket.MSG_ERRQUEUE)
             except OSError:   # BlockingIOError: the queue is empty
                 break
-            for level, kind, data in ancillary:
-                if (level != socket.IPPROTO_IP or kind != IP_RECVERR or not isinstance(probed, tuple)
+            for level, cmsg_type, data in ancillary:
+                if (level != socket.IPPROTO_IP or cmsg_type != IP_RECVERR or not isinstance(probed, tuple)
                         or len(data) < EXTENDED_ERR.size + 8):
                     continue
                 _, origin, icmp_type, code, _, _, _ = EXTENDED_ERR.unpack_from(data)
@@ -423,30 +435,18 @@ def sweep(targets, *, rate=0, probes=1, cooldown=1.0, timeout=None, allow=(), ex
 # ---------------------------------------------------------------------------------------------
 # private helpers
 
-SOL_RAW = 255            # linux/socket.h: the level of ICMP_FILTER
-ICMP_FILTER = 1          # linux/icmp.h: a bit mask of ICMP types the kernel must not deliver
-SO_RCVBUFFORCE = 33      # linux/socket.h: root may exceed net.core.rmem_max with it
-SEND_CHUNK = 256         # packets per send call when not rate limited
-PROGRESS_EVERY = 0.25    # seconds between progress callbacks
-IP_RECVERR = 11          # linux/in.h
-SO_EE_ORIGIN_ICMP = 2    # linux/errqueue.h: the error came from an ICMP message
-EXTENDED_ERR = struct.Struct("=IBBBBII")   # struct sock_extended_err, then the offender's sockaddr
-_ANSWERS = (1 << IcmpType.ECHO_REPLY) | (1 << IcmpType.DEST_UNREACHABLE) | (1 << IcmpType.TIME_EXCEEDED)
-_ICMP_PROTOCOL = 1
-
-
 def _ip_header(packet: bytes):
     """(header length, source, destination) of an IPv4 packet carrying ICMP, or None."""
     if len(packet) < IP_HEADER.size:
         return None
     vihl, _, _, _, _, _, proto, _, src, dst = IP_HEADER.unpack_from(packet)
     start = (vihl & 0x0F) * 4
-    if vihl >> 4 != 4 or start < IP_HEADER.size or proto != _ICMP_PROTOCOL or len(packet) < start:
+    if vihl >> 4 != 4 or start < IP_HEADER.size or proto != socket.IPPROTO_ICMP or len(packet) < start:
         return None
     return start, int.from_bytes(src, "big"), int.from_bytes(dst, "big")
 
 
-def _parse_quote(quote: bytes, source: int, kind: int, code: int) -> Optional[Reply]:
+def _parse_quote(quote: bytes, source: int, icmp_type: int, code: int) -> Optional[Reply]:
     """An error quotes the IP header and at least 8 bytes of the datagram that caused it
     (RFC 792); credit it to that datagram's destination when it was an echo request."""
     header = _ip_header(quote)
@@ -456,27 +456,40 @@ def _parse_quote(quote: bytes, source: int, kind: int, code: int) -> Optional[Re
     quoted_type, _, _, ident, seq = ICMP_HEADER.unpack_from(quote, start)
     if quoted_type != IcmpType.ECHO_REQUEST:
         return None
-    return Reply(source, target, kind, code, ident, seq, quote[start + ICMP_HEADER.size:])
+    return Reply(source, target, icmp_type, code, ident, seq, quote[start + ICMP_HEADER.size:])
 
 
 def _error_message(icmp_type: int, code: int, target: str, quoted: bytes) -> bytes:
     """An ICMP error as on the wire: its header, then the IPv4 header of our probe to
     `target` (rebuilt; the kernel keeps only the probe's ICMP part) and the probe."""
-    inner = IP_HEADER.pack(0x45, 0, IP_HEADER.size + len(quoted), 0, 0, 64, _ICMP_PROTOCOL, 0,
+    inner = IP_HEADER.pack(0x45, 0, IP_HEADER.size + len(quoted), 0, 0, 64, socket.IPPROTO_ICMP, 0,
                            bytes(4), socket.inet_aton(target)) + quoted
-    unsummed = ICMP_HEADER.pack(icmp_type, code, 0, 0, 0) + inner
-    return ICMP_HEADER.pack(icmp_type, code, checksum(unsummed), 0, 0) + inner
+    return _icmp_message(icmp_type, code, 0, 0, inner)
 
 
-def _network(value) -> ipaddress.IPv4Network:
-    return value if isinstance(value, ipaddress.IPv4Network) else ipaddress.IPv4Network(value, strict=False)
+def _icmp_message(icmp_type: int, code: int, ident: int, seq: int, body: bytes) -> bytes:
+    unsummed = ICMP_HEADER.pack(icmp_type, code, 0, ident, seq) + body
+    return ICMP_HEADER.pack(icmp_type, code, checksum(unsummed), ident, seq) + body
 
 
-def _spans(networks) -> list:
+def _complement(total: int) -> int:
+    """The RFC 1071 checksum of data whose big-endian value is `total` (any sum of its
+    16-bit words will do): the one's-complement sum folded to 16 bits, inverted. A non-zero
+    sum folds to 1..0xFFFF (one's complement has no +0 for it), an empty one to 0."""
+    folded = (total - 1) % 0xFFFF + 1 if total else 0
+    return ~folded & 0xFFFF
+
+
+def _network(value, strict: bool = False) -> ipaddress.IPv4Network:
+    return value if isinstance(value, ipaddress.IPv4Network) else ipaddress.IPv4Network(value, strict=strict)
+
+
+def _spans(networks, strict: bool = False) -> list:
     """Sorted, merged, inclusive (first, last) integer spans covering `networks`."""
     if isinstance(networks, (str, ipaddress.IPv4Network)):
         networks = [networks]
-    return _merge((int(n.network_address), int(n.broadcast_address)) for n in map(_network, networks))
+    nets = [_network(n, strict) for n in networks]
+    return _merge((int(n.network_address), int(n.broadcast_address)) for n in nets)
 
 
 def _merge(spans) -> list:
@@ -506,13 +519,19 @@ def _subtract(spans: list, holes: list) -> list:
     return out
 
 
+def _reserved_spans(allow) -> list:
+    # an allow with host bits set ("127.0.0.1/1") is refused, not widened into 0.0.0.0/1
+    return _subtract(_spans(RESERVED), _spans(allow, strict=True))
+
+
 def _excluded_spans(allow, exclude) -> list:
-    return _merge(_subtract(_spans(RESERVED), _spans(allow)) + _spans(exclude))
+    return _merge(_reserved_spans(allow) + _spans(exclude))   # a widened exclusion is harmless
 
 
-def _in_spans(spans: list, addr: int) -> bool:
+def _span_holding(spans: list, addr: int) -> Optional[tuple]:
+    """The span of the sorted, merged `spans` that holds `addr`, or None."""
     k = bisect.bisect_right(spans, (addr, 0xFFFFFFFF)) - 1
-    return k >= 0 and spans[k][0] <= addr <= spans[k][1]
+    return spans[k] if k >= 0 and addr <= spans[k][1] else None
 
 
 def _addresses(targets) -> Sequence[int]:
@@ -538,7 +557,7 @@ def _mark_excluded(addresses: Sequence[int], spans: list, status: bytearray) -> 
                 status[lo:hi] = bytes([Status.EXCLUDED]) * (hi - lo)
     else:
         for k, addr in enumerate(addresses):
-            if _in_spans(spans, addr):
+            if _span_holding(spans, addr) is not None:
                 status[k] = Status.EXCLUDED
     return status.count(Status.EXCLUDED)
 
@@ -567,22 +586,9 @@ def _raw_socket(wanted: int) -> socket.socket:
 
 
 def _next_prime(n: int) -> int:
-    while not _is_prime(n):
+    while n < 2 or any(n % k == 0 for k in range(2, math.isqrt(n) + 1)):
         n += 1
     return n
-
-
-def _is_prime(n: int) -> bool:
-    if n < 4:
-        return n >= 2
-    if n % 2 == 0:
-        return False
-    k = 3
-    while k * k <= n:
-        if n % k == 0:
-            return False
-        k += 2
-    return True
 
 
 def _prime_factors(n: int) -> list:
@@ -610,8 +616,8 @@ class _Mmsg:
 
     @classmethod
     def load(cls):
-        if not sys.platform.startswith("linux") or sys.byteorder != "little":
-            return None
+        if not sys.platform.startswith("linux") or sys.byteorder != "little" or array.array("I").itemsize != 4:
+            return None   # vectors() lays out sockaddr_in as four 'I' words
         try:
             import ctypes
             libc = ctypes.CDLL(None, use_errno=True)
@@ -632,14 +638,13 @@ class _Mmsg:
         wire.byteswap()                                   # network byte order in memory
         names[1::4] = wire
         iov = array.array("Q", bytes(16 * count))         # struct iovec: base, length
-        base = self.ctypes.addressof(data)
-        iov[0::2] = array.array("Q", range(base, base + outbox.size * count, outbox.size))
+        iov[0::2] = _pointers(self.ctypes.addressof(data), outbox.size, count)
         iov[1::2] = array.array("Q", [outbox.size]) * count
         msgs = array.array("Q", bytes(8 * self.WORDS * count))
-        msgs[0::8] = array.array("Q", range(names.buffer_info()[0], names.buffer_info()[0] + 16 * count, 16))
-        msgs[1::8] = array.array("Q", [16]) * count
-        msgs[2::8] = array.array("Q", range(iov.buffer_info()[0], iov.buffer_info()[0] + 16 * count, 16))
-        msgs[3::8] = array.array("Q", [1]) * count
+        msgs[0::self.WORDS] = _pointers(names.buffer_info()[0], 16, count)
+        msgs[1::self.WORDS] = array.array("Q", [16]) * count
+        msgs[2::self.WORDS] = _pointers(iov.buffer_info()[0], 16, count)
+        msgs[3::self.WORDS] = array.array("Q", [1]) * count
         return data, names, iov, msgs   # keep the buffers alive with the pointers into them
 
     def send(self, fd: int, vectors, start: int, count: int) -> int:
@@ -651,6 +656,10 @@ class _Mmsg:
         if err in (errno.EAGAIN, errno.EINTR, errno.ENOBUFS):
             return 0
         raise OSError(err, os.strerror(err))
+
+
+def _pointers(base: int, step: int, count: int) -> array.array:
+    return array.array("Q", range(base, base + step * count, step))
 
 
 class _Pacer:
@@ -704,7 +713,7 @@ class _Sweep:
 
     def run(self, sock, probes: int) -> SweepResult:
         self.check_ident = sock.kind == "raw"   # a datagram socket's kernel owns the identifier
-        order = [k for k in permutation(len(self.addresses)) if not self.status[k]]
+        order = list(permutation(len(self.addresses)))
         receiver = self._thread("icmp-receiver", self._receive, sock)
         try:
             for _ in range(probes):
@@ -820,7 +829,7 @@ class _Sweep:
             self._count(verdict if verdict != Verdict.OK else Verdict.STRAY)
             return
         old = self.status[k]
-        echo = reply.type == IcmpType.ECHO_REPLY
+        echo = reply.icmp_type == IcmpType.ECHO_REPLY
         if old == Status.ECHO_REPLY or (old != Status.NO_ANSWER and not echo):
             self.duplicates += 1
             return
@@ -829,7 +838,7 @@ class _Sweep:
             self.rtt_us[k] = min(int((now - self.sent_at[k]) * 1e6), 0xFFFFFFFF)
             self.replies += 1
         else:
-            unreachable = reply.type == IcmpType.DEST_UNREACHABLE
+            unreachable = reply.icmp_type == IcmpType.DEST_UNREACHABLE
             self.status[k] = Status.UNREACHABLE if unreachable else Status.TIME_EXCEEDED
             self.code[k] = reply.code
             self.errors += 1
@@ -879,8 +888,10 @@ def main(argv=None) -> int:
     as a string of digits (Status values, character k for the k-th address)."""
     parser = argparse.ArgumentParser(description="Ping every address of a network once (or --probes times).")
     parser.add_argument("network", type=ipaddress.IPv4Network)
-    parser.add_argument("--allow", action="append", default=[], help="CIDR to allow inside reserved space")
-    parser.add_argument("--exclude", action="append", default=[], help="CIDR never to probe")
+    parser.add_argument("--allow", type=ipaddress.IPv4Network, action="append", default=[],
+                        help="CIDR to allow inside reserved space")
+    parser.add_argument("--exclude", type=ipaddress.IPv4Network, action="append", default=[],
+                        help="CIDR never to probe")
     parser.add_argument("--rate", type=float, default=0.0, help="probes per second, 0 = unlimited")
     parser.add_argument("--probes", type=int, default=1)
     parser.add_argument("--cooldown", type=float, default=1.0)

@@ -10,13 +10,15 @@ files, this one and icmp.py; it uses urllib for HTTP and nothing else of the pro
 
 Nothing is lost: a finished result is written to a local spool (fsynced) before it is submitted,
 and removed only when the server has acknowledged or refused it; a restarted client submits its
-spool first. Server errors, timeouts and connection errors are retried with exponential backoff
-and jitter. Ctrl-C in the middle of a sweep gives the lease back and exits 130.
+spool first (a looping client also before every new task). Server errors, timeouts and
+connection errors are retried with exponential backoff and jitter (with --once for at most ten
+minutes). Ctrl-C in the middle of a sweep gives the lease back and exits 130 (SIGTERM: 143).
 
-The client keeps its own rules whatever a server says: it refuses a block lying wholly in
-reserved space unless its own --allow opens it, never sweeps faster than its own --rate, and
-skips its own exclusions plus those the task carries (a server can add exclusions, never
-remove them).
+The client keeps its own rules whatever a server says: it refuses a block of which nothing may
+be probed (reserved space its own --allow does not open, or all excluded), sweeps at its own
+--rate, and skips its own exclusions plus those the task carries (a server can add exclusions,
+never remove them). A sweep that did not probe every address it should have (--timeout, sends
+the network refused) is not a result: the task is given back, not submitted.
 """
 
 import argparse
@@ -34,6 +36,7 @@ import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from http.client import HTTPException
@@ -47,8 +50,9 @@ RETRY_STATUSES = frozenset({408, 429})                          # ... and every 
 HTTP_TIMEOUT = 30.0
 RELEASE_TIMEOUT = 5.0              # a release on the way out must not hold up Ctrl-C for long
 PLAIN_PROGRESS_EVERY = 10.0        # seconds between progress lines when not on a terminal
+ONCE_PATIENCE = 600.0              # with --once, give up on a silent server after this many seconds
 DEFAULT_SPOOL = os.path.join(os.path.expanduser("~"), ".cache", "ipv4-census", "spool")
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
 _REPLIED = bytes(0x31 if s == icmp.Status.ECHO_REPLY else 0x30 for s in range(256))
 
@@ -65,13 +69,27 @@ class Refused(ClientError):
     """A task this client will not do, whatever the server says."""
 
 
+class GaveUp(ClientError):
+    """With --once: the server did not answer for ONCE_PATIENCE seconds."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (systemd, kill): the lease goes back as on Ctrl-C, but the exit code is 143."""
+
+
 class Task(NamedTuple):
     index: int
     lease: str | None
     network: ipaddress.IPv4Network   # derived from the index: the numbering is fixed
     claimed: str | None              # the server's "network"; must agree with the index
     exclude: tuple                   # the server's extra exclusions, as it sent them
-    rate: float | None               # a rate the server asks for; never above our own
+
+
+class Spooled(NamedTuple):
+    """A finished result in the spool; server and body are None when the file is unreadable."""
+    path: str
+    server: str | None               # the server's URL, as normal_url spells it
+    body: dict | None                # the /submit_result body
 
 
 class SweepOptions(NamedTuple):
@@ -87,6 +105,8 @@ class SweepOptions(NamedTuple):
 
 def task_network(index: int) -> ipaddress.IPv4Network:
     """Task i is the /16 i//256 . i%256 .0.0/16."""
+    # The server numbers tasks the same way (CONTRACT.md); the client is two files and cannot
+    # import the server, so the one-line rule is repeated here on purpose.
     return ipaddress.IPv4Network((index << 16, 16))
 
 
@@ -97,15 +117,13 @@ def parse_task(answer: dict) -> Task | None:
             return None       # {"error": "No tasks available"}: wait and ask again
         raise ClientError(f"unexpected /get_task answer: {answer!r:.200}")
     index = answer["task_index"]
-    if isinstance(index, str) and index.isdigit():
+    if isinstance(index, str) and index.isdecimal():      # not isdigit(): int("²") raises
         index = int(index)
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < BLOCK:
         raise ClientError(f"bad task_index in /get_task answer: {index!r:.50}")
-    lease, rate = answer.get("lease"), answer.get("rate")
-    exclude = answer.get("exclude", [])
+    lease, exclude = answer.get("lease"), answer.get("exclude", [])
     return Task(index, lease if isinstance(lease, str) else None, task_network(index),
-                answer.get("network"), tuple(exclude) if isinstance(exclude, list) else (exclude,),
-                rate if isinstance(rate, (int, float)) and not isinstance(rate, bool) else None)
+                answer.get("network"), tuple(exclude) if isinstance(exclude, list) else (exclude,))
 
 
 def check_task(task: Task, options: SweepOptions) -> tuple[ipaddress.IPv4Network, ...]:
@@ -113,23 +131,29 @@ def check_task(task: Task, options: SweepOptions) -> tuple[ipaddress.IPv4Network
     if task.claimed is not None and task.claimed != str(task.network):
         raise Refused(f"the server calls it {task.claimed!r}, but task {task.index} "
                       f"is {task.network}")
-    if icmp.wholly_reserved(task.network, options.allow):
-        raise Refused(f"{task.network} is reserved address space, and --allow does not open it")
     try:
         extra = tuple(ipaddress.IPv4Network(_text(cidr), strict=False) for cidr in task.exclude)
     except ValueError as exc:
         raise Refused(f"the task's exclude list cannot be honoured: {exc}") from None
     exclude = options.exclude + extra    # the server adds; it never takes ours away
-    if any(task.network.subnet_of(net) for net in ipaddress.collapse_addresses(exclude)):
-        raise Refused(f"{task.network} is wholly excluded (--exclude and the task's list)")
+    why = blocked(task.network, options.allow, exclude)
+    if why:
+        raise Refused(f"{task.network} is {why}")
     return exclude
 
 
-def effective_rate(own: float, asked: float | None) -> float:
-    """The slower of our --rate and what a server asks for (0 means unlimited)."""
-    if not asked or asked <= 0:
-        return own
-    return asked if own == 0 else min(own, asked)
+def blocked(network: ipaddress.IPv4Network, allow, exclude) -> str:
+    """Why no address of `network` may be probed under these rules; '' when some may."""
+    if icmp.wholly_reserved(network, allow):
+        return ("reserved address space, and --allow does not open it (pass --allow only for "
+                "space that is yours to probe)")
+    pieces = [network]                   # what the exclusions leave of the network
+    for hole in ipaddress.collapse_addresses(exclude):
+        pieces = [rest for piece in pieces for rest in _minus(piece, hole)]
+    if all(icmp.wholly_reserved(piece, allow) for piece in pieces):
+        return ("excluded in full: the exclusions and the reserved space --allow does not "
+                "open cover every address")
+    return ""
 
 
 # --- result encoding --------------------------------------------------------------------------
@@ -148,7 +172,7 @@ def encode_rtt(values) -> str:
 
 
 def decode_rtt(text: str) -> array.array:
-    """The inverse of encode_rtt."""
+    """The inverse of encode_rtt: for readers of "rtt_us" (the tests, analysis scripts)."""
     arr = array.array("I", zlib.decompress(base64.b64decode(text)))
     if sys.byteorder == "big":
         arr.byteswap()
@@ -162,34 +186,47 @@ def submission_body(task: Task, result, name: str) -> dict:
         raise ClientError(f"sweep result does not cover {task.network} in address order")
     replied = icmp.Status.ECHO_REPLY
     rtts = (rtt for st, rtt in zip(status, result.rtt_us) if st == replied)
-    excluded = status.count(icmp.Status.EXCLUDED)
+    probed, excluded, _, unreachable = tally(result)
     body = {"task_index": task.index,
             "result": {"success": True, "result_data": result_string(status)},
             "name": name, "rtt_us": encode_rtt(rtts),
-            "stats": {"probed": BLOCK - excluded, "excluded": excluded,
-                      "unreachable": status.count(icmp.Status.UNREACHABLE),
+            "stats": {"probed": probed, "excluded": excluded, "unreachable": unreachable,
                       "sent": result.stats.sent}}
     if task.lease is not None:
         body["lease"] = task.lease
     return body
 
 
-def incomplete(result) -> bool:
-    """True when the sweep stopped (--timeout) before every target had been probed once."""
+def tally(result) -> tuple[int, int, int, int]:
+    """(probed, excluded, replies, unreachable) of a sweep, from its own counters."""
     stats = result.stats
-    probed = len(result.status) - result.status.count(icmp.Status.EXCLUDED)
-    return stats.sent + getattr(stats, "send_errors", 0) < probed
+    return len(result.status) - stats.excluded, stats.excluded, stats.replies, stats.unreachable
+
+
+def incomplete(result) -> str:
+    """Why the sweep may have left addresses unprobed (their '0' would be a lie); '' if not."""
+    stats, probed = result.stats, tally(result)[0]
+    if not probed:
+        return "nothing was probed: every address is excluded"
+    # A failed send skips its address for that round, and which ones failed is not known. An
+    # address never probed failed in every round but perhaps the last (cut by --timeout), so
+    # fewer failures than that cannot hide one; more might.
+    if stats.send_errors >= max(1, stats.rounds - 1):
+        return (f"{stats.send_errors:,} probes could not be sent (the network refused them), "
+                f"so some addresses may never have been probed")
+    if stats.sent < probed:
+        return f"the sweep stopped (--timeout) after {stats.sent:,} probes for {probed:,} targets"
+    return ""
 
 
 def summary(label: str, result) -> str:
     """One line per sweep: what was probed, what answered, how fast."""
-    status, stats = result.status, result.stats
-    excluded = status.count(icmp.Status.EXCLUDED)
-    probed, replies = len(status) - excluded, status.count(icmp.Status.ECHO_REPLY)
+    stats = result.stats
+    probed, excluded, replies, unreachable = tally(result)
     share = 100.0 * replies / probed if probed else 0.0
     speed = stats.sent / stats.elapsed if stats.elapsed > 0 else 0.0
     return (f"{label}: {probed:,} targets, {replies:,} replied ({share:.1f} %), "
-            f"{status.count(icmp.Status.UNREACHABLE):,} unreachable, {excluded:,} excluded; "
+            f"{unreachable:,} unreachable, {excluded:,} excluded; "
             f"{stats.sent:,} probes in {stats.elapsed:.1f} s ({speed:,.0f}/s, "
             f"{stats.kind} socket)")
 
@@ -214,7 +251,8 @@ class Backoff:
         self.base, self.cap, self.rng = base, cap, rng
         self.failures = 0
 
-    def next(self) -> float:
+    def delay(self) -> float:
+        """The next wait, in seconds; each call counts one more failure."""
         ceiling = min(self.cap, self.base * 2 ** min(self.failures, 32))
         self.failures += 1
         return ceiling * (0.5 + 0.5 * self.rng())
@@ -229,32 +267,26 @@ class Spool:
     def __init__(self, path: str):
         self.path = path
         os.makedirs(path, mode=0o700, exist_ok=True)
+        for name in os.listdir(path):       # half-written by a run that died mid-put
+            if name.endswith(".tmp"):
+                os.unlink(os.path.join(path, name))
 
-    def put(self, record: dict, index: int) -> str:
-        """Write a record durably (temp file, fsync, rename, fsync the folder); its path."""
+    def put(self, server: str, body: dict, index: int) -> Spooled:
+        """Write a result durably (temp file, fsync, rename, fsync the folder)."""
         final = os.path.join(self.path, f"{time.time_ns():020d}-task{index}.json")
         temp = final + ".tmp"
         with open(temp, "w", encoding="ascii") as fh:
-            json.dump(record, fh)
+            json.dump({"server": server, "body": body}, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(temp, final)
         self._sync()
-        return final
+        return Spooled(final, server, body)
 
-    def pending(self) -> list[tuple[str, dict | None]]:
-        """Every spooled (path, record), oldest first; record is None for an unreadable file."""
-        found = []
-        for name in sorted(os.listdir(self.path)):
-            if name.endswith(".json"):
-                path = os.path.join(self.path, name)
-                try:
-                    with open(path, encoding="ascii") as fh:
-                        record = json.load(fh)
-                except (OSError, ValueError):
-                    record = None
-                found.append((path, record if isinstance(record, dict) else None))
-        return found
+    def pending(self) -> list[Spooled]:
+        """Every spooled result, oldest first."""
+        return [self._load(os.path.join(self.path, name))
+                for name in sorted(os.listdir(self.path)) if name.endswith(".json")]
 
     def drop(self, path: str) -> None:
         """Forget a record the server has answered for good."""
@@ -270,6 +302,18 @@ class Spool:
         self._sync()
         return path + ".bad"
 
+    @staticmethod
+    def _load(path: str) -> Spooled:
+        try:
+            with open(path, encoding="ascii") as fh:
+                record = json.load(fh)
+        except (OSError, ValueError):
+            record = None
+        if not (isinstance(record, dict) and isinstance(record.get("server"), str)
+                and isinstance(record.get("body"), dict)):
+            return Spooled(path, None, None)
+        return Spooled(path, record["server"], record["body"])
+
     def _sync(self) -> None:
         fd = os.open(self.path, os.O_RDONLY)
         try:
@@ -278,11 +322,25 @@ class Spool:
             os.close(fd)
 
 
+def normal_url(url: str) -> str:
+    """One spelling of a server's URL (scheme and host in lower case, no default port, no
+    trailing slash), so that a result spooled under another spelling still finds its server."""
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+    except ValueError:                 # e.g. a broken [IPv6] host: leave it as it is
+        return url
+    scheme, netloc = parts.scheme.lower(), parts.netloc.lower()
+    default = {"http": ":80", "https": ":443"}.get(scheme)
+    if default and netloc.endswith(default):
+        netloc = netloc[:-len(default)]
+    return f"{scheme}://{netloc}{parts.path.rstrip('/')}"
+
+
 class Api:
     """The task server's HTTP API over urllib: (status, JSON object) or TransientError."""
 
     def __init__(self, base: str, timeout: float = HTTP_TIMEOUT):
-        self.base, self.timeout = base.rstrip("/"), timeout
+        self.base, self.timeout = normal_url(base), timeout
 
     def get(self, path: str) -> tuple[int, dict]:
         return self.request("GET", path)
@@ -310,11 +368,12 @@ class Console:
     """Log lines on stderr, and a one-line progress display when stderr is a terminal."""
 
     def __init__(self, stream=None, verbosity: int = 1, tty: bool | None = None,
-                 clock=time.monotonic):
+                 clock=time.monotonic, columns=None):
         self.stream = sys.stderr if stream is None else stream
         self.verbosity = verbosity            # 0 quiet, 1 normal, 2 verbose
         self.tty = self.stream.isatty() if tty is None else tty
         self.clock = clock
+        self.columns = columns or (lambda: shutil.get_terminal_size().columns)   # () -> int
         self.label, self._showing, self._next_line = "", False, 0.0
 
     def error(self, msg: str) -> None:
@@ -341,7 +400,7 @@ class Console:
             return
         line = progress_line(self.label, p)
         if self.tty:                            # one line, never wrapped: \r must reach it
-            line = line[:shutil.get_terminal_size().columns - 1]
+            line = line[:self.columns() - 1]
             self.stream.write("\r" + line + "\x1b[K")
             self.stream.flush()
             self._showing = True
@@ -376,18 +435,23 @@ class Client:
     """Get a task, sweep it, spool the result, submit it; repeat (or once)."""
 
     def __init__(self, api: Api, spool: Spool, options: SweepOptions, console: Console, *,
-                 name: str, once: bool = False, sleep=time.sleep, rng=random.random):
+                 name: str, once: bool = False, sleep=time.sleep, clock=time.monotonic,
+                 rng=random.random):
         self.api, self.spool, self.options, self.console = api, spool, options, console
-        self.name, self.once, self.sleep, self.rng = name, once, sleep, rng
+        self.name, self.once, self.sleep, self.clock, self.rng = name, once, sleep, clock, rng
+        self._told = set()                    # spool files for other servers, warned about
 
     def run(self) -> int:
-        """Submit the spool, then work tasks; the exit code."""
+        """Work tasks, submitting the spool before each; the exit code."""
         self.console.info(f"ping_client as {self.name!r} for {self.api.base}, "
                           f"{_pace(self.options.rate)}, spool {self.spool.path}")
-        self.flush_spool()
         idle = Backoff(base=5.0, cap=300.0, rng=self.rng)
         while True:
-            code = self.work(self.next_task(idle))
+            self.flush_spool()
+            task = self.next_task(idle)
+            if task is None:                  # --once, and the census is complete
+                return EXIT_OK
+            code = self.work(task)
             if self.once:
                 return code
             if code != EXIT_OK:
@@ -396,18 +460,23 @@ class Client:
                 idle.reset()
 
     def flush_spool(self) -> None:
-        """Submit what an earlier run left in the spool (for this server)."""
-        for path, record in self.spool.pending():
-            if record is None or not isinstance(record.get("body"), dict):
-                self.console.warn(f"unreadable spool file set aside: {self.spool.set_aside(path)}")
-            elif record.get("server") != self.api.base:
-                self.console.info(f"{path} is for {record.get('server')}; left in the spool")
-            else:
-                self.console.info(f"submitting a result left in the spool: {path}")
-                self.submit(path, record["body"])
+        """Submit what is waiting in the spool for this server."""
+        for record in self.spool.pending():
+            if record.body is None:
+                self.console.warn("unreadable spool file set aside: "
+                                  f"{self.spool.set_aside(record.path)}")
+            elif normal_url(record.server) == self.api.base:
+                self.console.info(f"submitting a result left in the spool: {record.path}")
+                self.submit(record)
+            elif record.path not in self._told:
+                self._told.add(record.path)
+                self.console.warn(f"{record.path} is a result for {record.server}, not this "
+                                  f"server; it stays in the spool until a run with --server "
+                                  f"{record.server}")
 
-    def next_task(self, idle: Backoff) -> Task:
-        """Ask until the server hands out a task, waiting longer each time it has none."""
+    def next_task(self, idle: Backoff) -> Task | None:
+        """Ask until the server hands out a task, waiting longer each time it has none; None
+        with --once when the census is complete."""
         while True:
             status, answer = self._retrying("/get_task", lambda: self.api.get("/get_task"))
             if status != 200:
@@ -415,7 +484,17 @@ class Client:
             task = parse_task(answer)
             if task is not None:
                 return task
+            if self.once and self.census_complete():
+                self.console.info("no task available and none in progress: the census on this "
+                                  "server is complete")
+                return None
             self._wait(idle, f"no task available ({answer['error']}); asking again")
+
+    def census_complete(self) -> bool:
+        """True when /get_progress shows no task left to hand out and none in anyone's hands."""
+        status, answer = self._retrying("/get_progress", lambda: self.api.get("/get_progress"))
+        left = (answer.get("available_tasks"), answer.get("in_progress"))
+        return status == 200 and left == (0, 0)
 
     def work(self, task: Task) -> int:
         """Sweep one task and submit it: 0 when the server accepted it."""
@@ -425,40 +504,56 @@ class Client:
             self.console.error(f"refusing task {task.index}: {exc}")
             self.release(task)
             return EXIT_ERROR
-        rate = effective_rate(self.options.rate, task.rate)
-        self.console.info(f"task {task.index}: sweeping {task.network} {_pace(rate)}")
         try:
-            result = run_sweep(task.network, self.options, self.console, exclude, rate)
-            body = submission_body(task, result, self.name)
-        except BaseException:          # Ctrl-C, no permission, a socket error: give it back
+            spooled = self.sweep_and_spool(task, exclude)
+        except OSError as exc:         # a socket or disk error: give the task back
+            self.release(task)
+            if self.once or isinstance(exc, PermissionError):    # no ICMP permission: stop
+                raise
+            self.console.error(f"task {task.index} failed: {exc}")
+            return EXIT_ERROR
+        except BaseException:          # Ctrl-C, SIGTERM, a bad result: give it back too
             self.release(task)
             raise
-        if incomplete(result):         # unprobed addresses would read '0': not a result
-            self.console.error(f"task {task.index}: --timeout ran out after {result.stats.sent:,}"
-                               f" probes; not submitted")
+        if spooled is None:
             self.release(task)
             return EXIT_ERROR
-        path = self.spool.put({"server": self.api.base, "body": body}, task.index)
-        self.console.info(summary(f"task {task.index} {task.network}", result))
-        return EXIT_OK if self.submit(path, body) else EXIT_ERROR
+        return EXIT_OK if self.submit(spooled) else EXIT_ERROR
 
-    def submit(self, path: str, body: dict) -> bool:
+    def sweep_and_spool(self, task: Task, exclude) -> Spooled | None:
+        """Sweep the task's block and spool the result; None when the sweep fell short."""
+        self.console.info(f"task {task.index}: sweeping {task.network} "
+                          f"{_pace(self.options.rate)}")
+        result = run_sweep(task.network, self.options, self.console, exclude)
+        shortfall = incomplete(result)
+        if shortfall:                  # unprobed addresses would read '0': not a result
+            self.console.error(f"task {task.index}: {shortfall}; not submitted")
+            return None
+        body = submission_body(task, result, self.name)
+        self.console.info(summary(f"task {task.index} {task.network}", result))
+        return self.spool.put(self.api.base, body, task.index)   # from here on it is kept
+
+    def submit(self, spooled: Spooled) -> bool:
         """Submit a spooled result until the server answers for good; True when accepted."""
-        index = body.get("task_index")
-        status, answer = self._retrying(f"submitting task {index}",
-                                        lambda: self.api.post("/submit_result", body))
+        index = spooled.body.get("task_index")
+        try:
+            status, answer = self._retrying(
+                f"submitting task {index}", lambda: self.api.post("/submit_result", spooled.body))
+        except GaveUp as exc:
+            raise GaveUp(f"{exc}; the result stays in {spooled.path} and is sent at the next "
+                         f"start") from None
         if status == 200 and answer.get("success") is True:
             again = " (it already had it)" if answer.get("duplicate") else ""
             self.console.info(f"task {index}: result accepted{again}")
-            self.spool.drop(path)
+            self.spool.drop(spooled.path)
             return True
         reason = f"HTTP {status}: {answer.get('error') or answer}"
         if status == 200 or status in DROP_STATUSES:
             self.console.error(f"task {index}: the server refused the result ({reason}); dropped")
-            self.spool.drop(path)
+            self.spool.drop(spooled.path)
         else:
             self.console.error(f"task {index}: unexpected answer ({reason}); the result stays "
-                               f"in {path} and is submitted at the next start")
+                               f"in {spooled.path} and is submitted again later")
         return False
 
     def release(self, task: Task) -> None:
@@ -478,36 +573,41 @@ class Client:
                               f"{answer.get('error')}")
 
     def _retrying(self, what: str, call):
-        backoff = Backoff(rng=self.rng)
+        """call() until it is not a TransientError; with --once, give up after ONCE_PATIENCE."""
+        backoff, since = Backoff(rng=self.rng), self.clock()
         while True:
             try:
                 status, answer = call()
+            except TransientError as exc:
+                if self.once and self.clock() - since >= ONCE_PATIENCE:
+                    raise GaveUp(f"{what}: no answer from {self.api.base} for "
+                                 f"{_duration(self.clock() - since)} ({exc})") from None
+                self._wait(backoff, f"{what} failed ({exc}); retrying", self.console.warn)
+            else:
                 self.console.debug(f"{what}: HTTP {status} {json.dumps(answer)[:300]}")
                 return status, answer
-            except TransientError as exc:
-                self._wait(backoff, f"{what} failed ({exc}); retrying", self.console.warn)
 
     def _wait(self, backoff: Backoff, why: str, say=None) -> None:
-        delay = backoff.next()
+        delay = backoff.delay()
         (say or self.console.info)(f"{why} in {delay:.1f} s")
         self.sleep(delay)
 
 
-def run_sweep(network, options: SweepOptions, console: Console, exclude=None, rate=None):
+def run_sweep(network, options: SweepOptions, console: Console, exclude=None):
     """One icmp.sweep with the client's options, showing progress."""
     console.begin(str(network))
-    return icmp.sweep(network, rate=options.rate if rate is None else rate,
-                      probes=options.probes, cooldown=options.cooldown, timeout=options.timeout,
-                      allow=options.allow, exclude=options.exclude if exclude is None else exclude,
+    return icmp.sweep(network, rate=options.rate, probes=options.probes,
+                      cooldown=options.cooldown, timeout=options.timeout, allow=options.allow,
+                      exclude=options.exclude if exclude is None else exclude,
                       progress=console.progress)
 
 
 def scan(network: ipaddress.IPv4Network, output: str, options: SweepOptions,
          console: Console) -> int:
     """Standalone mode: sweep a network without a server and write the responders as CSV."""
-    if icmp.wholly_reserved(network, options.allow):
-        console.error(f"refusing to scan {network}: reserved address space; pass --allow "
-                      f"{network} only if it is yours to probe")
+    why = blocked(network, options.allow, options.exclude)
+    if why:
+        console.error(f"refusing to scan {network}: it is {why}")
         return EXIT_USAGE
     result = run_sweep(network, options, console)
     if output == "-":
@@ -517,8 +617,9 @@ def scan(network: ipaddress.IPv4Network, output: str, options: SweepOptions,
         with open(output, "w", encoding="ascii", newline="") as fh:
             write_csv(result, fh)
     console.info(summary(str(network), result))
-    if incomplete(result):
-        console.error(f"--timeout ran out after {result.stats.sent:,} probes: a partial list")
+    shortfall = incomplete(result)
+    if shortfall:
+        console.error(f"{shortfall}: a partial list")
         return EXIT_ERROR
     return EXIT_OK
 
@@ -534,16 +635,25 @@ def default_name() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
+EPILOG = ("exit codes:\n"
+          "  0    done (--once: the result was accepted, or the census is complete)\n"
+          "  1    error: no ICMP permission, a local failure, a server answer it cannot go\n"
+          "       on from; with --once also a refused task or result, a sweep cut short or\n"
+          "       failed, or no answer from the server for 10 minutes (a finished result\n"
+          "       stays in the spool and is sent at the next start)\n"
+          "  2    usage: bad flags, or --scan of a network nothing of which may be probed\n"
+          "  130  interrupted (Ctrl-C); a task in hand is released\n"
+          "  143  terminated (SIGTERM); a task in hand is released\n\n"
+          "examples:\n  sudo python3 ping_client.py --server http://HOST:8001\n"
+          "  sudo python3 ping_client.py --scan 127.0.0.0/16 --allow 127.0.0.0/8 -o out.csv")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ping_client.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Volunteer client of the IPv4 ICMP census: sweeps the /16 blocks a task\n"
                     "server hands out (--server), or one network on its own (--scan).",
-        epilog="exit codes: 0 done, 1 error (refused task, no ICMP permission, result refused),"
-               "\n            2 usage (bad flags; --scan of reserved space not --allow'ed),"
-               "\n            130 interrupted (Ctrl-C; a task in hand is released)\n\n"
-               "examples:\n  sudo python3 ping_client.py --server http://HOST:8001\n"
-               "  sudo python3 ping_client.py --scan 127.0.0.0/16 --allow 127.0.0.0/8 -o out.csv")
+        epilog=EPILOG)
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--server", metavar="URL", type=_server_url,
                       help="task server to work for, e.g. http://HOST:8001 (default: none)")
@@ -553,10 +663,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", metavar="FILE",
                         help="with --scan: the CSV file, '-' for stdout (default: -)")
     parser.add_argument("--once", action="store_true",
-                        help="do one task and exit; waits for one if none is free (default: keep "
-                             "asking for tasks)")
+                        help="do one task and exit; waits for one if none is free, exits 0 if "
+                             "the census is complete, gives up after 10 minutes without an "
+                             "answer from the server (default: keep asking for tasks)")
     parser.add_argument("--name", default=default_name(),
-                        help="contributor name shown on the dashboard (default: %(default)s)")
+                        help="contributor name, shown publicly on the dashboard (default: your "
+                             "user@host, %(default)s)")
     _sweep_flags(parser)
     _talk_flags(parser)
     return parser
@@ -580,6 +692,13 @@ def options_from(args: argparse.Namespace) -> SweepOptions:
 
 
 # --- private helpers --------------------------------------------------------------------------
+
+def _minus(piece: ipaddress.IPv4Network, hole: ipaddress.IPv4Network) -> list:
+    """What is left of `piece` once `hole` is taken out of it."""
+    if piece.subnet_of(hole):
+        return []
+    return list(piece.address_exclude(hole)) if hole.subnet_of(piece) else [piece]
+
 
 def _text(value) -> str:
     if not isinstance(value, str):
@@ -621,8 +740,8 @@ def _pace(rate: float) -> str:
 
 def _sweep_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=_number(float, 0), default=10000.0, metavar="PPS",
-                        help="most probes per second, 0 = as fast as the machine goes; a server "
-                             "may ask for less, never more (default: %(default).0f)")
+                        help="at most this many probes per second, 0 = as fast as the machine "
+                             "goes; a server cannot change it (default: %(default).0f)")
     parser.add_argument("--probes", type=_number(int, 1), default=1, metavar="N",
                         help="rounds per sweep; later rounds re-probe the silent addresses "
                              "(default: %(default)s)")
@@ -635,12 +754,13 @@ def _sweep_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow", type=_networks, nargs="+", action="extend", default=[],
                         metavar="CIDR",
                         help="reserved space you may probe, e.g. 127.0.0.0/8 for the local "
-                             "demo; several CIDRs, space- or comma-separated (default: none, "
-                             "reserved space is refused)")
+                             "demo; several CIDRs, space- or comma-separated; a server cannot "
+                             "widen this (default: none, reserved space is refused)")
     parser.add_argument("--exclude", type=_networks, nargs="+", action="extend", default=[],
                         metavar="CIDR",
                         help="never probe these, whatever a server says; several CIDRs, "
-                             "space- or comma-separated (default: none)")
+                             "space- or comma-separated; a server can add exclusions but cannot "
+                             "narrow these (default: none)")
 
 
 def _talk_flags(parser: argparse.ArgumentParser) -> None:
@@ -656,9 +776,11 @@ def _talk_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _server_url(text: str) -> str:
-    if not text.startswith(("http://", "https://")):
+    url = normal_url(text)
+    scheme, _, rest = url.partition("://")
+    if scheme not in ("http", "https") or not rest.split("/")[0]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected http://HOST:PORT")
-    return text
+    return url
 
 
 def _network(text: str) -> ipaddress.IPv4Network:
@@ -685,30 +807,32 @@ def _number(kind, low, above=False):
     return convert
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt        # SIGTERM (systemd, kill) releases the lease like Ctrl-C
+def _terminate(signum, frame):
+    raise Terminated               # SIGTERM (systemd, kill) releases the lease like Ctrl-C
 
 
-def main(argv=None, *, sleep=time.sleep) -> int:
-    """Run the client; the exit code (0 done, 1 error, 2 usage, 130 interrupted)."""
+def main(argv=None, *, sleep=time.sleep, clock=time.monotonic) -> int:
+    """Run the client; the exit code (0 done, 1 error, 2 usage, 130 interrupted, 143
+    terminated)."""
     args = parse_args(argv)
     console, spool = Console(verbosity=args.verbosity), None
     try:
         if args.scan is not None:
             return scan(args.scan, args.output or "-", options_from(args), console)
         spool = Spool(args.spool)
-        return Client(Api(args.server), spool, options_from(args), console,
-                      name=args.name, once=args.once, sleep=sleep).run()
-    except KeyboardInterrupt:
+        return Client(Api(args.server), spool, options_from(args), console, name=args.name,
+                      once=args.once, sleep=sleep, clock=clock).run()
+    except KeyboardInterrupt as exc:
+        how = "terminated" if isinstance(exc, Terminated) else "interrupted"
         waiting = len(spool.pending()) if spool else 0
-        console.warn(f"interrupted; {waiting} result(s) in {spool.path}, submitted at the next "
-                     f"start" if waiting else "interrupted")
-        return EXIT_INTERRUPTED
+        console.warn(f"{how}; {waiting} result(s) in {spool.path}, submitted at the next start"
+                     if waiting else how)
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     except (ClientError, OSError) as exc:     # icmp.IcmpPermissionError says what to do
         console.error(str(exc))
         return EXIT_ERROR
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, _terminate)
     sys.exit(main())

@@ -19,6 +19,8 @@ import ipaddress
 import json
 import os
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Iterable, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
-from store import TASKS, Refused, Store, network_of, parse_blocklist
+from store import Refused, Store, network_of, parse_blocklist
 
 MAX_BODY = 4 << 20                  # 4 MiB: a result is 64 KiB of '0'/'1' plus a few fields
 MAX_URL = 8192
@@ -39,6 +41,8 @@ KEEPALIVE_EVERY = 15.0              # SSE comment interval
 EVENTS_MIN_GAP = 1.0                # an SSE stream sends at most one update a second
 JSON_TYPE = "application/json"
 HERE = Path(__file__).resolve().parent
+_GONE = (ConnectionError, TimeoutError, BlockingIOError)   # the peer left or stalled past the
+                                                            # idle timeout
 
 
 class HttpError(Exception):
@@ -153,8 +157,16 @@ class Handler(BaseHTTPRequestHandler):
     wbufsize = 1 << 16              # headers and body leave in one send, at the flush
 
     def setup(self):
-        self.timeout = self.server.idle_timeout
         super().setup()
+        # The idle timeout as kernel socket options, not socket.settimeout(): that costs a
+        # poll() before every recv and send, each one more hand-off of the GIL between busy
+        # threads. A recv that times out reads as the end of the stream (the connection is
+        # closed); a send that times out raises BlockingIOError.
+        if self.server.idle_timeout:
+            seconds, fraction = divmod(self.server.idle_timeout, 1)
+            limit = struct.pack("ll", int(seconds), int(fraction * 1e6))
+            for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+                self.connection.setsockopt(socket.SOL_SOCKET, option, limit)
 
     def do_GET(self):
         self._dispatch()
@@ -189,7 +201,7 @@ class Handler(BaseHTTPRequestHandler):
             status, body = exc.status, Raw(JSON_TYPE, _json(exc.body()), exc.headers)
         except Refused as exc:
             status, body = exc.status, {"error": exc.message}
-        except (ConnectionError, TimeoutError):
+        except _GONE:
             self.close_connection = True        # the client went away mid-request
             return
         except OSError as exc:                  # the store cannot write: try again later
@@ -199,7 +211,11 @@ class Handler(BaseHTTPRequestHandler):
             self.log_error("internal error:\n%s", traceback.format_exc())
             self.close_connection = True
             status, body = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"}
-        self._send(status, body)
+        try:
+            self._send(status, body)
+        except _GONE:
+            self.close_connection = True
+            return
         self.server.metrics.observe(endpoint, status, time.perf_counter() - started)
 
     def _route(self):
@@ -241,7 +257,7 @@ class Handler(BaseHTTPRequestHandler):
         if length > MAX_BODY:
             self.close_connection = True        # the body is not read: the stream is lost
             raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY} bytes")
-        data = self.rfile.read(length)
+        data = self.rfile.read(length) or b""  # None: the idle timeout struck before any byte
         if len(data) < length:
             self.close_connection = True
             raise HttpError(HTTPStatus.BAD_REQUEST, "body shorter than Content-Length")
@@ -279,7 +295,7 @@ class Handler(BaseHTTPRequestHandler):
             for chunk in body.chunks:
                 self.wfile.write(chunk)
                 self.wfile.flush()
-        except (ConnectionError, TimeoutError):
+        except _GONE:
             pass                                # the reader went away
         finally:
             close = getattr(body.chunks, "close", None)
@@ -343,7 +359,9 @@ class Handler(BaseHTTPRequestHandler):
         self._admin(req)
         data = _json_object(req.body, success=False)
         status = _task_index(data.get("task_status", 0), "task_status")
-        task = self.server.store.add_task(status, req.client)
+        task = data.get("task_index")
+        task = None if task is None else _task_index(task)
+        task = self.server.store.add_task(status, req.client, task)
         return HTTPStatus.OK, {"success": True, "task_index": task}
 
     def revise(self, req):
@@ -521,8 +539,6 @@ def _csv_chunks(store: Store):
     """``saddr`` then every responder, one chunk per block."""
     yield b"saddr\n"
     for task, bitmap in store.bitmaps():
-        if task >= TASKS:
-            continue
         prefix = f"{task >> 8}.{task & 255}."
         lines = [f"{prefix}{k >> 8}.{k & 255}\n" for j, byte in enumerate(bitmap) if byte
                  for k in (8 * j + bit for bit in _BITS[byte])]
@@ -565,15 +581,18 @@ def _prometheus(counters: dict, requests: dict, latency: dict) -> str:
 
 def _parse_args(argv):
     env = os.environ.get
-    parser = argparse.ArgumentParser(description="The IPv4 census task server.")
+    parser = argparse.ArgumentParser(
+        description="The IPv4 census task server.",
+        epilog="Environment: PING_HOST, PING_PORT, PING_DATA, PING_SCOPE, PING_EXCLUDE, "
+               "PING_LEASE, PING_ADMIN_TOKEN set the defaults of the matching options.")
     parser.add_argument("--host", default=env("PING_HOST", "0.0.0.0"))
-    parser.add_argument("--port", type=int, default=int(env("PING_PORT", "8001")))
+    parser.add_argument("--port", type=int, default=env("PING_PORT", "8001"))
     parser.add_argument("--data", default=env("PING_DATA", "."), help="folder for the state files")
     parser.add_argument("--scope", default=env("PING_SCOPE"),
                         help="CIDR[,CIDR]: limit the census (names reserved space explicitly)")
     parser.add_argument("--exclude", default=env("PING_EXCLUDE"),
                         help="opt-out list, ZMap blocklist format")
-    parser.add_argument("--lease", type=float, default=float(env("PING_LEASE", "600")),
+    parser.add_argument("--lease", type=float, default=env("PING_LEASE", "600"),
                         help="seconds a volunteer holds a block")
     parser.add_argument("--admin-token", default=env("PING_ADMIN_TOKEN"),
                         help="Bearer token for admin actions (else loopback only)")

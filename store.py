@@ -2,13 +2,15 @@
 
 Everything lives in memory behind one lock. Every change is appended to one append-only log as a
 record: a header (lengths and a CRC-32), the result bytes if any, and a JSON line holding the
-changed task's whole new record (so replaying it twice is harmless). One writer thread writes and
-fsyncs the log once per batch (group commit: one fsync for many requests); a caller returns only
-once its record is durable. Results are kept bit-packed in the log (8 KiB a block, 1/8 of the
-string; a whole census about 0.5 GB) and read back by offset. From time to time the writer
-rewrites a JSON snapshot of the state (temp file, fsync, ``os.replace``, fsync of the folder)
-holding the log offset it covers; loading is snapshot + replay of the log after that offset, and
-a tail torn by a crash (short or failing its CRC) is ignored and cut off.
+changed task's whole new record (so replaying it twice is harmless). A caller returns only once
+its record is durable, with group commit and no writer thread: callers queue their records, and
+whichever of them holds the flush lock writes and fsyncs everything queued so far, so those that
+queued meanwhile usually find theirs already durable when their turn comes (one fsync for many
+requests, and no thread hand-off per request). Results are kept bit-packed in the log (8 KiB a
+block, 1/8 of the string; a whole census about 0.5 GB) and read back by offset. From time to time
+the flushing caller rewrites a JSON snapshot of the state (temp file, fsync, ``os.replace``, fsync
+of the folder) holding the log offset it covers; loading is snapshot + replay of the log after that
+offset, and a tail torn by a crash (short or failing its CRC) is ignored and cut off.
 
 Lease deadlines are wall-clock epoch seconds (they survive restarts), so the clock is injected as
 a ``time.time``-like callable; tests pass a fake one and never sleep.
@@ -92,6 +94,7 @@ class Packed(NamedTuple):
     bitmap: bytes         # 8,192 bytes, one bit per address, address 0 the top bit
     rtt: bytes            # the client's zlib'd uint32 array, or b""
     responders: int
+    crc: int              # CRC-32 of bitmap + rtt, computed outside the lock (see _commit)
 
 
 class Handout(NamedTuple):
@@ -110,9 +113,9 @@ class Refused(Exception):
         self.message = message
 
 
-def network_of(task: int) -> str | None:
-    """The /16 of a task, or None for a task added beyond the census numbering."""
-    return f"{task >> 8}.{task & 255}.0.0/16" if 0 <= task < TASKS else None
+def network_of(task: int) -> str:
+    """The /16 of a task."""
+    return f"{task >> 8}.{task & 255}.0.0/16"
 
 
 def parse_blocklist(text: str) -> list:
@@ -166,21 +169,24 @@ class Store:
         self.lease_seconds = float(lease_seconds)
         self.clock = clock
         self.snapshot_every = snapshot_every
-        self._inside, self._parts = plan_scope(scope, exclude)
+        self._inside, parts = plan_scope(scope, exclude)
+        # Blocks an administrator may bring in later (/add_task): any block not wholly reserved
+        # (unless the scope allowed it) nor wholly opted out; their opted-out parts go with them.
+        addable, addable_parts = plan_scope(None, exclude)
+        either = int.from_bytes(addable) | int.from_bytes(self._inside)     # bytes of 0/1
+        self._addable = either.to_bytes(TASKS)
+        self._parts = {**addable_parts, **parts}
         self._lock = threading.Lock()
         self._changed = threading.Condition()
-        self._work = threading.Condition()        # the writer waits here for records
+        self._flush_lock = threading.Lock()       # held by the one caller writing the log
         self._reset_memory()
         self._load()
-        self._pending: list = []                  # log records not yet written
-        self._batch_done = threading.Event()      # set once the pending records are durable
-        self._last_ticket = None
+        self._pending: list = []                  # log records not yet written, in order
+        self._durable = self._seq                 # records up to this number are on disk
         self._token_key = secrets.token_bytes(32)
         self._tokens = 0
         self._closing = False
-        self._writer_error: BaseException | None = None
-        self._writer = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
-        self._writer.start()
+        self._log_error: OSError | None = None
 
     # -- volunteers -------------------------------------------------------------------------------
 
@@ -243,20 +249,32 @@ class Store:
 
     # -- admin ------------------------------------------------------------------------------------
 
-    def add_task(self, status: int, holder: str) -> int:
-        """Append a task (beyond the census numbering) in state 0 or 1; returns its index."""
+    def add_task(self, status: int, holder: str, task: int | None = None) -> int:
+        """Bring a task that is out of scope into the census, in state 0 or 1; returns it.
+
+        ``task`` None picks the lowest-numbered one; a given task must be out of scope (and
+        not wholly reserved or opted out) or available, else Refused 409. The choice is kept
+        across restarts, whatever the scope then.
+        """
         if status not in (State.AVAILABLE, State.IN_PROGRESS):
             raise Refused(HTTPStatus.BAD_REQUEST, "task_status must be 0 or 1")
         with self._lock:
-            task = len(self._states)
-            self._states.append(State.AVAILABLE)
+            if task is None:
+                task = self._first_addable()
+            else:
+                self._check_task(task)
+                if not (self._is_addable(task) or self._states[task] == State.AVAILABLE):
+                    raise self._refuse(HTTPStatus.CONFLICT, "task is neither out of scope nor "
+                                       "available")
+            self._pinned.add(task)
             self._set_to(task, status, holder)
             ticket = self._commit(task)
         self._wait_durable(ticket)
         return task
 
     def revise(self, task: int, code: int, *, force=False, holder="") -> None:
-        """Set a task's state; a task in progress only with ``force``."""
+        """Set a task's state (kept across restarts, whatever the scope then); a task in
+        progress only with ``force``."""
         if code not in tuple(State):
             raise Refused(HTTPStatus.BAD_REQUEST, "code must be 0..4")
         with self._lock:
@@ -266,6 +284,7 @@ class Store:
             self._retire_lease(task)
             self._drop_result(task)
             self._errors.pop(task, None)
+            self._pinned.add(task)
             self._set_to(task, code, holder)
             ticket = self._commit(task)
         self._wait_durable(ticket)
@@ -406,13 +425,11 @@ class Store:
         return self._version
 
     def close(self) -> None:
-        """Flush, write a final snapshot, stop the writer."""
-        with self._work:
+        """Flush and write a final snapshot."""
+        with self._flush_lock:
             self._closing = True
-            self._work.notify()
-        self._writer.join()
-        if self._writer_error is None:
-            self._snapshot()
+            if self._log_error is None:
+                self._snapshot()
         os.close(self._log_fd)
 
     # -- private: state changes (call with self._lock held) ---------------------------------------
@@ -425,13 +442,25 @@ class Store:
         self._errors: dict[int, str] = {}
         self._results: dict[int, ResultMeta] = {}
         self._contributors: dict[str, Contributor] = {}
+        self._pinned: set[int] = set()            # tasks an administrator set: scope ignored
         self._seq = self._version = self._submissions = 0
         self._probed = self._responders = 0
         self.rejects = self.leases_expired = 0
 
     def _check_task(self, task):
-        if not isinstance(task, int) or not 0 <= task < len(self._states):
+        if not isinstance(task, int) or not 0 <= task < TASKS:
             raise self._refuse(HTTPStatus.NOT_FOUND, "no such task")
+
+    def _is_addable(self, task):
+        return self._states[task] == State.EXCLUDED and self._addable[task]
+
+    def _first_addable(self):
+        task = self._states.find(State.EXCLUDED)
+        while task >= 0 and not self._addable[task]:
+            task = self._states.find(State.EXCLUDED, task + 1)
+        if task < 0:
+            raise self._refuse(HTTPStatus.CONFLICT, "no task left out of scope to add")
+        return task
 
     def _refuse(self, status, message):
         self.rejects += 1
@@ -478,7 +507,7 @@ class Store:
                                  addresses_probed=person.addresses_probed + meta.probed,
                                  responders=person.responders + meta.responders)
         self._contributors[person.name] = person
-        return self._commit(task, person, packed.bitmap + packed.rtt)
+        return self._commit(task, person, packed.bitmap + packed.rtt, packed.crc)
 
     def _fail(self, task, problem):
         self.rejects += 1
@@ -539,7 +568,7 @@ class Store:
     def _pop_available(self):
         while self._pool:
             task = _rank(heapq.heappop(self._pool))
-            if task < len(self._states) and self._states[task] == State.AVAILABLE:
+            if self._states[task] == State.AVAILABLE:
                 return task
         return None
 
@@ -556,10 +585,9 @@ class Store:
 
     def _set_state(self, task, state):
         self._states[task] = state
-        if task < TASKS:
-            self._map[2 * task] = state
-            meta = self._results.get(task) if state == State.DONE else None
-            self._map[2 * task + 1] = _fraction(meta) if meta else 0
+        self._map[2 * task] = state
+        meta = self._results.get(task) if state == State.DONE else None
+        self._map[2 * task + 1] = _fraction(meta) if meta else 0
 
     def _token(self) -> str:
         """An unguessable lease token: a keyed hash of a counter (no system call per lease)."""
@@ -569,7 +597,7 @@ class Store:
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
     def _read_result(self, meta):
-        self._wait_durable(self._last_ticket)         # its bytes may still be in the queue
+        self._wait_durable(self._seq)                 # its bytes may still be queued
         data = os.pread(self._log_fd, meta.bitmap_len + meta.rtt_len, meta.offset)
         return data[:meta.bitmap_len], data[meta.bitmap_len:]
 
@@ -579,82 +607,70 @@ class Store:
         meta = self._results.get(task)
         return {"q": self._seq, "v": self._version, "n": self._submissions, "t": task,
                 "s": self._states[task], "l": self._leases.get(task),
-                "o": self._old.get(task), "e": self._errors.get(task), "r": meta, "c": person}
+                "o": self._old.get(task), "e": self._errors.get(task), "r": meta, "c": person,
+                "p": task in self._pinned}
 
-    def _commit(self, task, person=None, blob=b"") -> threading.Event:
-        """Queue the task's new record (and result bytes) for the writer; returns the ticket to
-        wait on (its batch's event). Its place in the log is reserved here, in order."""
+    def _commit(self, task, person=None, blob=b"", blob_crc=0) -> int:
+        """Queue the task's new record (and result bytes, whose CRC the caller computed before
+        taking the lock: zlib releases the GIL on big buffers, and a thread that waits to get
+        it back while holding the lock stalls every request); returns the record's number, the
+        ticket to wait on. Its place in the log is reserved here, in order."""
+        if self._log_error is not None:
+            raise OSError(f"the log could not be written: {self._log_error}")
         self._seq += 1
         self._version += 1
         line = json.dumps(self._record(task, person), separators=(",", ":")).encode() + b"\n"
-        crc = zlib.crc32(line, zlib.crc32(blob))
+        crc = zlib.crc32(line, blob_crc)
         record = _HEADER.pack(len(blob), len(line), crc) + blob + line
-        with self._work:
-            if self._writer_error is not None:
-                raise OSError(f"the log could not be written: {self._writer_error}")
-            self._log_size += len(record)
-            self._pending.append(record)
-            self._last_ticket = self._batch_done
-            self._work.notify()
+        self._log_size += len(record)
+        self._pending.append(record)
         with self._changed:
             self._changed.notify_all()
-        return self._last_ticket
+        return self._seq
 
     def _wait_durable(self, ticket):
-        """Wait until the batch holding a record is durable (each batch has its own event, so a
-        finished batch wakes only its own callers)."""
-        if ticket is not None:
-            ticket.wait()
-        if self._writer_error is not None:
-            raise OSError(f"the log could not be written: {self._writer_error}")
+        """Return once record ``ticket`` is on disk: the caller holding the flush lock writes
+        and fsyncs every queued record (its own and those queued meanwhile), the others wait
+        for the lock and usually find theirs written when they get it."""
+        if ticket is not None and self._durable < ticket:
+            with self._flush_lock:
+                if self._durable < ticket and self._log_error is None:
+                    try:
+                        self._flush()
+                    except OSError as exc:      # a full disk: fail requests, don't hang them
+                        self._log_error = exc
+        if self._log_error is not None:
+            raise OSError(f"the log could not be written: {self._log_error}")
 
-    def _write_loop(self):
-        done = None
-        try:
-            while True:
-                with self._work:
-                    self._work.wait_for(lambda: self._pending or self._closing)
-                    batch, done = self._take_batch()
-                if not batch:
-                    return
-                self._write_batch(batch, done)
-                if self._since_snapshot >= self.snapshot_every:
-                    self._snapshot()
-        except BaseException as exc:            # a full disk: fail requests, don't hang them
-            with self._work:
-                self._writer_error = exc
-                self._batch_done.set()
-            if done is not None:
-                done.set()
+    def _flush(self):
+        """Write and fsync the queued records (call holding the flush lock, not the lock)."""
+        with self._lock:
+            batch, self._pending = self._pending, []
+            last = self._seq
+        self._write_batch(batch, last)
+        if self._since_snapshot >= self.snapshot_every:
+            self._snapshot()
 
-    def _take_batch(self):
-        """The pending records and their event, a fresh event for the next (call under _work)."""
-        batch, self._pending = self._pending, []
-        done = self._batch_done
-        if batch:
-            self._batch_done = threading.Event()
-        return batch, done
-
-    def _write_batch(self, batch, done):
-        """Append and fsync a batch of records, then wake the callers waiting on them."""
+    def _write_batch(self, batch, last):
         _write_all(self._log_fd, b"".join(batch))
         os.fsync(self._log_fd)
+        self._durable = last
         self._since_snapshot += len(batch)
-        done.set()
 
     def _snapshot(self):
-        """Write the whole state and the log offset it covers (queued records flushed first)."""
+        """Write the whole state and the log offset it covers, queued records written first
+        (call holding the flush lock)."""
         with self._lock:
-            with self._work:
-                batch, done = self._take_batch()
-            if batch:
-                self._write_batch(batch, done)
+            if self._pending:
+                self._write_batch(self._pending, self._seq)
+                self._pending = []
             state = {"format": 1, "log_offset": self._log_size, "seq": self._seq,
                      "version": self._version, "submissions": self._submissions,
                      "states": self._states.translate(_DIGITS).decode(),
                      "leases": dict(self._leases), "old": dict(self._old),
                      "errors": dict(self._errors), "results": dict(self._results),
-                     "contributors": list(self._contributors.values())}
+                     "contributors": list(self._contributors.values()),
+                     "pinned": sorted(self._pinned)}
         _write_atomic(self.dir / SNAPSHOT_FILE, json.dumps(state, separators=(",", ":")).encode())
         self._since_snapshot = 0
 
@@ -679,6 +695,7 @@ class Store:
         self._errors = {int(t): e for t, e in snap["errors"].items()}
         self._results = {int(t): ResultMeta(*m) for t, m in snap["results"].items()}
         self._contributors = {c[0]: Contributor(*c) for c in snap["contributors"]}
+        self._pinned = set(snap.get("pinned", ()))
         return snap["log_offset"]
 
     def _replay(self, offset):
@@ -701,8 +718,6 @@ class Store:
 
     def _apply_record(self, rec):
         task = rec["t"]
-        while task >= len(self._states):
-            self._states.append(State.AVAILABLE)
         self._seq, self._version, self._submissions = rec["q"], rec["v"], rec["n"]
         self._states[task] = rec["s"]
         _put(self._leases, task, rec["l"] and Lease(*rec["l"]))
@@ -711,26 +726,31 @@ class Store:
         _put(self._results, task, rec["r"] and ResultMeta(*rec["r"]))
         if rec["c"]:
             self._contributors[rec["c"][0]] = Contributor(*rec["c"])
+        if rec.get("p"):
+            self._pinned.add(task)
+        else:
+            self._pinned.discard(task)
 
     def _rebuild(self):
-        """Derived structures: scope, map, hand-out heap, expiry heap, totals, recent rate."""
+        """Derived structures: scope (except where an administrator decided), map, hand-out
+        heap, expiry heap, totals, recent rate."""
         for task in range(TASKS):
             state = self._states[task]
+            if task in self._pinned:
+                continue
             if state == State.AVAILABLE and not self._inside[task]:
                 self._states[task] = State.EXCLUDED
             elif state == State.EXCLUDED and self._inside[task]:
                 self._states[task] = State.AVAILABLE
         self._map = bytearray(2 * TASKS)
-        self._map[0::2] = self._states[:TASKS]
+        self._map[0::2] = self._states
         results, self._results = self._results, {}
         self._recent_t, self._recent_p = [], []
         since = self.clock() - 3600
         for task, meta in sorted(results.items(), key=lambda item: item[1].finished_at):
             self._apply_result(task, meta, count=meta.finished_at >= since)
-            if task < TASKS:
-                self._map[2 * task + 1] = _fraction(meta)
-        self._pool = [_rank(t) for t in range(len(self._states))
-                      if self._states[t] == State.AVAILABLE]
+            self._map[2 * task + 1] = _fraction(meta)
+        self._pool = [_rank(t) for t in range(TASKS) if self._states[t] == State.AVAILABLE]
         heapq.heapify(self._pool)
         self._expiry = [(lease.deadline, t, lease.token) for t, lease in self._leases.items()]
         heapq.heapify(self._expiry)
@@ -746,9 +766,7 @@ _REV8 = bytes(int(f"{b:08b}"[::-1], 2) for b in range(256))
 
 def _rank(task: int) -> int:
     """Hand-out order: the 16-bit bit reversal (its own inverse), so consecutive hand-outs land
-    far apart (0/16, 128/16, 64/16, ...); tasks added beyond the census come after."""
-    if task >= TASKS:
-        return task
+    far apart (0/16, 128/16, 64/16, ...)."""
     return _REV8[task & 255] << 8 | _REV8[task >> 8]
 
 
@@ -778,7 +796,7 @@ def _pack_result(result_data, rtt):
     ones = bits.bit_count()
     bitmap = bits.to_bytes(RESULT_LEN // 8, "big")
     if not rtt:
-        return None, Packed(bitmap, b"", ones)
+        return None, Packed(bitmap, b"", ones, zlib.crc32(bitmap))
     try:
         rtt_z = base64.b64decode(rtt, validate=True)
         inflater = zlib.decompressobj()
@@ -787,7 +805,7 @@ def _pack_result(result_data, rtt):
             raise ValueError("length")
     except (ValueError, TypeError, zlib.error):
         return "rtt_us must be base64 of zlib'd uint32s, one per '1' of result_data", None
-    return None, Packed(bitmap, rtt_z, ones)
+    return None, Packed(bitmap, rtt_z, ones, zlib.crc32(rtt_z, zlib.crc32(bitmap)))
 
 
 def _stat(stats, key, default):

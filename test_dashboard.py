@@ -193,13 +193,49 @@ def dashboard_script() -> str:
     return scripts[0]
 
 
+# Every way a script can turn a string into markup, code or a URL the browser follows. The page
+# must put data in with textContent only.
+HTML_SINK = re.compile(r"""innerHTML | outerHTML | insertAdjacentHTML | document\.write | DOMParser
+    | srcdoc | createContextualFragment | \beval\s*\( | new\s+Function\b | setAttribute(?:NS)?\s*\(
+    | \.(?:href|src|action|formAction)\s*=(?!=) | \blocation\s*=(?!=)
+    | location\.(?:href\s*=(?!=)|assign|replace)\b""", re.X)
+# Lines of dashboard.html that may use a sink because what they write is a constant, exactly as
+# written there. None today: the ping.zip links are static markup (href="/ping.zip"), and the join
+# command built from location.origin is set with textContent. Add a line here only with a reason.
+ALLOWED_SINKS = frozenset()
+
+
+def html_sinks(text: str) -> list:
+    """The lines of ``text`` that use an HTML/URL sink and are not in ALLOWED_SINKS."""
+    return [line.strip() for line in text.splitlines()
+            if HTML_SINK.search(line) and line.strip() not in ALLOWED_SINKS]
+
+
 def test_dashboard_inserts_data_as_text_only():
-    page = (HERE / "dashboard.html").read_text()
+    assert html_sinks((HERE / "dashboard.html").read_text()) == []
     code = dashboard_script()
-    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "DOMParser",
-                 "srcdoc", "eval(", "new Function", "createContextualFragment"):
-        assert sink not in page, sink
     assert "textContent" in code and "createElement" in code
+
+
+@pytest.mark.parametrize("line", [
+    "box.innerHTML = c.name;", "row.outerHTML = html;", "t.insertAdjacentHTML('beforeend', s);",
+    "document.write(s);", "document.writeln(s);", "new DOMParser().parseFromString(s, 'text/html');",
+    "frame.srcdoc = s;", "range.createContextualFragment(s);", "eval(s);", "new Function(s)();",
+    "a.setAttribute('href', url);", "a.setAttributeNS(null, 'href', url);", "a.href = url;",
+    "img.src=url;", "form.action = url;", "location = url;", "location.href = url;",
+    "location.assign(url);", "window.location.replace(url);",
+])
+def test_the_sink_scan_finds_each_sink(line):
+    assert html_sinks("  " + line + "\n  x.textContent = y;") == [line]
+
+
+def test_the_sink_scan_leaves_text_and_comparisons_alone():
+    harmless = """node.textContent = String(text);
+    if (a.href === b.href || img.src == other) {}
+    history.replaceState(null, "", location.pathname + location.search + hash);
+    const origin = location.origin;
+    <a class="download" id="zip" href="/ping.zip" download>Download ping.zip</a>"""
+    assert html_sinks(harmless) == []
 
 
 def test_dashboard_is_self_contained_and_reads_the_contract_endpoints():
@@ -213,6 +249,7 @@ def test_dashboard_is_self_contained_and_reads_the_contract_endpoints():
         assert endpoint in code, endpoint
     assert 'href="/errors"' in page and 'href="/ping.zip"' in page
     assert "sudo python3 ping_client.py --server " in code
+    assert 'has("snapshot")' in code and "else listen()" in code   # the stream waits only there
 
 
 def test_every_element_the_script_uses_is_in_the_page():

@@ -19,7 +19,7 @@ import pytest
 
 import ping_server
 from ping_server import CensusServer, HttpError, check_admin, is_loopback
-from store import TASKS, Store
+from store import Store
 
 LOOP = 32512
 HERE = Path(__file__).resolve().parent
@@ -164,7 +164,12 @@ def test_bad_result_goes_to_error_list_and_page_escapes(srv):
 
 def test_admin_endpoints_from_loopback_without_token(srv):
     status, _, got = srv.call("POST", "/add_task", {"task_status": 0})
-    assert (status, got) == (200, {"success": True, "task_index": TASKS})
+    assert (status, got) == (200, {"success": True, "task_index": 256})   # 1.0.0.0/16
+    status, _, got = srv.call("POST", "/add_task", {"task_status": 1, "task_index": "300"})
+    assert (status, got) == (200, {"success": True, "task_index": 300})
+    assert srv.call("GET", "/task?id=300")[2]["state"] == 1
+    status, _, got = srv.call("POST", "/add_task", {"task_status": 0, "task_index": 300})
+    assert status == 409 and "error" in got
     assert srv.call("GET", f"/revise?id={LOOP}&code=2&force=0")[::2] == (
         200, {"success": True, "task_index": LOOP, "task_status": 2})
     _, _, task = srv.call("GET", "/get_task")
@@ -424,9 +429,12 @@ def test_kill_9_in_a_burst_keeps_every_acknowledged_result(tmp_path):
     threads = [threading.Thread(target=volunteer, args=(port, n)) for n in range(8)]
     for t in threads:
         t.start()
-    while len(acked) < 60:
+    for _ in range(3000):                                 # at most 30 s
+        if len(acked) >= 60 or not any(t.is_alive() for t in threads):
+            break
         threading.Event().wait(0.01)
-    first.send_signal(signal.SIGKILL)
+    assert len(acked) >= 60
+    first.send_signal(signal.SIGKILL)                     # mid-burst: 8 clients still going
     stop.set()
     first.wait()
     for t in threads:

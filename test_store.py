@@ -268,9 +268,6 @@ def test_progress_numbers(open_store, clock):
 
 def test_admin_actions(open_store):
     store = open_store()
-    extra = store.add_task(0, "127.0.0.1")
-    assert extra == TASKS and network_of(extra) is None
-    assert store.add_task(1, "127.0.0.1") == TASKS + 1 and TASKS + 1 in store.pending()
     handout = store.get_task("h")
     with pytest.raises(Refused) as caught:
         store.revise(handout.task, 0)
@@ -278,7 +275,61 @@ def test_admin_actions(open_store):
     store.revise(handout.task, 3, force=True)
     assert store.state_of(handout.task) == State.ERROR
     store.revise(handout.task, 0)
-    assert store.latest_available() == TASKS
+    assert store.state_of(handout.task) == State.AVAILABLE
+
+
+def test_add_task_brings_the_lowest_out_of_scope_block_in(open_store):
+    store = open_store()                                  # scope 127.0.0.0/8
+    first = store.add_task(0, "127.0.0.1")                # 0.x.0.0/16 is reserved: skipped
+    assert (first, network_of(first)) == (256, "1.0.0.0/16")
+    assert store.state_of(first) == State.AVAILABLE
+    assert store.add_task(1, "127.0.0.1") == 257 and 257 in store.pending()
+    assert store.progress()["total_tasks"] == 258
+    assert store.add_task(0, "127.0.0.1", task=9 << 8) == 9 << 8    # picked by number
+    for task, why in ((10 << 8, "wholly reserved"), (257, "in progress"), (TASKS, "unknown")):
+        with pytest.raises(Refused) as caught:
+            store.add_task(0, "127.0.0.1", task=task)
+        assert caught.value.status == (404 if task == TASKS else 409), why
+    available = store.get_task("h").task
+    store.release(available, holder="h")
+    assert store.add_task(1, "127.0.0.1", task=available) == available  # available: leased
+    with pytest.raises(Refused) as caught:
+        store.add_task(2, "127.0.0.1")
+    assert caught.value.status == 400
+
+
+def test_add_task_skips_opted_out_blocks_and_keeps_their_parts(tmp_path, clock):
+    exclude = [ipaddress.IPv4Network(n) for n in ("1.0.0.0/16", "1.1.2.0/24")]
+    store = Store(tmp_path / "data", scope=SCOPE8, exclude=exclude, clock=clock)
+    assert store.add_task(0, "127.0.0.1") == 257          # 1.0/16 is opted out
+    assert store.exclude_of(257) == ["1.1.2.0/24"]
+    store.close()
+
+
+def test_add_task_when_none_is_left(tmp_path, clock):
+    store = Store(tmp_path / "data", clock=clock)         # default scope: all but reserved
+    with pytest.raises(Refused) as caught:
+        store.add_task(0, "127.0.0.1")
+    assert caught.value.status == 409
+    store.close()
+
+
+def test_added_and_revised_tasks_survive_a_restart(open_store):
+    store = open_store()
+    added = store.add_task(0, "127.0.0.1")
+    store.revise(LOOP, 4)                                 # in scope, taken out by hand
+    store.revise(1 << 8 | 7, 0)                           # out of scope, brought in by hand
+    store.close()
+    again = open_store()
+    assert again.state_of(added) == State.AVAILABLE
+    assert again.state_of(LOOP) == State.EXCLUDED
+    assert again.state_of(1 << 8 | 7) == State.AVAILABLE
+    os.close(again._log_fd)                               # and from the log alone, no snapshot
+    again._closing = True
+    (again.dir / SNAPSHOT_FILE).unlink()
+    third = open_store()
+    assert [third.state_of(t) for t in (added, LOOP, 1 << 8 | 7)] == [0, 4, 0]
+    assert third.add_task(0, "127.0.0.1") == 257
 
 
 # -- persistence ----------------------------------------------------------------------------------
