@@ -41,8 +41,8 @@ KEEPALIVE_EVERY = 15.0              # SSE comment interval
 EVENTS_MIN_GAP = 1.0                # an SSE stream sends at most one update a second
 JSON_TYPE = "application/json"
 HERE = Path(__file__).resolve().parent
-_GONE = (ConnectionError, TimeoutError, BlockingIOError)   # the peer left or stalled past the
-                                                            # idle timeout
+# The peer went away, or stalled past the idle timeout (BlockingIOError: see Handler.setup).
+_GONE = (ConnectionError, TimeoutError, BlockingIOError)
 
 
 class HttpError(Exception):
@@ -359,9 +359,9 @@ class Handler(BaseHTTPRequestHandler):
         self._admin(req)
         data = _json_object(req.body, success=False)
         status = _task_index(data.get("task_status", 0), "task_status")
-        task = data.get("task_index")
-        task = None if task is None else _task_index(task)
-        task = self.server.store.add_task(status, req.client, task)
+        wanted = data.get("task_index")                 # optional: that task, else the first
+        task = self.server.store.add_task(status, req.client,
+                                          None if wanted is None else _task_index(wanted))
         return HTTPStatus.OK, {"success": True, "task_index": task}
 
     def revise(self, req):

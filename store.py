@@ -186,7 +186,7 @@ class Store:
         self._token_key = secrets.token_bytes(32)
         self._tokens = 0
         self._closing = False
-        self._log_error: OSError | None = None
+        self._log_error: Exception | None = None
 
     # -- volunteers -------------------------------------------------------------------------------
 
@@ -637,8 +637,8 @@ class Store:
                 if self._durable < ticket and self._log_error is None:
                     try:
                         self._flush()
-                    except OSError as exc:      # a full disk: fail requests, don't hang them
-                        self._log_error = exc
+                    except Exception as exc:    # a full disk: fail requests, don't hang them
+                        self._log_error = exc       # (nor call a lost batch durable later)
         if self._log_error is not None:
             raise OSError(f"the log could not be written: {self._log_error}")
 
