@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Iterable, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
-from store import Refused, Store, network_of, parse_blocklist
+from store import Refused, Store, network_of, parse_blocklist, remembered_scope
 
 MAX_BODY = 4 << 20                  # 4 MiB: a result is 64 KiB of '0'/'1' plus a few fields
 MAX_URL = 8192
@@ -90,12 +90,18 @@ def is_loopback(client: str) -> bool:
     return (mapped or address).is_loopback
 
 
-def check_admin(token: str | None, authorization: str | None, client: str) -> None:
+def check_admin(token: str | None, authorization: str | None, client: str,
+                fetch_site: str | None = None) -> None:
     """Raise HttpError unless the request may use admin actions.
 
     With a token configured it must come as ``Authorization: Bearer <token>``, from anywhere,
-    loopback included; with none configured only loopback clients are admitted.
+    loopback included; with none configured only loopback clients are admitted. The admin
+    actions are GETs (as in the original system), so a web page open in the operator's browser
+    could fire them at a loopback server: a request a browser marks as coming from another site
+    (``Sec-Fetch-Site``) is refused whatever else it carries.
     """
+    if (fetch_site or "").strip().lower() in ("cross-site", "same-site"):
+        raise HttpError(HTTPStatus.FORBIDDEN, "admin actions are refused from other web sites")
     if token:
         scheme, _, given = (authorization or "").strip().partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
@@ -353,7 +359,8 @@ class Handler(BaseHTTPRequestHandler):
     # -- admin ------------------------------------------------------------------------------------
 
     def _admin(self, req):
-        check_admin(self.server.admin_token, req.headers.get("Authorization"), req.client)
+        check_admin(self.server.admin_token, req.headers.get("Authorization"), req.client,
+                    req.headers.get("Sec-Fetch-Site"))
 
     def add_task(self, req):
         self._admin(req)
@@ -589,7 +596,9 @@ def _parse_args(argv):
     parser.add_argument("--port", type=int, default=env("PING_PORT", "8001"))
     parser.add_argument("--data", default=env("PING_DATA", "."), help="folder for the state files")
     parser.add_argument("--scope", default=env("PING_SCOPE"),
-                        help="CIDR[,CIDR]: limit the census (names reserved space explicitly)")
+                        help="CIDR[,CIDR]: limit the census (naming reserved space allows it); "
+                             "'all' = every block outside reserved space. Remembered in the data "
+                             "folder (default: the remembered scope, else all)")
     parser.add_argument("--exclude", default=env("PING_EXCLUDE"),
                         help="opt-out list, ZMap blocklist format")
     parser.add_argument("--lease", type=float, default=env("PING_LEASE", "600"),
@@ -599,8 +608,7 @@ def _parse_args(argv):
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
     args = parser.parse_args(argv)
     try:
-        args.scope = ([ipaddress.IPv4Network(s.strip(), strict=False)
-                       for s in args.scope.split(",") if s.strip()] if args.scope else None)
+        args.scope = _parse_scope(args.scope)
         args.exclude = parse_blocklist(Path(args.exclude).read_text()) if args.exclude else ()
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
@@ -609,11 +617,34 @@ def _parse_args(argv):
     return args
 
 
+def _parse_scope(text):
+    """None (not given), [] ('all': the whole census) or the list of networks."""
+    if not text:
+        return None
+    if text.strip().lower() == "all":
+        return []
+    return [ipaddress.IPv4Network(part.strip()) for part in text.split(",") if part.strip()]
+
+
+def _describe(scope) -> str:
+    return ",".join(map(str, scope)) if scope else "all"
+
+
 def main(argv=None) -> int:
     args = _parse_args(argv)
-    store = Store(args.data, scope=args.scope, exclude=args.exclude, lease_seconds=args.lease)
-    server = CensusServer((args.host, args.port), store, admin_token=args.admin_token,
-                          verbose=args.verbose)
+    scope, before = remembered_scope(args.data, args.scope)
+    if args.scope is not None and before is not None and sorted(before) != sorted(scope):
+        print(f"scope changed from {_describe(before)} to {_describe(scope)}", file=sys.stderr)
+    store = Store(args.data, scope=scope or None, exclude=args.exclude, lease_seconds=args.lease)
+    try:
+        server = CensusServer((args.host, args.port), store, admin_token=args.admin_token,
+                              verbose=args.verbose)
+    except OSError as exc:
+        store.close()
+        print(f"ping_server.py: cannot listen on {args.host}:{args.port}: {exc.strerror}",
+              file=sys.stderr)
+        return 1
+    print(f"census scope: {_describe(scope)}", file=sys.stderr)
     signal.signal(signal.SIGTERM,
                   lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     host, port = server.server_address[:2]

@@ -50,6 +50,7 @@ RESERVED = tuple(ipaddress.IPv4Network(n) for n in (
 
 SNAPSHOT_FILE = "census.json"
 LOG_FILE = "census.log"
+SCOPE_FILE = "census.scope"         # the --scope the data was made with, one CIDR a line
 _HEADER = struct.Struct("<III")     # result bytes length, JSON line length, CRC-32 of both
 
 
@@ -130,6 +131,23 @@ def parse_blocklist(text: str) -> list:
         except ValueError:
             raise ValueError(f"line {number}: not an IPv4 network: {line!r}") from None
     return nets
+
+
+def remembered_scope(directory, scope=None):
+    """(scope to use, scope remembered before): a scope given is remembered in `directory` for
+    the next start; none given means the remembered one, so a restart without --scope never
+    silently widens a census to the whole address space. [] remembered = the whole space."""
+    path = Path(directory) / SCOPE_FILE
+    try:
+        before = [ipaddress.IPv4Network(line) for line in path.read_text().split()]
+    except FileNotFoundError:
+        before = None
+    if scope is None:
+        return before, before
+    if before is None or sorted(before) != sorted(scope):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, "".join(f"{net}\n" for net in scope).encode())
+    return scope, before
 
 
 def plan_scope(scope=None, exclude=()):
@@ -274,13 +292,16 @@ class Store:
 
     def revise(self, task: int, code: int, *, force=False, holder="") -> None:
         """Set a task's state (kept across restarts, whatever the scope then); a task in
-        progress only with ``force``."""
+        progress, or a done one (whose result this discards), only with ``force``."""
         if code not in tuple(State):
             raise Refused(HTTPStatus.BAD_REQUEST, "code must be 0..4")
         with self._lock:
             self._check_task(task)
             if self._states[task] == State.IN_PROGRESS and not force:
                 raise self._refuse(HTTPStatus.CONFLICT, "task is in progress (use force=1)")
+            if self._states[task] == State.DONE and code != State.DONE and not force:
+                raise self._refuse(HTTPStatus.CONFLICT,
+                                   "task is done: revising it discards its result (use force=1)")
             self._retire_lease(task)
             self._drop_result(task)
             self._errors.pop(task, None)

@@ -175,6 +175,8 @@ def test_admin_endpoints_from_loopback_without_token(srv):
     _, _, task = srv.call("GET", "/get_task")
     assert srv.call("GET", f"/revise?id={task['task_index']}&code=0")[0] == 409
     assert srv.call("GET", f"/revise?id={task['task_index']}&code=0&force=1")[0] == 200
+    assert srv.call("GET", f"/revise?id={LOOP}&code=0")[0] == 409      # done: would discard it
+    assert srv.call("GET", f"/revise?id={LOOP}&code=0&force=1")[0] == 200
 
 
 def test_admin_token_required_even_from_loopback(tmp_path):
@@ -204,6 +206,12 @@ def test_loopback_rule_through_the_address_check():
     check_admin("t", "Bearer t", "192.0.2.1")             # a token works from anywhere
     with pytest.raises(HttpError):
         check_admin("t", "Basic t", "127.0.0.1")
+    check_admin(None, None, "127.0.0.1", "same-origin")
+    check_admin(None, None, "127.0.0.1", "none")           # typed in the address bar
+    for site in ("cross-site", "same-site"):              # a page elsewhere firing a GET at us
+        with pytest.raises(HttpError) as caught:
+            check_admin("t", "Bearer t", "127.0.0.1", site)
+        assert caught.value.status == 403
 
 
 # -- leases over HTTP -----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import zlib
 
 import pytest
 
-from store import (LOG_FILE, SNAPSHOT_FILE, TASKS, Refused, State, Store, network_of,
+from store import (LOG_FILE, remembered_scope, SNAPSHOT_FILE, TASKS, Refused, State, Store, network_of,
                    parse_blocklist, plan_scope)
 
 LOOP = 32512                                   # 127.0.0.0/16
@@ -395,3 +395,12 @@ def test_scope_change_on_restart(open_store):
     again = open_store(scope=[ipaddress.IPv4Network("127.0.0.0/16")])
     got = again.progress()
     assert (got["done_tasks"], got["available_tasks"]) == (1, 0 if handout.task == LOOP else 1)
+
+
+def test_scope_is_remembered_so_a_restart_never_widens_the_census(tmp_path):
+    loop = [ipaddress.IPv4Network("127.0.0.0/16")]
+    assert remembered_scope(tmp_path, None) == (None, None)          # new folder: everything
+    assert remembered_scope(tmp_path, loop) == (loop, None)
+    assert remembered_scope(tmp_path, None) == (loop, loop)          # restart without --scope
+    assert remembered_scope(tmp_path, []) == ([], loop)              # 'all', said explicitly
+    assert remembered_scope(tmp_path, None) == ([], [])
