@@ -147,10 +147,7 @@ def blocked(network: ipaddress.IPv4Network, allow, exclude) -> str:
     if icmp.wholly_reserved(network, allow):
         return ("reserved address space, and --allow does not open it (pass --allow only for "
                 "space that is yours to probe)")
-    pieces = [network]                   # what the exclusions leave of the network
-    for hole in ipaddress.collapse_addresses(exclude):
-        pieces = [rest for piece in pieces for rest in _minus(piece, hole)]
-    if all(icmp.wholly_reserved(piece, allow) for piece in pieces):
+    if all(icmp.wholly_reserved(piece, allow) for piece in _gaps(network, exclude)):
         return ("excluded in full: the exclusions and the reserved space --allow does not "
                 "open cover every address")
     return ""
@@ -693,11 +690,23 @@ def options_from(args: argparse.Namespace) -> SweepOptions:
 
 # --- private helpers --------------------------------------------------------------------------
 
-def _minus(piece: ipaddress.IPv4Network, hole: ipaddress.IPv4Network) -> list:
-    """What is left of `piece` once `hole` is taken out of it."""
-    if piece.subnet_of(hole):
-        return []
-    return list(piece.address_exclude(hole)) if hole.subnet_of(piece) else [piece]
+def _gaps(network: ipaddress.IPv4Network, holes):
+    """Yield the networks that make up `network` minus `holes`, in address order."""
+    start, end = int(network.network_address), int(network.broadcast_address)
+    for hole in ipaddress.collapse_addresses(holes):        # sorted, disjoint
+        first, last = int(hole.network_address), int(hole.broadcast_address)
+        if last < start or first > end:
+            continue
+        if first > start:
+            yield from _span(start, first - 1)
+        start = last + 1
+    if start <= end:
+        yield from _span(start, end)
+
+
+def _span(first: int, last: int):
+    return ipaddress.summarize_address_range(ipaddress.IPv4Address(first),
+                                             ipaddress.IPv4Address(last))
 
 
 def _text(value) -> str:

@@ -31,8 +31,9 @@ NO_TASK = {"error": "No tasks available"}
 
 # --- fakes ------------------------------------------------------------------------------------
 
-def fake_result(network, replied=(), unreachable=(), excluded=(), rtt=100):
-    """An icmp.SweepResult for `network`: offsets in `replied` answered with rtt + offset µs."""
+def fake_result(network, replied=(), unreachable=(), excluded=(), rtt=100, **stats):
+    """An icmp.SweepResult for `network`: offsets in `replied` answered with rtt + offset µs;
+    every other target probed once, unless `stats` (SweepStats fields) says otherwise."""
     net = ipaddress.IPv4Network(network)
     base, size = int(net.network_address), net.num_addresses
     status, rtts = bytearray(size), array.array("I", bytes(4 * size))
@@ -42,8 +43,11 @@ def fake_result(network, replied=(), unreachable=(), excluded=(), rtt=100):
         status[k] = icmp.Status.UNREACHABLE
     for k in excluded:
         status[k] = icmp.Status.EXCLUDED
-    stats = icmp.SweepStats(**{f: 0 for f in icmp.SweepStats._fields})
-    stats = stats._replace(sent=size - len(excluded), elapsed=2.0, kind="fake")
+    counts = {f: 0 for f in icmp.SweepStats._fields}
+    counts.update(sent=size - len(excluded), replies=len(replied), unreachable=len(unreachable),
+                  excluded=len(excluded), rounds=1, elapsed=2.0, kind="fake")
+    counts.update(stats)
+    stats = icmp.SweepStats(**counts)
     return icmp.SweepResult(range(base, base + size), status, bytearray(size), rtts, stats)
 
 
@@ -193,19 +197,34 @@ def test_parse_task_original_and_new_shapes():
     old = ping_client.parse_task({"task_index": "32512", "task_status": 1})
     assert (old.index, old.lease, old.network) == (LOOP_TASK, None, ipaddress.IPv4Network(LOOP))
     new = ping_client.parse_task(task(exclude=["127.0.3.0/24"], rate=50))
-    assert (new.lease, new.exclude, new.rate) == ("L1", ("127.0.3.0/24",), 50)
+    assert (new.lease, new.exclude) == ("L1", ("127.0.3.0/24",))
     assert ping_client.parse_task(NO_TASK) is None
-    for bad in ({"task_index": 65536}, {"task_index": "x"}, {"task_index": True}, {}):
+    for bad in ({"task_index": 65536}, {"task_index": "x"}, {"task_index": True}, {},
+                {"task_index": "\u00b2"}, {"task_index": "-1"}, {"task_index": 1.0}):
         with pytest.raises(ping_client.ClientError):
             ping_client.parse_task(bad)
 
 
-def test_effective_rate_never_above_own():
-    assert ping_client.effective_rate(10000, 1e9) == 10000
-    assert ping_client.effective_rate(10000, 500) == 500
-    assert ping_client.effective_rate(10000, None) == 10000
-    assert ping_client.effective_rate(0, 2000) == 2000
-    assert ping_client.effective_rate(0, None) == 0
+@pytest.mark.parametrize("network, allow, exclude, refused", [
+    ("10.0.0.0/16", [], [], True),                                  # reserved
+    ("127.0.0.0/16", ["127.0.0.0/8"], [], False),
+    ("127.0.0.0/16", ["127.0.128.0/17"], ["127.0.128.0/17"], True),  # allowed part excluded
+    ("127.0.0.0/16", ["127.0.128.0/17"], ["127.0.128.0/18"], False),
+    ("127.0.0.0/16", ["127.0.0.0/8"], ["127.0.0.0/17", "127.0.128.0/17"], True),
+    ("127.0.0.0/16", ["127.0.0.0/8"], [f"127.0.{k}.0/24" for k in range(255)], False),
+    ("127.0.0.0/16", ["127.0.0.0/8"], [f"127.0.{k}.0/24" for k in range(256)], True),
+])
+def test_blocked_when_nothing_is_left_to_probe(network, allow, exclude, refused):
+    nets = [[ipaddress.IPv4Network(n) for n in group] for group in (allow, exclude)]
+    assert bool(ping_client.blocked(ipaddress.IPv4Network(network), *nets)) is refused
+
+
+def test_normal_url():
+    for spelling in ("HTTP://Census.Example:8001/", "http://census.example:8001",
+                     " http://CENSUS.example:8001// "):
+        assert ping_client.normal_url(spelling) == "http://census.example:8001"
+    assert ping_client.normal_url("https://h:443/api/") == "https://h/api"
+    assert ping_client.normal_url("http://h:80") == "http://h"
 
 
 # --- result encoding --------------------------------------------------------------------------
@@ -230,6 +249,20 @@ def test_rtt_golden_bytes_and_round_trip():
     assert list(ping_client.decode_rtt(golden.decode())) == [100, 250, 2**32 - 1]
 
 
+@pytest.mark.parametrize("stats, why", [
+    ({}, ""),
+    ({"sent": 100}, "--timeout"),                                   # cut short
+    ({"sent": 0, "send_errors": 65536}, "could not be sent"),       # ENETUNREACH on every send
+    ({"sent": 65535, "send_errors": 1}, "could not be sent"),
+    ({"sent": 70000, "send_errors": 1, "rounds": 2}, "could not be sent"),
+    ({"sent": 70000, "send_errors": 1, "rounds": 3}, ""),          # cannot hide an address
+    ({"excluded": range(65536)}, "nothing was probed"),
+])
+def test_incomplete_sweeps(stats, why):
+    reason = ping_client.incomplete(fake_result(LOOP, **stats))
+    assert (why in reason) if why else reason == ""
+
+
 def test_submission_refuses_a_result_of_another_shape():
     with pytest.raises(ping_client.ClientError):
         ping_client.submission_body(ping_client.parse_task(task()),
@@ -240,24 +273,28 @@ def test_submission_refuses_a_result_of_another_shape():
 
 def test_backoff_doubles_with_jitter_and_caps():
     top = Backoff(base=0.5, cap=4.0, rng=lambda: 1.0)
-    assert [top.next() for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    assert [top.delay() for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
     low = Backoff(base=0.5, cap=4.0, rng=lambda: 0.0)
-    assert [low.next() for _ in range(3)] == [0.25, 0.5, 1.0]
+    assert [low.delay() for _ in range(3)] == [0.25, 0.5, 1.0]
     top.reset()
-    assert top.next() == 0.5
+    assert top.delay() == 0.5
 
 
 def test_spool_is_durable_and_survives_a_restart(tmp_path):
     spool = Spool(str(tmp_path / "s"))
-    first = spool.put({"server": "http://x", "body": {"task_index": 1}}, 1)
-    second = spool.put({"server": "http://x", "body": {"task_index": 2}}, 2)
+    first = spool.put("http://x", {"task_index": 1}, 1)
+    second = spool.put("http://x", {"task_index": 2}, 2)
     assert not [n for n in os.listdir(spool.path) if n.endswith(".tmp")]
+    with open(os.path.join(spool.path, "1-task3.json.tmp"), "w") as fh:
+        fh.write('{"server": "http://x", "bo')          # a run that died mid-put
     reopened = Spool(spool.path)
-    assert reopened.pending() == [(first, {"server": "http://x", "body": {"task_index": 1}}),
-                                  (second, {"server": "http://x", "body": {"task_index": 2}})]
-    reopened.drop(first)
-    reopened.drop(first)                      # already gone: no error
-    assert [p for p, _ in Spool(spool.path).pending()] == [second]
+    assert reopened.pending() == [first, second]
+    assert second == ping_client.Spooled(second.path, "http://x", {"task_index": 2})
+    assert sorted(os.listdir(spool.path)) == sorted(os.path.basename(s.path)
+                                                    for s in (first, second))
+    reopened.drop(first.path)
+    reopened.drop(first.path)                 # already gone: no error
+    assert Spool(spool.path).pending() == [second]
 
 
 def test_spool_sets_aside_a_corrupt_file(tmp_path, serve, capsys):
@@ -265,11 +302,13 @@ def test_spool_sets_aside_a_corrupt_file(tmp_path, serve, capsys):
     spool = Spool(str(tmp_path / "spool"))
     with open(os.path.join(spool.path, "0-task1.json"), "w") as fh:
         fh.write("{torn")
+    with open(os.path.join(spool.path, "0-task2.json"), "w") as fh:
+        fh.write('{"server": 7, "body": {}}')
     client = ping_client.Client(Api(server.url), spool, None, ping_client.Console(),
                                 name="t", sleep=lambda s: None)
     client.flush_spool()
-    assert os.listdir(spool.path) == ["0-task1.json.bad"]
-    assert "unreadable spool file" in capsys.readouterr().err
+    assert sorted(os.listdir(spool.path)) == ["0-task1.json.bad", "0-task2.json.bad"]
+    assert capsys.readouterr().err.count("unreadable spool file") == 2
     assert server.requests == []
 
 
@@ -318,9 +357,9 @@ def test_submit_retries_5xx_and_drops_refusals(tmp_path, serve, capsys, answers,
     sleeps = []
     client = make_client(server, tmp_path, sleeps)
     body = {"task_index": 7, "result": {"success": True, "result_data": "0"}}
-    path = client.spool.put({"server": server.url, "body": body}, 7)
-    assert client.submit(path, body) is accepted
-    assert os.path.exists(path) is kept
+    spooled = client.spool.put(server.url, body, 7)
+    assert client.submit(spooled) is accepted
+    assert os.path.exists(spooled.path) is kept
     retries = sum(1 for status, _ in answers if status >= 500)
     assert len(server.calls("POST", "/submit_result")) == retries + 1
     assert len(sleeps) == retries and sleeps == sorted(sleeps)
@@ -347,10 +386,11 @@ def test_once_sweeps_and_submits(tmp_path, serve, monkeypatch):
     assert (kwargs["rate"], kwargs["probes"], kwargs["cooldown"]) == (10000, 1, 1.0)
 
 
-def test_server_adds_exclusions_and_cannot_raise_the_rate(tmp_path, serve, monkeypatch):
+@pytest.mark.parametrize("asked", [10**7, 1e-9, "fast"])
+def test_server_adds_exclusions_and_cannot_change_the_rate(tmp_path, serve, monkeypatch, asked):
     sweep = FakeSweep()
     monkeypatch.setattr(icmp, "sweep", sweep)
-    server = serve({("GET", "/get_task"): [(200, task(exclude=["127.0.1.0/24"], rate=10**7,
+    server = serve({("GET", "/get_task"): [(200, task(exclude=["127.0.1.0/24"], rate=asked,
                                                       allow=["0.0.0.0/0"]))],
                     ("POST", "/submit_result"): [OK]})
     code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8", "--rate", "500",
@@ -432,29 +472,52 @@ def test_refuses_an_inconsistent_task(tmp_path, serve, no_packets, answer):
     assert len(server.calls("POST", "/release")) == 1
 
 
-@pytest.mark.parametrize("own, theirs", [("127.0.0.0/12", []),
-                                         ("127.0.0.0/17", ["127.0.128.0/17"])])
-def test_exclusions_covering_the_block_refuse(tmp_path, serve, no_packets, own, theirs):
+@pytest.mark.parametrize("flags, theirs", [
+    (["--allow", "127.0.0.0/8", "--exclude", "127.0.0.0/12"], []),
+    (["--allow", "127.0.0.0/8", "--exclude", "127.0.0.0/17"], ["127.0.128.0/17"]),
+    (["--allow", "127.0.128.0/17"], ["127.0.128.0/17"]),     # the rest is reserved, not allowed
+])
+def test_exclusions_covering_the_block_refuse(tmp_path, serve, no_packets, capsys, flags, theirs):
     server = serve({("GET", "/get_task"): [(200, task(exclude=theirs))],
                     ("POST", "/release"): [OK]})
-    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8", "--exclude", own)
+    code, _ = run_client(server, tmp_path, "--once", *flags)
     assert code == 1 and no_packets == []
     assert len(server.calls("POST", "/release")) == 1
+    assert server.calls("POST", "/submit_result") == []
+    assert "excluded in full" in capsys.readouterr().err
 
 
-def test_restart_submits_the_spool_first(tmp_path, serve, monkeypatch):
+def test_restart_submits_the_spool_first(tmp_path, serve, monkeypatch, capsys):
     monkeypatch.setattr(icmp, "sweep", FakeSweep())
     server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/submit_result"): [OK]})
     old = {"task_index": 99, "result": {"success": True, "result_data": "1" * 65536}}
     spool = Spool(str(tmp_path / "spool"))
-    spool.put({"server": server.url, "body": old}, 99)
-    spool.put({"server": "http://elsewhere:8001", "body": old}, 99)
+    spool.put(server.url.replace("http", "HTTP") + "/", old, 99)    # spelled differently
+    spool.put("http://elsewhere:8001", old, 99)
     code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8")
     assert code == 0
     order = [(method, path) for method, path, _ in server.requests]
     assert order == [("POST", "/submit_result"), ("GET", "/get_task"), ("POST", "/submit_result")]
     assert server.requests[0][2] == old
     assert len(spooled(tmp_path)) == 1            # the other server's result waits for it
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "warning: " in line and "elsewhere:8001" in line]
+
+
+def test_loop_submits_the_spool_before_every_task(tmp_path, serve, monkeypatch):
+    monkeypatch.setattr(icmp, "sweep", FakeSweep())
+    server = serve({("GET", "/get_task"): [(200, task()), (200, NO_TASK)],
+                    ("POST", "/submit_result"): [(401, {"error": "who are you"}), OK]})
+
+    def sleep(seconds):
+        if server.calls("GET", "/get_task")[1:]:
+            raise KeyboardInterrupt
+
+    code, _ = run_client(server, tmp_path, "--allow", "127.0.0.0/8", sleep=sleep)
+    assert code == 130 and spooled(tmp_path) == []
+    order = [(method, path) for method, path, _ in server.requests]
+    assert order == [("GET", "/get_task"), ("POST", "/submit_result"),
+                     ("POST", "/submit_result"), ("GET", "/get_task")]
 
 
 def test_result_is_spooled_before_it_is_submitted(tmp_path, serve, monkeypatch, capsys):
@@ -511,6 +574,29 @@ def test_a_sweep_cut_short_is_not_submitted(tmp_path, serve, monkeypatch):
     assert len(server.calls("POST", "/release")) == 1 and spooled(tmp_path) == []
 
 
+def test_a_sweep_whose_sends_failed_is_not_submitted(tmp_path, serve, monkeypatch, capsys):
+    unsent = fake_result(LOOP, sent=0, send_errors=65536)        # e.g. ENETUNREACH on each
+    monkeypatch.setattr(icmp, "sweep", lambda targets, **kwargs: unsent)
+    server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/release"): [OK]})
+    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8")
+    assert code == 1 and server.calls("POST", "/submit_result") == []
+    assert len(server.calls("POST", "/release")) == 1 and spooled(tmp_path) == []
+    assert "could not be sent" in capsys.readouterr().err
+
+
+def test_ctrl_c_before_the_result_is_spooled_releases(tmp_path, serve, monkeypatch):
+    monkeypatch.setattr(icmp, "sweep", FakeSweep())
+
+    def put(self, server, body, index):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Spool, "put", put)
+    server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/release"): [OK]})
+    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8")
+    assert code == 130 and server.calls("POST", "/submit_result") == []
+    assert len(server.calls("POST", "/release")) == 1
+
+
 def test_get_task_retries_when_the_server_is_down(tmp_path, serve, monkeypatch):
     monkeypatch.setattr(icmp, "sweep", FakeSweep())
     server = serve({("GET", "/get_task"): [(500, {"error": "x"}), (503, b""), (200, task())],
@@ -529,13 +615,90 @@ def test_ctrl_c_mid_sweep_releases_and_exits_130(tmp_path, serve, monkeypatch):
     assert server.calls("POST", "/submit_result") == [] and spooled(tmp_path) == []
 
 
-def test_no_icmp_permission_releases_and_exits_1(tmp_path, serve, monkeypatch, capsys):
+def test_sigterm_mid_sweep_releases_and_exits_143(tmp_path, serve, monkeypatch, capsys):
+    monkeypatch.setattr(icmp, "sweep", FakeSweep(error=ping_client.Terminated()))
+    server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/release"): [OK]})
+    code, _ = run_client(server, tmp_path, "--allow", "127.0.0.0/8")
+    assert code == 143 and len(server.calls("POST", "/release")) == 1
+    assert "terminated" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("once", [True, False])
+def test_no_icmp_permission_releases_and_exits_1(tmp_path, serve, monkeypatch, capsys, once):
     error = icmp.IcmpPermissionError("run me with sudo")
     monkeypatch.setattr(icmp, "sweep", FakeSweep(error=error))
     server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/release"): [OK]})
-    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8")
+    code, _ = run_client(server, tmp_path, *(["--once"] if once else []), "--allow", "127.0.0.0/8")
     assert code == 1 and len(server.calls("POST", "/release")) == 1
     assert "run me with sudo" in capsys.readouterr().err
+
+
+def test_a_failing_sweep_is_retried_in_loop_mode(tmp_path, serve, monkeypatch, capsys):
+    monkeypatch.setattr(icmp, "sweep", FakeSweep(error=OSError(100, "Network is down")))
+    server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/release"): [OK]})
+    waits = []
+
+    def sleep(seconds):
+        waits.append(seconds)
+        if len(waits) == 3:
+            raise KeyboardInterrupt
+
+    code, _ = run_client(server, tmp_path, "--allow", "127.0.0.0/8", sleep=sleep)
+    assert code == 130 and waits == sorted(waits)
+    assert len(server.calls("POST", "/release")) == 3
+    assert capsys.readouterr().err.count("Network is down") == 3
+    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8")
+    assert code == 1 and len(server.calls("POST", "/release")) == 4
+
+
+class FakeClock:
+    """A clock that the client's sleep moves on."""
+
+    def __init__(self):
+        self.now, self.sleeps = 1000.0, []
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.sleeps.append(seconds)
+        self.now += seconds
+        assert sum(self.sleeps) < 4 * ping_client.ONCE_PATIENCE, "the client never gave up"
+
+
+def test_once_gives_up_on_a_silent_server_and_keeps_the_result(tmp_path, serve, monkeypatch,
+                                                                capsys):
+    monkeypatch.setattr(icmp, "sweep", FakeSweep())
+    server = serve({("GET", "/get_task"): [(200, task())],
+                    ("POST", "/submit_result"): [(503, {"error": "down"})]})
+    clock = FakeClock()
+    code = ping_client.main(["--server", server.url, "--spool", str(tmp_path / "spool"), "--once",
+                             "--allow", "127.0.0.0/8"], sleep=clock.sleep, clock=clock)
+    assert code == 1 and len(spooled(tmp_path)) == 1
+    assert ping_client.ONCE_PATIENCE <= sum(clock.sleeps) < ping_client.ONCE_PATIENCE + 61
+    assert server.calls("POST", "/release") == []      # the result will still be submitted
+    assert "sent at the next start" in capsys.readouterr().err
+    server.script[("POST", "/submit_result")] = [OK]
+    server.script[("GET", "/get_task")] = [(500, {"error": "down"})]
+    code = ping_client.main(["--server", server.url, "--spool", str(tmp_path / "spool"), "--once",
+                             "--allow", "127.0.0.0/8"], sleep=clock.sleep, clock=clock)
+    assert code == 1 and spooled(tmp_path) == []       # submitted first, then gave up on tasks
+
+
+@pytest.mark.parametrize("progress, waits", [
+    ({"available_tasks": 0, "in_progress": 0, "done_tasks": 1}, 0),   # the census is done
+    ({"available_tasks": 0, "in_progress": 1, "done_tasks": 0}, 1),   # someone holds the last
+])
+def test_once_with_the_census_complete_exits_0(tmp_path, serve, monkeypatch, capsys, progress,
+                                               waits):
+    monkeypatch.setattr(icmp, "sweep", FakeSweep())
+    server = serve({("GET", "/get_task"): [(200, NO_TASK), (200, task())],
+                    ("GET", "/get_progress"): [(200, progress)],
+                    ("POST", "/submit_result"): [OK]})
+    code, sleeps = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8")
+    assert code == 0 and len(sleeps) == waits
+    assert len(server.calls("POST", "/submit_result")) == waits
+    assert ("census on this server is complete" in capsys.readouterr().err) is (not waits)
 
 
 # --- standalone scan --------------------------------------------------------------------------
@@ -599,7 +762,7 @@ def test_defaults():
 
 def test_progress_on_a_terminal_is_one_line():
     stream = io.StringIO()
-    console = ping_client.Console(stream, tty=True)
+    console = ping_client.Console(stream, tty=True, columns=lambda: 200)
     console.begin(LOOP)
     console.progress(icmp.Progress(16384, 65536, 1000, 0, 1.6, 10000.0))
     console.progress(icmp.Progress(32768, 65536, 2000, 0, 3.2, 10000.0))
@@ -607,6 +770,14 @@ def test_progress_on_a_terminal_is_one_line():
     text = stream.getvalue()
     assert text.count("\n") == 1 and text.endswith("task done\n")
     assert "\r127.0.0.0/16   50.0 %  10,000 probes/s  2,000 replies  ETA 3 s\x1b[K" in text
+
+
+def test_progress_on_a_narrow_terminal_is_cut_not_wrapped():
+    stream = io.StringIO()
+    console = ping_client.Console(stream, tty=True, columns=lambda: 30)
+    console.begin(LOOP)
+    console.progress(icmp.Progress(32768, 65536, 2000, 0, 3.2, 10000.0))
+    assert stream.getvalue() == "\r127.0.0.0/16   50.0 %  10,000\x1b[K"
 
 
 def test_progress_off_a_terminal_is_plain_lines_now_and_then():
