@@ -99,6 +99,7 @@ class SweepOptions(NamedTuple):
     timeout: float | None
     allow: tuple[ipaddress.IPv4Network, ...]     # reserved space the user opened
     exclude: tuple[ipaddress.IPv4Network, ...]   # the user's own exclusions
+    only: tuple[ipaddress.IPv4Network, ...] = ()  # with --server: probe nothing outside these
 
 
 # --- tasks and the client's own rules ---------------------------------------------------------
@@ -136,6 +137,8 @@ def check_task(task: Task, options: SweepOptions) -> tuple[ipaddress.IPv4Network
     except ValueError as exc:
         raise Refused(f"the task's exclude list cannot be honoured: {exc}") from None
     exclude = options.exclude + extra    # the server adds; it never takes ours away
+    if options.only:                     # everything of the block outside --only is excluded
+        exclude += tuple(_gaps(task.network, options.only))
     why = blocked(task.network, options.allow, exclude)
     if why:
         raise Refused(f"{task.network} is {why}")
@@ -148,8 +151,8 @@ def blocked(network: ipaddress.IPv4Network, allow, exclude) -> str:
         return ("reserved address space, and --allow does not open it (pass --allow only for "
                 "space that is yours to probe)")
     if all(icmp.wholly_reserved(piece, allow) for piece in _gaps(network, exclude)):
-        return ("excluded in full: the exclusions and the reserved space --allow does not "
-                "open cover every address")
+        return ("excluded in full: the exclusions, --only and the reserved space --allow "
+                "does not open cover every address")
     return ""
 
 
@@ -676,6 +679,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.allow = [net for group in args.allow for net in group]      # nargs + extend: lists
     args.exclude = [net for group in args.exclude for net in group]
+    args.only = [net for group in args.only for net in group]
     if args.output is not None and args.scan is None:
         parser.error("-o/--output goes with --scan")
     if args.once and args.scan is not None:
@@ -685,7 +689,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def options_from(args: argparse.Namespace) -> SweepOptions:
     return SweepOptions(args.rate, args.probes, args.cooldown, args.timeout,
-                        tuple(args.allow), tuple(args.exclude))
+                        tuple(args.allow), tuple(args.exclude), tuple(args.only))
 
 
 # --- private helpers --------------------------------------------------------------------------
@@ -770,6 +774,11 @@ def _sweep_flags(parser: argparse.ArgumentParser) -> None:
                         help="never probe these, whatever a server says; several CIDRs, "
                              "space- or comma-separated; a server can add exclusions but cannot "
                              "narrow these (default: none)")
+    parser.add_argument("--only", type=_networks, nargs="+", action="extend", default=[],
+                        metavar="CIDR",
+                        help="with --server: probe nothing outside these networks, and refuse "
+                             "a task that lies wholly outside them, e.g. 127.0.0.0/8 for the "
+                             "local demo (default: anywhere the other rules allow)")
 
 
 def _talk_flags(parser: argparse.ArgumentParser) -> None:

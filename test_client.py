@@ -405,6 +405,17 @@ def test_server_adds_exclusions_and_cannot_change_the_rate(tmp_path, serve, monk
     assert (kwargs["probes"], kwargs["cooldown"], kwargs["timeout"]) == (3, 0.25, 9.0)
 
 
+def test_only_excludes_the_rest_of_the_block(tmp_path, serve, monkeypatch):
+    sweep = FakeSweep()
+    monkeypatch.setattr(icmp, "sweep", sweep)
+    server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/submit_result"): [OK]})
+    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8",
+                         "--only", "127.0.0.0/17")
+    assert code == 0
+    [(_, kwargs)] = sweep.calls
+    assert set(kwargs["exclude"]) == {ipaddress.IPv4Network("127.0.128.0/17")}
+
+
 def test_real_sweep_skips_both_exclusion_lists_and_tags_every_probe(tmp_path, serve,
                                                                    monkeypatch):
     fake = RecordingSocket()
@@ -476,6 +487,7 @@ def test_refuses_an_inconsistent_task(tmp_path, serve, no_packets, answer):
     (["--allow", "127.0.0.0/8", "--exclude", "127.0.0.0/12"], []),
     (["--allow", "127.0.0.0/8", "--exclude", "127.0.0.0/17"], ["127.0.128.0/17"]),
     (["--allow", "127.0.128.0/17"], ["127.0.128.0/17"]),     # the rest is reserved, not allowed
+    (["--allow", "127.0.0.0/8", "--only", "127.1.0.0/16"], []),   # a task outside --only
 ])
 def test_exclusions_covering_the_block_refuse(tmp_path, serve, no_packets, capsys, flags, theirs):
     server = serve({("GET", "/get_task"): [(200, task(exclude=theirs))],
