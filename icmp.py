@@ -72,6 +72,7 @@ class IcmpType(IntEnum):
     TIME_EXCEEDED = 11
 
 
+# what the receiving raw socket lets through ICMP_FILTER: the answers a probe can get
 _ANSWERS = (1 << IcmpType.ECHO_REPLY) | (1 << IcmpType.DEST_UNREACHABLE) | (1 << IcmpType.TIME_EXCEEDED)
 
 
@@ -107,7 +108,7 @@ class Progress(NamedTuple):
     sent: int
     total: int
     replies: int
-    unreachable: int
+    unreachable: int   # unreachable and time exceeded answers
     elapsed: float
     pps: float
 
@@ -414,7 +415,10 @@ class IcmpSocket:
 def sweep(targets, *, rate=0, probes=1, cooldown=1.0, timeout=None, allow=(), exclude=(),
           progress: Optional[Callable[[Progress], None]] = None, sock=None) -> SweepResult:
     """Ping every target and return per target: echo reply (with RTT), unreachable (with its
-    code), time exceeded, excluded, or no answer. See the module docstring and CONTRACT.md."""
+    code), time exceeded, excluded, or no answer. See the module docstring and CONTRACT.md.
+    Reserved-and-not-allowed and `exclude`d targets are marked EXCLUDED here, before any socket
+    is opened, and no round ever sends to a target that is not NO_ANSWER. An `allow` entry with
+    host bits set raises ValueError rather than opening more than it names."""
     addresses = _addresses(targets)
     if probes < 1 or rate < 0 or cooldown < 0:
         raise ValueError("probes must be >= 1, rate and cooldown >= 0")
@@ -703,7 +707,8 @@ class _Sweep:
         self.sent_at = array.array("d", bytes(8 * count))
         self.index = _indexer(addresses)
         self.signer, self.check_ident = Signer(), True
-        self.excluded = self.rounds = self.sent = self.send_errors = self.replies = self.errors = 0
+        self.excluded = self.rounds = self.sent = self.send_errors = 0
+        self.replies = self.errors = 0  # echo replies; unreachable + time exceeded (for Progress)
         self.stray = self.wrong_source = self.bad_payload = self.duplicates = 0
         self.send_seconds = 0.0
         self.round_sent = self.round_answered = 0
@@ -753,10 +758,12 @@ class _Sweep:
         self.quiet.clear()
         self.sending = True
         first = self.clock()
-        pace = self.rate / lanes
-        helpers = [self._thread(f"icmp-sender-{n}", self._send_lane, sock, outbox, todo, bounds[n], bounds[n + 1], n, pace)
-                   for n in range(1, lanes)]
-        self._send_lane(sock, outbox, todo, bounds[0], bounds[1], 0, pace)
+
+        def lane_args(n: int) -> tuple:
+            return sock, outbox, todo, bounds[n], bounds[n + 1], n, self.rate / lanes
+
+        helpers = [self._thread(f"icmp-sender-{n}", self._send_lane, *lane_args(n)) for n in range(1, lanes)]
+        self._send_lane(*lane_args(0))
         for helper in helpers:
             helper.join()
         self.send_seconds += self.clock() - first
@@ -778,7 +785,7 @@ class _Sweep:
         """Send up to `want` packets from `pos`; return how far to advance."""
         if not want:
             return 0
-        try:
+        try:   # lane 0 goes unnamed: a one-lane (fake) socket's send() need not take it
             taken = sock.send(outbox, pos, pos + want, *((lane,) if lane else ()))
         except OSError:              # this one destination refused (e.g. EACCES): skip it
             with self.lock:
@@ -903,6 +910,8 @@ def main(argv=None) -> int:
     except IcmpPermissionError as exc:
         print(f"icmp.py: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:     # --probes 0, a negative --rate, an --allow with host bits
+        parser.error(str(exc))
     digits = bytes(result.status).translate(bytes.maketrans(bytes(range(5)), b"01234")).decode()
     report = {"stats": result.stats._asdict(), "status": digits, "max_rss_kb": _max_rss_kb()}
     print(json.dumps(report))

@@ -1,6 +1,7 @@
 """Tests of icmp.py: the codec (golden bytes, checksums, a fuzzed parser), reply validation,
 the sweep against a fake socket, and, as root, real sweeps on loopback and in lab namespaces
 (conftest.py) with a dead set, unreachables, random loss and the unprivileged socket."""
+import array
 import collections
 import errno
 import ipaddress
@@ -396,7 +397,7 @@ def test_an_allow_with_host_bits_is_refused_not_widened():
 
 
 def test_a_socket_never_sends_outside_its_outbox():
-    addrs = icmp.array.array("I", [LOOP + 1, LOOP + 2])
+    addrs = array.array("I", [LOOP + 1, LOOP + 2])
     with pytest.raises(ValueError):
         icmp.Outbox(bytes(icmp.PACKET_SIZE), addrs)                   # one packet for two addresses
     outbox = icmp.Outbox(bytes(2 * icmp.PACKET_SIZE), addrs)
