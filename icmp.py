@@ -415,7 +415,14 @@ class IcmpSocket:
 def sweep(targets, *, rate=0, probes=1, cooldown=1.0, timeout=None, allow=(), exclude=(),
           progress: Optional[Callable[[Progress], None]] = None, sock=None) -> SweepResult:
     """Ping every target and return per target: echo reply (with RTT), unreachable (with its
-    code), time exceeded, excluded, or no answer. See the module docstring and CONTRACT.md.
+    code), time exceeded, excluded, or no answer.
+
+    targets: an IPv4Network, or a sequence of int or dotted addresses. rate: probes/s at most
+    (0 = as fast as the machine goes). probes: rounds; each later round re-probes the targets
+    still silent. cooldown: seconds to wait after a round's last send, ended early once every
+    probe is answered. timeout: a wall-clock budget for the whole sweep (None = none).
+    allow/exclude: CIDRs. progress: called with a Progress a few times a second and at the end.
+    sock: an open IcmpSocket to use (else one is opened and closed here).
     Reserved-and-not-allowed and `exclude`d targets are marked EXCLUDED here, before any socket
     is opened, and no round ever sends to a target that is not NO_ANSWER. An `allow` entry with
     host bits set raises ValueError rather than opening more than it names."""

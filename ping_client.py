@@ -106,7 +106,7 @@ class SweepOptions(NamedTuple):
 
 def task_network(index: int) -> ipaddress.IPv4Network:
     """Task i is the /16 i//256 . i%256 .0.0/16."""
-    # The server numbers tasks the same way (CONTRACT.md); the client is two files and cannot
+    # The server numbers tasks the same way (the original system's rule); the client is two files and cannot
     # import the server, so the one-line rule is repeated here on purpose.
     return ipaddress.IPv4Network((index << 16, 16))
 
