@@ -635,7 +635,9 @@ def default_name() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-EPILOG = ("exit codes:\n"
+EPILOG = ("--allow, --exclude and --only take several CIDRs, space- or comma-separated, and\n"
+          "may be repeated.\n\n"
+          "exit codes:\n"
           "  0    done (--once: the result was accepted, or the census is complete)\n"
           "  1    error: no ICMP permission, a local failure, a server answer it cannot go\n"
           "       on from; with --once also a refused task or result, a sweep cut short or\n"
@@ -677,9 +679,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.allow = [net for group in args.allow for net in group]      # nargs + extend: lists
-    args.exclude = [net for group in args.exclude for net in group]
-    args.only = [net for group in args.only for net in group]
+    for flag in CIDR_FLAGS:                      # nargs + extend gives a list of lists
+        setattr(args, flag, [net for group in getattr(args, flag) for net in group])
     if args.output is not None and args.scan is None:
         parser.error("-o/--output goes with --scan")
     if args.once and args.scan is not None:
@@ -751,6 +752,17 @@ def _pace(rate: float) -> str:
     return f"at most {rate:,.0f} probes/s" if rate else "as fast as the machine goes"
 
 
+CIDR_FLAGS = {   # the client's own rules; several CIDRs, space- or comma-separated, repeatable
+    "allow": "reserved space you may probe, e.g. 127.0.0.0/8 for the local demo; a server "
+             "cannot widen this (default: none, reserved space is refused)",
+    "exclude": "never probe these, whatever a server says; a server can add exclusions but "
+               "cannot narrow these (default: none)",
+    "only": "with --server: probe nothing outside these networks, and refuse a task that lies "
+            "wholly outside them, e.g. 127.0.0.0/8 for the local demo (default: anywhere the "
+            "other rules allow)",
+}
+
+
 def _sweep_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=_number(float, 0), default=10000.0, metavar="PPS",
                         help="at most this many probes per second, 0 = as fast as the machine "
@@ -764,21 +776,9 @@ def _sweep_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=_number(float, 0, above=True), default=None, metavar="S",
                         help="give up a sweep after this many seconds; a task cut short is "
                              "released, not submitted (default: no limit)")
-    parser.add_argument("--allow", type=_networks, nargs="+", action="extend", default=[],
-                        metavar="CIDR",
-                        help="reserved space you may probe, e.g. 127.0.0.0/8 for the local "
-                             "demo; several CIDRs, space- or comma-separated; a server cannot "
-                             "widen this (default: none, reserved space is refused)")
-    parser.add_argument("--exclude", type=_networks, nargs="+", action="extend", default=[],
-                        metavar="CIDR",
-                        help="never probe these, whatever a server says; several CIDRs, "
-                             "space- or comma-separated; a server can add exclusions but cannot "
-                             "narrow these (default: none)")
-    parser.add_argument("--only", type=_networks, nargs="+", action="extend", default=[],
-                        metavar="CIDR",
-                        help="with --server: probe nothing outside these networks, and refuse "
-                             "a task that lies wholly outside them, e.g. 127.0.0.0/8 for the "
-                             "local demo (default: anywhere the other rules allow)")
+    for flag, text in CIDR_FLAGS.items():
+        parser.add_argument(f"--{flag}", type=_networks, nargs="+", action="extend", default=[],
+                            metavar="CIDR", help=text)
 
 
 def _talk_flags(parser: argparse.ArgumentParser) -> None:
