@@ -161,8 +161,8 @@ def test_late_result_accepted_when_nobody_else_finished(open_store, clock):
 
 def test_forged_wrong_and_anonymous_submissions(open_store):
     store = open_store()
-    handout = store.get_task("10.9.9.9")
-    for token, holder, status in (("forged", "10.9.9.9", 403), (None, "10.1.1.1", 409)):
+    handout = store.get_task("127.9.9.9")
+    for token, holder, status in (("forged", "127.9.9.9", 403), (None, "127.1.1.1", 409)):
         with pytest.raises(Refused) as caught:
             store.submit(handout.task, result_string(), holder=holder, token=token)
         assert caught.value.status == status
@@ -172,7 +172,7 @@ def test_forged_wrong_and_anonymous_submissions(open_store):
     with pytest.raises(Refused) as caught:
         store.submit(TASKS + 5, result_string(), holder="x")
     assert caught.value.status == 404
-    assert store.submit(handout.task, result_string(), holder="10.9.9.9") is False  # by address
+    assert store.submit(handout.task, result_string(), holder="127.9.9.9") is False  # by address
 
 
 def test_done_task_is_never_overwritten_and_retries_land_once(open_store):
