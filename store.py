@@ -640,7 +640,7 @@ class Store:
             raise OSError(f"the log could not be written: {self._log_error}")
         self._seq += 1
         self._version += 1
-        line = json.dumps(self._record(task, person), separators=(",", ":")).encode() + b"\n"
+        line = _JSON.encode(self._record(task, person)).encode() + b"\n"
         crc = zlib.crc32(line, blob_crc)
         record = _HEADER.pack(len(blob), len(line), crc) + blob + line
         self._log_size += len(record)
@@ -692,7 +692,7 @@ class Store:
                      "errors": dict(self._errors), "results": dict(self._results),
                      "contributors": list(self._contributors.values()),
                      "pinned": sorted(self._pinned)}
-        _write_atomic(self.dir / SNAPSHOT_FILE, json.dumps(state, separators=(",", ":")).encode())
+        _write_atomic(self.dir / SNAPSHOT_FILE, _JSON.encode(state).encode())
         self._since_snapshot = 0
 
     def _load(self):
@@ -780,6 +780,7 @@ class Store:
 # -- helpers --------------------------------------------------------------------------------------
 
 _APPEND = os.O_RDWR | os.O_CREAT | os.O_APPEND
+_JSON = json.JSONEncoder(separators=(",", ":"))   # one encoder: json.dumps builds one a call
 _DIGITS = bytes.maketrans(bytes(range(5)), b"01234")
 _UNDIGITS = bytes.maketrans(b"01234", bytes(range(5)))
 _REV8 = bytes(int(f"{b:08b}"[::-1], 2) for b in range(256))
@@ -806,7 +807,7 @@ def _same(given: str, secret: str) -> bool:
 def _pack_result(result_data, rtt):
     """(problem, None) or (None, Packed): the result checked and bit-packed, rtt_us checked."""
     try:
-        digits = result_data.encode("ascii")
+        digits = result_data if isinstance(result_data, bytes) else result_data.encode("ascii")
     except (AttributeError, UnicodeEncodeError):
         digits = b""
     if len(digits) != RESULT_LEN:

@@ -387,6 +387,14 @@ RAW_BAD = [
     (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
     (b"GET /ping HTTP/9.9\r\n\r\n", 505),
     (b"GET http://[bad/ping HTTP/1.1\r\n\r\n", 400),
+    (b"GET /ping\r\n\r\n", 400),                                       # HTTP/0.9
+    (b"GET /ping HTTP/0.9\r\n\r\n", 505),
+    (b"GET /ping HTTP/1.1\r\nX-A: a\r\n folded\r\n\r\n", 400),
+    (b"GET /ping HTTP/1.1\r\nno colon\r\n\r\n", 400),
+    (b"POST /release HTTP/1.1\r\nContent-Length: 2\r\ncontent-length: 2\r\n\r\n{}", 400),
+    (b"GET /ping HTTP/1.1\r\nHost : x\r\n\r\n", 400),
+    (b"GET /ping HTTP/1.1\r\n" + b"X-A: a\r\n" * 101 + b"\r\n", 431),
+    (b"GET /ping HTTP/1.1\r\nX-A: " + b"a" * 70000 + b"\r\n\r\n", 431),
 ]
 
 
@@ -395,6 +403,35 @@ def test_protocol_errors_are_json(srv, data, status):
     got_status, got = raw_exchange(srv.port, data)
     assert got_status == status and "error" in got
     assert srv.call("GET", "/ping")[0] == 200
+
+
+SUBMISSIONS = [
+    # (body, result_data as the handler sees it): bytes when taken out undecoded
+    (b'{"task_index":1,"result":{"success":true,"result_data":"0110"}}', b"0110"),
+    (b'{"task_index":1,"result":{"result_data":"01\\u0030","success":true}}', "010"),
+    (b'{"result":{"result_data":"00","result_data" : "11"}}', "11"),          # last one wins
+    (b'{"result":{"result_data" : "11","result_data":"00"}}', b"00"),
+    (b'{"stats":{"result_data":"00"},"result":{"result_data" : "11"}}', "11"),
+    (b'{"result_data":"00","result":{"result_data":""}}', ""),               # the key twice
+    (b'{"result":{"result_data":"\\u0000"}}', "\0"),
+    (b'{"result":{"result_data":"01"},"name":"a\\"b"}', "01"),              # a backslash
+]
+
+
+@pytest.mark.parametrize("body,expected", SUBMISSIONS)
+def test_submission_decodes_as_json_would(body, expected):
+    data = ping_server._submission(body)
+    assert data["result"]["result_data"] == expected
+    as_json = json.loads(body)
+    as_json["result"]["result_data"] = expected
+    assert data == as_json
+
+
+def test_submission_refuses_what_json_refuses():
+    for body in (b'{"result":{"result_data":"01"', b'["result_data":"01"]', b"[1]"):
+        with pytest.raises(HttpError) as caught:
+            ping_server._submission(body)
+        assert caught.value.status == 400
 
 
 def test_idle_connections_neither_block_nor_linger(tmp_path):
