@@ -74,6 +74,10 @@ class Headers(dict):
     def get(self, name, default=None):
         return super().get(name.lower(), default)
 
+    def tokens(self, name) -> set:
+        """The lower-cased items of a comma-separated header (Connection: keep-alive, TE)."""
+        return {item.strip(" \t") for item in self.get(name, "").lower().split(",")}
+
     def __getitem__(self, name):
         return super().__getitem__(name.lower())
 
@@ -177,6 +181,10 @@ class CensusServer(ThreadingHTTPServer):
         self.stopping.set()
         super().server_close()
 
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exception(), _GONE):     # a peer that left is no error
+            super().handle_error(request, client_address)
+
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -209,31 +217,44 @@ class Handler(BaseHTTPRequestHandler):
         self.command = None
         self.request_version = self.default_request_version
         self.close_connection = True
-        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        words = self.requestline.split()
-        if not words:                       # a stray blank line: close, as the stdlib does
+        line = self.raw_requestline
+        if line in (b"\r\n", b"\n"):          # RFC 9112 2.2: ignore an empty line first
+            line = self.raw_requestline = self.rfile.readline(65537)
+        if not line.endswith(b"\n"):          # cut short: the peer left or stalled
             return False
+        self.requestline = str(line, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
         version = _HTTP_VERSION.fullmatch(words[-1]) if len(words) == 3 else None
         if version is None:
             self.send_error(HTTPStatus.BAD_REQUEST, f"bad request line {self.requestline[:80]!r}")
             return False
-        major, minor = int(version[1]), int(version[2])
-        if major != 1:
+        if int(version[1]) != 1:
             self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, f"{words[-1]} not supported")
             return False
         self.command, self.path = words[:2]
-        self.request_version = f"HTTP/1.{min(minor, 1)}"
+        self.request_version = "HTTP/1.0" if int(version[2]) == 0 else "HTTP/1.1"
         if self.path.startswith("//"):      # as the stdlib: no //host paths (open redirects)
             self.path = "/" + self.path.lstrip("/")
         self.headers = self._read_headers()
         if self.headers is None:
             return False
-        connection = self.headers.get("Connection", "").lower()
-        self.close_connection = connection == "close" or (
-            self.request_version == "HTTP/1.0" and connection != "keep-alive")
-        if self.headers.get("Expect", "").lower() == "100-continue" and \
-                self.request_version == "HTTP/1.1":
+        connection = self.headers.tokens("Connection")
+        self.close_connection = "close" in connection or (
+            self.request_version == "HTTP/1.0" and "keep-alive" not in connection)
+        if "100-continue" in self.headers.tokens("Expect") and self.request_version == "HTTP/1.1":
             return self.handle_expect_100()
+        return True
+
+    def handle_expect_100(self):
+        """Refuse a body the client has not sent yet (too long, chunked, ...), else 100."""
+        try:
+            self._check_url()
+            self._body_length()
+        except HttpError as exc:
+            self._send(exc.status, _refusal(exc))
+            return False
+        super().handle_expect_100()
+        self.wfile.flush()                  # the client waits for this before it sends the body
         return True
 
     def send_error(self, code, message=None, explain=None):
@@ -261,21 +282,25 @@ class Handler(BaseHTTPRequestHandler):
         return cached[1]
 
     def _read_headers(self):
-        """The header block as Headers; None once a 4xx is answered. Folded lines and lines
-        without a name are refused, as RFC 9112 5.2 allows."""
+        """The header block as Headers; None once a 4xx is answered, or when the block is cut
+        short (never act on half a request). Folded lines, names that are not tokens and stray
+        CR or NUL are refused, as RFC 9112 2.2 and 5 allow."""
         headers = Headers()
         for _ in range(MAX_HEADERS + 1):
             line = self.rfile.readline(MAX_HEADER_LINE + 1)
             if len(line) > MAX_HEADER_LINE:
                 self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "header line too long")
                 return None
-            if line in (b"\r\n", b"\n", b""):
+            if line in (b"\r\n", b"\n"):
                 return headers
-            name, colon, value = line.decode("iso-8859-1").partition(":")
-            if not colon or not name or name != name.strip():
+            if not line.endswith(b"\n"):
+                return None
+            text = line.decode("iso-8859-1")[:-1].removesuffix("\r")
+            name, colon, value = text.partition(":")
+            if not colon or not _TOKEN.fullmatch(name) or "\r" in value or "\0" in value:
                 self.send_error(HTTPStatus.BAD_REQUEST, f"bad header line {line[:80]!r}")
                 return None
-            headers.add(name, value.strip())
+            headers.add(name, value.strip(" \t"))
         self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too many headers")
         return None
 
@@ -288,7 +313,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             status, body = self._route()
         except HttpError as exc:
-            status, body = exc.status, Raw(JSON_TYPE, _json(exc.body()), exc.headers)
+            status, body = exc.status, _refusal(exc)
         except Refused as exc:
             status, body = exc.status, {"error": exc.message}
         except _GONE:
@@ -309,9 +334,7 @@ class Handler(BaseHTTPRequestHandler):
         self.server.metrics.observe(endpoint, status, time.perf_counter() - started)
 
     def _route(self):
-        if len(self.path) > MAX_URL:
-            self.close_connection = True
-            raise HttpError(HTTPStatus.REQUEST_URI_TOO_LONG, "URL too long")
+        self._check_url()
         body = self._read_body()
         try:
             url = urlsplit(self.path)
@@ -333,22 +356,31 @@ class Handler(BaseHTTPRequestHandler):
         return route(self, Request(method, url.path, query, body, self.client_address[0],
                                    self.headers))
 
-    def _read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+    def _check_url(self):
+        if len(self.path) > MAX_URL:
             self.close_connection = True
-            raise HttpError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length, not chunks")
-        length = self.headers.get("Content-Length")
-        if length is None:
-            return b""
-        if not length.strip().isdecimal():
-            self.close_connection = True
+            raise HttpError(HTTPStatus.REQUEST_URI_TOO_LONG, "URL too long")
+
+    def _body_length(self) -> int:
+        """Content-Length, checked: decimal, at most MAX_BODY, and no Transfer-Encoding (this
+        server decodes none: RFC 9112 6.1). A refusal closes the connection, its body unread."""
+        closing, self.close_connection = self.close_connection, True
+        if "Transfer-Encoding" in self.headers:
+            raise HttpError(HTTPStatus.LENGTH_REQUIRED,
+                            "send a Content-Length, not a Transfer-Encoding")
+        length = self.headers.get("Content-Length", "0")
+        if not (length.isascii() and length.isdigit()):
             raise HttpError(HTTPStatus.BAD_REQUEST, "bad Content-Length")
-        length = int(length)
-        if length > MAX_BODY:
-            self.close_connection = True        # the body is not read: the stream is lost
+        length = length.lstrip("0")                 # int() refuses over 4,300 digits
+        if len(length) > 9 or int(length or "0") > MAX_BODY:
             raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY} bytes")
-        data = self.rfile.read(length) or b""  # None: the idle timeout struck before any byte
-        if len(data) < length:
+        self.close_connection = closing
+        return int(length or "0")
+
+    def _read_body(self) -> bytes:
+        length = self._body_length()
+        data = self.rfile.read(length) if length else b""  # None: the idle timeout struck
+        if data is None or len(data) < length:
             self.close_connection = True
             raise HttpError(HTTPStatus.BAD_REQUEST, "body shorter than Content-Length")
         return data
@@ -583,6 +615,7 @@ ROUTES = {
 }
 PATHS = frozenset(path for _, path in ROUTES)
 _JSON = json.JSONEncoder(separators=(",", ":"))   # one encoder: json.dumps builds one a call
+_TOKEN = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")         # RFC 9110 5.6.2
 _HTTP_VERSION = re.compile(r"HTTP/([0-9]{1,10})\.([0-9]{1,10})")
 
 _FALLBACK_PAGE = (b"<!doctype html><html><head><meta charset='utf-8'><title>IPv4 census</title>"
@@ -594,6 +627,10 @@ _FALLBACK_PAGE = (b"<!doctype html><html><head><meta charset='utf-8'><title>IPv4
 
 
 # -- private helpers ------------------------------------------------------------------------------
+
+def _refusal(exc: HttpError) -> Raw:
+    return Raw(JSON_TYPE, _json(exc.body()), exc.headers)
+
 
 def _json(body) -> bytes:
     return _JSON.encode(body).encode()
@@ -616,11 +653,13 @@ def _submission(raw: bytes) -> dict:
     """The /submit_result body, its 64 KiB result_data left as the bytes that came (decoding it
     into a str and encoding it back costs 20 us, an eighth of a whole cycle). Taken out only
     from a body in the plain form (no backslash anywhere, so the key cannot be inside a string,
-    and the key once): "\\u0000" stands in while the rest is decoded, and must come back as
-    result.result_data; any other body is decoded whole."""
+    and the key once, its value ASCII): "\\u0000" stands in while the rest is decoded, and must
+    come back as result.result_data; any other body is decoded whole. (A raw control character
+    in the value, which json.loads refuses, is left for the digit check to refuse.)"""
     start = raw.find(_RESULT_KEY) + len(_RESULT_KEY)
     end = raw.find(b'"', start) if start >= len(_RESULT_KEY) else -1
-    if end < 0 or b"\\" in raw or raw.find(_RESULT_KEY, end) >= 0:
+    if (end < 0 or b"\\" in raw or raw.find(_RESULT_KEY, end) >= 0
+            or not raw[start:end].isascii()):
         return _json_object(raw, success=False)
     data = _json_object(raw[:start] + b"\\u0000" + raw[end:], success=False)
     result = data.get("result")

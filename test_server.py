@@ -391,6 +391,12 @@ RAW_BAD = [
     (b"GET /ping HTTP/0.9\r\n\r\n", 505),
     (b"GET /ping HTTP/1.1\r\nX-A: a\r\n folded\r\n\r\n", 400),
     (b"GET /ping HTTP/1.1\r\nno colon\r\n\r\n", 400),
+    (b"GET /ping HTTP/1.1\r\nX-A: a\rContent-Length: 2\r\n\r\n", 400),        # a bare CR
+    (b"GET /ping HTTP/1.1\r\nX\x00: a\r\n\r\n", 400),
+    (b"POST /release HTTP/1.1\r\nTransfer-Encoding: identity\r\n\r\n2\r\n{}\r\n", 411),
+    (b"POST /release HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n{}", 413),
+    (b"POST /release HTTP/1.1\r\nContent-Length: " + b"0" * 5000 + b"2\r\n\r\n{}", 400),
+    (b"POST /release HTTP/1.1\r\nContent-Length: \xd9\xa3\r\n\r\n{}", 400),
     (b"POST /release HTTP/1.1\r\nContent-Length: 2\r\ncontent-length: 2\r\n\r\n{}", 400),
     (b"GET /ping HTTP/1.1\r\nHost : x\r\n\r\n", 400),
     (b"GET /ping HTTP/1.1\r\n" + b"X-A: a\r\n" * 101 + b"\r\n", 431),
@@ -415,6 +421,7 @@ SUBMISSIONS = [
     (b'{"result_data":"00","result":{"result_data":""}}', ""),               # the key twice
     (b'{"result":{"result_data":"\\u0000"}}', "\0"),
     (b'{"result":{"result_data":"01"},"name":"a\\"b"}', "01"),              # a backslash
+    (b'{"result":{"result_data":"0\xc3\xa91"}}', "0\u00e91"),                 # not ASCII
 ]
 
 
@@ -432,6 +439,55 @@ def test_submission_refuses_what_json_refuses():
         with pytest.raises(HttpError) as caught:
             ping_server._submission(body)
         assert caught.value.status == 400
+
+
+def test_expect_continue_keep_alive_and_http_1_0(srv):
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+        sock.sendall(b"POST /release HTTP/1.1\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: 17\r\n\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n")
+        sock.sendall(b'{"task_index":-1}')
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        assert response.status == 404 and json.loads(response.read())["error"] == "no such task"
+        sock.sendall(b"GET /ping HTTP/1.0\r\n\r\n")         # 1.0: answered, then closed
+        answer = b"".join(iter(lambda: sock.recv(4096), b""))
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\nConnection: close\r\n" in answer
+
+
+def exchange(port, data: bytes) -> bytes:
+    """Send raw bytes, end the sending side, read until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        return b"".join(iter(lambda: sock.recv(65536), b""))
+
+
+def test_half_a_request_is_never_acted_on(srv):
+    _, _, task = srv.call("GET", "/get_task")
+    body = submission(task["task_index"], lease=task["lease"])
+    body["result"]["result_data"] = "01"
+    assert srv.call("POST", "/submit_result", body)[0] == 400            # one error listed
+    for cut in (b"GET /error/reset?id=-1 HTTP/1.1", b"GET /error/reset?id=-1 HTTP/1.1\r\nX: a",
+                b"GET /ping HTTP/1.1\r\nX: a\r\n"):
+        assert exchange(srv.port, cut) == b""
+    assert len(srv.call("GET", "/error")[2]) == 1                        # not reset
+    # a blank line before a request is skipped (RFC 9112 2.2); a second one is a bad request
+    assert exchange(srv.port, b"\r\nGET /ping HTTP/1.1\r\n\r\n").endswith(b"\r\n\r\n{}")
+    assert exchange(srv.port, b"\r\n\r\nGET /ping HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+
+
+@pytest.mark.parametrize("connection", [b"close", b"Keep-Alive, close", b"close\r\nConnection: x"])
+def test_connection_close_in_any_form_closes(srv, connection):
+    answer = exchange(srv.port, b"GET /ping HTTP/1.1\r\nConnection: " + connection +
+                      b"\r\n\r\nGET /ping HTTP/1.1\r\n\r\n")
+    assert answer.count(b"HTTP/1.1 200 OK") == 1 and b"\r\nConnection: close\r\n" in answer
+
+
+def test_expect_continue_refuses_a_body_before_it_is_sent(srv):
+    answer = exchange(srv.port, b"POST /release HTTP/1.1\r\nExpect: 100-continue\r\n"
+                                b"Content-Length: 99999999\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 413 ") and b" 100 " not in answer
 
 
 def test_idle_connections_neither_block_nor_linger(tmp_path):
