@@ -363,19 +363,19 @@ class Handler(BaseHTTPRequestHandler):
 
     def _body_length(self) -> int:
         """Content-Length, checked: decimal, at most MAX_BODY, and no Transfer-Encoding (this
-        server decodes none: RFC 9112 6.1). A refusal closes the connection, its body unread."""
-        closing, self.close_connection = self.close_connection, True
-        if "Transfer-Encoding" in self.headers:
-            raise HttpError(HTTPStatus.LENGTH_REQUIRED,
-                            "send a Content-Length, not a Transfer-Encoding")
+        server decodes none: RFC 9112 6.1)."""
         length = self.headers.get("Content-Length", "0")
-        if not (length.isascii() and length.isdigit()):
-            raise HttpError(HTTPStatus.BAD_REQUEST, "bad Content-Length")
-        length = length.lstrip("0")                 # int() refuses over 4,300 digits
-        if len(length) > 9 or int(length or "0") > MAX_BODY:
-            raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY} bytes")
-        self.close_connection = closing
-        return int(length or "0")
+        digits = length.lstrip("0")                 # int() refuses over 4,300 digits
+        if "Transfer-Encoding" in self.headers:
+            problem = HTTPStatus.LENGTH_REQUIRED, "send a Content-Length, not a Transfer-Encoding"
+        elif not (length.isascii() and length.isdigit()):
+            problem = HTTPStatus.BAD_REQUEST, "bad Content-Length"
+        elif len(digits) > 9 or int(digits or "0") > MAX_BODY:
+            problem = HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY} bytes"
+        else:
+            return int(digits or "0")
+        self.close_connection = True                # the body is not read: the stream is lost
+        raise HttpError(*problem)
 
     def _read_body(self) -> bytes:
         length = self._body_length()
