@@ -150,7 +150,7 @@ def blocked(network: ipaddress.IPv4Network, allow, exclude) -> str:
     if icmp.wholly_reserved(network, allow):
         return ("reserved address space, and --allow does not open it (pass --allow only for "
                 "space that is yours to probe)")
-    if all(icmp.wholly_reserved(piece, allow) for piece in _gaps(network, exclude)):
+    if icmp.wholly_excluded(network, allow, exclude):
         return ("excluded in full: the exclusions, --only and the reserved space --allow "
                 "does not open cover every address")
     return ""

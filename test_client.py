@@ -88,7 +88,7 @@ def no_packets(monkeypatch):
 
 class RecordingSocket:
     """A fake IcmpSocket for the real icmp.sweep: keeps every packet, sends none, hears none."""
-    kind = "raw"
+    kind, lanes = "raw", 1
 
     def __init__(self):
         self.sent = []                       # (destination, packet)

@@ -232,14 +232,14 @@ def test_pacer_allows_rate_times_elapsed():
 class FakeSocket:
     """Answers probes through `respond(addr, request) -> [packets]`, like a raw socket would.
     Refuses (raises) anything outside 127.0.0.0/8: no real packet is ever involved."""
-    kind = "raw"
+    kind, lanes = "raw", 1
 
     def __init__(self, respond=None):
         self.respond = respond or (lambda target, request: [ip_packet(target, LOOP + 1, echo_reply(request))])
         self.sent = []
         self.queue = collections.deque()
 
-    def send(self, outbox, start, stop):
+    def send(self, outbox, start, stop, lane=0):
         for k in range(start, stop):
             target = outbox.addrs[k]
             if target >> 24 != 127:
