@@ -1,4 +1,5 @@
-"""pytest fixtures: a loopback-only ICMP lab in a network namespace of its own.
+"""pytest fixtures: a loopback-only ICMP lab in a network namespace of its own, and a census
+server in a thread (with the fake clock and result strings the store and server tests share).
 
     def test_x(lab):
         box = lab(drop=True, unreach=False, loss=0.0)     # -> Lab, torn down after the test
@@ -19,16 +20,25 @@ on echo requests only:
            (the namespace's ICMP rate limit is lifted so every one does); still not alive
   loss     a further fraction (0..1) of requests dropped at random (-m statistic)
 
-Markers: `needs_root` skips where we are not root; `needs_lab` skips where root, `ip netns`
-or iptables is missing, saying which. The `lab` fixture skips the same way by itself.
+Marker: `needs_root` skips where we are not root. The `lab` fixture skips by itself where
+root, `ip netns` or iptables is missing, saying which.
+
+    def test_y(census_server):
+        srv = census_server("127.0.0.0/16")  # -> Running: .port .store .clock .call(), stopped after
 """
+import http.client
 import ipaddress
 import itertools
+import json
 import os
 import shutil
 import subprocess
+import threading
 
 import pytest
+
+from ping_server import CensusServer
+from store import Store
 
 LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
 DEAD_BLOCK = ipaddress.IPv4Network("127.0.128.0/17")
@@ -135,14 +145,11 @@ def new_lab_name() -> str:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "needs_root: needs root (raw ICMP sockets)")
-    config.addinivalue_line("markers", "needs_lab: needs root, ip netns and iptables")
 
 
 def pytest_runtest_setup(item):
     if item.get_closest_marker("needs_root") and os.geteuid() != 0:
         pytest.skip("needs root (raw ICMP sockets)")
-    if item.get_closest_marker("needs_lab") and lab_missing():
-        pytest.skip(lab_missing())
 
 
 @pytest.fixture
@@ -161,6 +168,82 @@ def lab():
     yield make
     for box in made:
         box.down()
+
+
+class Clock:
+    """A settable time.time()."""
+
+    def __init__(self, now=1_800_000_000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def result_string(ones=()) -> str:
+    """A result: '1' at the indexes in `ones`, '0' elsewhere."""
+    data = bytearray(b"0" * 65536)
+    for k in ones:
+        data[k] = ord("1")
+    return data.decode()
+
+
+class Running:
+    """A CensusServer on ('127.0.0.1', 0) in a thread, with its store and clock."""
+
+    def __init__(self, data_dir, scope, clock, lease_seconds, **server_kw):
+        self.clock = clock
+        self.store = Store(data_dir, scope=[ipaddress.IPv4Network(scope)], clock=clock,
+                           lease_seconds=lease_seconds)
+        self.server = CensusServer(("127.0.0.1", 0), self.store, **server_kw)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
+                                       daemon=True)
+        self.thread.start()
+
+    def call(self, method, path, body=None, headers=None):
+        """(status, response, JSON or bytes) on a fresh connection."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            return answer(conn, method, path, body, headers)
+        finally:
+            conn.close()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+        self.store.close()
+
+
+def answer(conn, method, path, body=None, headers=None):
+    """One request on `conn`: (status, response, JSON or bytes); a dict or list body as JSON."""
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body)
+    conn.request(method, path, body=body, headers=headers or {})
+    response = conn.getresponse()
+    data = response.read()
+    if response.getheader("Content-Type", "").startswith("application/json"):
+        data = json.loads(data)
+    return response.status, response, data
+
+
+@pytest.fixture
+def census_server(tmp_path):
+    """A factory: census_server(scope="127.0.0.0/8", clock=Clock(), lease_seconds=60,
+    static_dir=tmp_path, **CensusServer options) -> Running, each stopped afterwards."""
+    made = []
+
+    def make(scope="127.0.0.0/8", *, clock=None, lease_seconds=60, **server_kw) -> Running:
+        server_kw.setdefault("static_dir", tmp_path)
+        running = Running(tmp_path / f"data{len(made)}", scope, clock or Clock(), lease_seconds,
+                          **server_kw)
+        made.append(running)
+        return running
+
+    yield make
+    for running in made:
+        running.stop()
 
 
 _COUNTER = itertools.count()

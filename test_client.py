@@ -174,11 +174,23 @@ def task(index=LOOP_TASK, **extra):
 OK = (200, {"success": True})
 
 
-def run_client(server, tmp_path, *flags, sleep=None):
-    sleeps = []
+def run_client(server, tmp_path, *flags, sleep=None, clock=None):
+    sleeps, timing = [], {} if clock is None else {"clock": clock}
     code = ping_client.main(["--server", server.url, "--spool", str(tmp_path / "spool"),
-                             "--name", "tester", *flags], sleep=sleep or sleeps.append)
+                             "--name", "tester", *flags], sleep=sleep or sleeps.append, **timing)
     return code, sleeps
+
+
+def interrupt_after(n):
+    """A sleep that records its waits and raises KeyboardInterrupt on the n-th; (sleep, waits)."""
+    waits = []
+
+    def sleep(seconds):
+        waits.append(seconds)
+        if len(waits) == n:
+            raise KeyboardInterrupt
+
+    return sleep, waits
 
 
 def spooled(tmp_path):
@@ -235,9 +247,7 @@ def test_result_encoding():
     data = body["result"]["result_data"]
     assert len(data) == 65536 and set(data) == {"0", "1"}
     assert [k for k, c in enumerate(data) if c == "1"] == [0, 258, 65535]
-    raw = zlib.decompress(base64.b64decode(body["rtt_us"]))
-    assert [int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw), 4)] == \
-        [100, 358, 65635]
+    assert list(ping_client.decode_rtt(body["rtt_us"])) == [100, 358, 65635]
     assert body["stats"] == {"probed": 65534, "excluded": 2, "unreachable": 1, "sent": 65534}
     assert (body["task_index"], body["lease"], body["name"]) == (LOOP_TASK, "L1", "alice")
     assert body["result"]["success"] is True
@@ -299,13 +309,12 @@ def test_spool_is_durable_and_survives_a_restart(tmp_path):
 
 def test_spool_sets_aside_a_corrupt_file(tmp_path, serve, capsys):
     server = serve({})
-    spool = Spool(str(tmp_path / "spool"))
+    client = make_client(server, tmp_path, [])
+    spool = client.spool
     with open(os.path.join(spool.path, "0-task1.json"), "w") as fh:
         fh.write("{torn")
     with open(os.path.join(spool.path, "0-task2.json"), "w") as fh:
         fh.write('{"server": 7, "body": {}}')
-    client = ping_client.Client(Api(server.url), spool, None, ping_client.Console(),
-                                name="t", sleep=lambda s: None)
     client.flush_spool()
     assert sorted(os.listdir(spool.path)) == ["0-task1.json.bad", "0-task2.json.bad"]
     assert capsys.readouterr().err.count("unreadable spool file") == 2
@@ -357,9 +366,9 @@ def test_submit_retries_5xx_and_drops_refusals(tmp_path, serve, capsys, answers,
     sleeps = []
     client = make_client(server, tmp_path, sleeps)
     body = {"task_index": 7, "result": {"success": True, "result_data": "0"}}
-    spooled = client.spool.put(server.url, body, 7)
-    assert client.submit(spooled) is accepted
-    assert os.path.exists(spooled.path) is kept
+    record = client.spool.put(server.url, body, 7)
+    assert client.submit(record) is accepted
+    assert os.path.exists(record.path) is kept
     retries = sum(1 for status, _ in answers if status >= 500)
     assert len(server.calls("POST", "/submit_result")) == retries + 1
     assert len(sleeps) == retries and sleeps == sorted(sleeps)
@@ -459,13 +468,7 @@ def test_refuses_a_reserved_block_and_sends_nothing(tmp_path, serve, no_packets,
 
 def test_loop_refuses_then_waits(tmp_path, serve, no_packets):
     server = serve({("GET", "/get_task"): [(200, task(2560))], ("POST", "/release"): [OK]})
-    waits = []
-
-    def sleep(seconds):
-        waits.append(seconds)
-        if len(waits) == 3:
-            raise KeyboardInterrupt
-
+    sleep, waits = interrupt_after(3)
     code, _ = run_client(server, tmp_path, sleep=sleep)
     assert code == 130 and no_packets == []
     assert len(server.calls("POST", "/release")) == 3
@@ -574,26 +577,22 @@ def test_get_task_refused_is_an_error(tmp_path, serve, no_packets, capsys):
     server = serve({("GET", "/get_task"): [(404, {"error": "unknown path"})]})
     code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8")
     assert code == 1 and "unknown path" in capsys.readouterr().err
+    assert no_packets == []
 
 
-def test_a_sweep_cut_short_is_not_submitted(tmp_path, serve, monkeypatch):
-    short = fake_result(LOOP, replied=(1,))
-    short = short._replace(stats=short.stats._replace(sent=100))
-    monkeypatch.setattr(icmp, "sweep", lambda targets, **kwargs: short)
+@pytest.mark.parametrize("result, flags, why", [
+    ({"replied": (1,), "sent": 100}, ["--timeout", "1"], "--timeout"),           # cut short
+    ({"sent": 0, "send_errors": 65536}, [], "could not be sent"),  # e.g. ENETUNREACH on each
+], ids=["cut-short", "sends-failed"])
+def test_an_incomplete_sweep_is_not_submitted(tmp_path, serve, monkeypatch, capsys, result,
+                                              flags, why):
+    incomplete = fake_result(LOOP, **result)
+    monkeypatch.setattr(icmp, "sweep", lambda targets, **kwargs: incomplete)
     server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/release"): [OK]})
-    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8", "--timeout", "1")
+    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8", *flags)
     assert code == 1 and server.calls("POST", "/submit_result") == []
     assert len(server.calls("POST", "/release")) == 1 and spooled(tmp_path) == []
-
-
-def test_a_sweep_whose_sends_failed_is_not_submitted(tmp_path, serve, monkeypatch, capsys):
-    unsent = fake_result(LOOP, sent=0, send_errors=65536)        # e.g. ENETUNREACH on each
-    monkeypatch.setattr(icmp, "sweep", lambda targets, **kwargs: unsent)
-    server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/release"): [OK]})
-    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8")
-    assert code == 1 and server.calls("POST", "/submit_result") == []
-    assert len(server.calls("POST", "/release")) == 1 and spooled(tmp_path) == []
-    assert "could not be sent" in capsys.readouterr().err
+    assert why in capsys.readouterr().err
 
 
 def test_ctrl_c_before_the_result_is_spooled_releases(tmp_path, serve, monkeypatch):
@@ -648,13 +647,7 @@ def test_no_icmp_permission_releases_and_exits_1(tmp_path, serve, monkeypatch, c
 def test_a_failing_sweep_is_retried_in_loop_mode(tmp_path, serve, monkeypatch, capsys):
     monkeypatch.setattr(icmp, "sweep", FakeSweep(error=OSError(100, "Network is down")))
     server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/release"): [OK]})
-    waits = []
-
-    def sleep(seconds):
-        waits.append(seconds)
-        if len(waits) == 3:
-            raise KeyboardInterrupt
-
+    sleep, waits = interrupt_after(3)
     code, _ = run_client(server, tmp_path, "--allow", "127.0.0.0/8", sleep=sleep)
     assert code == 130 and waits == sorted(waits)
     assert len(server.calls("POST", "/release")) == 3
@@ -684,16 +677,16 @@ def test_once_gives_up_on_a_silent_server_and_keeps_the_result(tmp_path, serve, 
     server = serve({("GET", "/get_task"): [(200, task())],
                     ("POST", "/submit_result"): [(503, {"error": "down"})]})
     clock = FakeClock()
-    code = ping_client.main(["--server", server.url, "--spool", str(tmp_path / "spool"), "--once",
-                             "--allow", "127.0.0.0/8"], sleep=clock.sleep, clock=clock)
+    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8", sleep=clock.sleep,
+                         clock=clock)
     assert code == 1 and len(spooled(tmp_path)) == 1
     assert ping_client.ONCE_PATIENCE <= sum(clock.sleeps) < ping_client.ONCE_PATIENCE + 61
     assert server.calls("POST", "/release") == []      # the result will still be submitted
     assert "sent at the next start" in capsys.readouterr().err
     server.script[("POST", "/submit_result")] = [OK]
     server.script[("GET", "/get_task")] = [(500, {"error": "down"})]
-    code = ping_client.main(["--server", server.url, "--spool", str(tmp_path / "spool"), "--once",
-                             "--allow", "127.0.0.0/8"], sleep=clock.sleep, clock=clock)
+    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8", sleep=clock.sleep,
+                         clock=clock)
     assert code == 1 and spooled(tmp_path) == []       # submitted first, then gave up on tasks
 
 
@@ -756,7 +749,7 @@ def test_help_explains_every_flag_with_its_default(capsys):
     ["--server", "http://x", "-q", "-v"], ["--server", "http://x", "--rate", "inf"],
     ["--server", "http://x", "--timeout", "0"], ["--server", "http://x", "--cooldown", "nan"],
 ])
-def test_usage_errors_exit_2(argv, capsys):
+def test_usage_errors_exit_2(argv):
     with pytest.raises(SystemExit) as exit_:
         ping_client.main(argv)
     assert exit_.value.code == 2

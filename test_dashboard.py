@@ -8,45 +8,29 @@ and talks to it through real sockets.
 
 import http.client
 import io
-import ipaddress
 import json
 import math
 import re
 import socket
-import threading
 import time
 import zipfile
 from pathlib import Path
-from typing import NamedTuple
 
 import pytest
 
 import ping_server
-from store import Store
+from store import RESULT_LEN, TASKS
 
 HERE = Path(__file__).resolve().parent
-SCOPE = [ipaddress.IPv4Network("127.0.0.0/14")]
-IN_SCOPE = range(32512, 32516)
+IN_SCOPE = range(32512, 32516)                 # 127.0.0.0/14
 EVIL = "<script>alert(1)</script>"
-RESULT_LEN = 65536
-
-
-class Census(NamedTuple):
-    port: int
-    store: Store
 
 
 @pytest.fixture
-def census(tmp_path):
-    store = Store(tmp_path, scope=SCOPE)
-    server = ping_server.CensusServer(("127.0.0.1", 0), store)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield Census(server.server_address[1], store)
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
-    store.close()
+def census(census_server):
+    """The real dashboard.html, a real clock and the default lease."""
+    return census_server("127.0.0.0/14", clock=time.time, lease_seconds=600,
+                         static_dir=ping_server.HERE)
 
 
 def call(census, method, path, body=None, headers=None):
@@ -115,7 +99,7 @@ def test_progress_and_task_have_the_fields_the_page_reads(census):
                 "tasks_per_min", "probes_per_min", "eta_seconds", "contributors", "version"):
         assert key in progress, key
     assert progress["total_tasks"] == len(IN_SCOPE)
-    assert progress["excluded_tasks"] == RESULT_LEN - len(IN_SCOPE)
+    assert progress["excluded_tasks"] == TASKS - len(IN_SCOPE)
     task = get_json(census, "/task?id=32513")
     assert task["network"] == "127.1.0.0/16" and task["state"] == 0
     for key in ("task_index", "state_name", "contributor", "finished_at", "responders", "probed"):
@@ -136,7 +120,7 @@ def test_map_bytes_match_the_store(census):
     assert submit(census, done, responders=1000, name="alice")[0] == 200
     assert submit(census, failed, error="probe socket died")[0] == 400
     status, headers, data = call(census, "GET", "/map")
-    assert status == 200 and len(data) == 2 * RESULT_LEN
+    assert status == 200 and len(data) == 2 * TASKS
     free = (set(IN_SCOPE) - {done["task_index"], failed["task_index"], busy["task_index"]}).pop()
     expected = {done["task_index"]: 2, failed["task_index"]: 3, busy["task_index"]: 1, free: 0,
                 0: 4, 32511: 4, 32516: 4, 65535: 4}
@@ -303,13 +287,18 @@ def family(name: str, types: dict):
 
 def test_metrics_parse_as_prometheus_text(census):
     assert submit(census, lease(census), responders=3, name="bob")[0] == 200
+    lease(census)
     get_json(census, "/get_progress")
+    assert call(census, "GET", "/nope")[0] == 404
     _, _, body = call(census, "GET", "/metrics")
     samples = parse_prometheus(body.decode())
     assert samples
     states = {labels: value for _, labels, value in samples if 'state="' in labels}
     assert any('state="done"' in labels and value == 1 for labels, value in states.items())
+    assert any('state="in_progress"' in labels and value == 1 for labels, value in states.items())
     assert any('"/get_progress"' in labels for _, labels, _ in samples)
+    assert any(name == "census_http_requests_total" and 'endpoint="other"' in labels
+               and 'code="404"' in labels and value == 1 for name, labels, value in samples)
 
 
 def test_the_prometheus_checker_refuses_bad_lines():

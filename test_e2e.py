@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 
 import pytest
@@ -50,13 +49,13 @@ class Proc:
 
     def wait_for(self, text: str) -> str:
         """The first output line containing `text` (waiting for it), or fail with the output."""
-        deadline = time.monotonic() + WAIT
         with self._seen:
-            while not any(text in line for line in self.lines):
-                if self.closed or time.monotonic() > deadline:
-                    pytest.fail(f"no {text!r} from {self.proc.args}:\n{self.output()}")
-                self._seen.wait(0.2)
-            return next(line for line in self.lines if text in line)
+            self._seen.wait_for(lambda: self.closed or any(text in line for line in self.lines),
+                                timeout=WAIT)
+            for line in self.lines:
+                if text in line:
+                    return line
+            pytest.fail(f"no {text!r} from {self.proc.args}:\n{self.output()}")
 
     def wait(self) -> int:
         """The exit code, once all the output is in."""

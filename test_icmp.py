@@ -462,10 +462,18 @@ def test_plain_sendto_path_without_sendmmsg(mmsg):
     assert set(result.status) == {icmp.Status.ECHO_REPLY}
 
 
+NOBODY = 65534
+
+
+def as_user(uid: int, argv: list) -> list:
+    """`argv` run as user and group `uid`, with no supplementary groups."""
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv]
+
+
 def run_sweep(box, network, *args, user=None, python=sys.executable, script=None) -> dict:
     argv = [python, script or os.path.join(HERE, "icmp.py"), network, "--allow", "127.0.0.0/8", *args]
     if user is not None:
-        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
+        argv = as_user(user, argv)
     done = box.run(argv)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
@@ -514,13 +522,12 @@ def test_lab_unprivileged_dgram_socket_for_real(lab):
     python = _python_for_nobody(box)
     with _world_readable_copy() as script:
         box.run(["sysctl", "-qw", "net.ipv4.ping_group_range=1 0"], check=True)
-        refused = box.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                           python, script, "127.0.0.0/24", "--allow", "127.0.0.0/8"])
+        refused = box.run(as_user(NOBODY, [python, script, "127.0.0.0/24", "--allow", "127.0.0.0/8"]))
         assert refused.returncode == 1
         assert 'sudo sysctl -w net.ipv4.ping_group_range="0 2147483647"' in refused.stderr
         assert "sudo" in refused.stderr.split("sysctl")[0]
         box.run(["sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647"], check=True)
-        report = run_sweep(box, "127.0.0.0/16", "--cooldown", "0.5", user=65534, python=python, script=script)
+        report = run_sweep(box, "127.0.0.0/16", "--cooldown", "0.5", user=NOBODY, python=python, script=script)
     assert report["stats"]["kind"] == "dgram"
     assert found(report, "1") == box.alive("127.0.0.0/16")
     assert found(report, "2") == box.unreachable("127.0.0.0/16")   # from the error queue
@@ -529,8 +536,7 @@ def test_lab_unprivileged_dgram_socket_for_real(lab):
 def _python_for_nobody(box) -> str:
     """An interpreter user nobody may run (a pyenv one under /root usually is not)."""
     for python in dict.fromkeys([sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"]):
-        probe = box.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python,
-                         "-c", "import sys; assert sys.version_info >= (3, 9)"])
+        probe = box.run(as_user(NOBODY, [python, "-c", "import sys; assert sys.version_info >= (3, 9)"]))
         if probe.returncode == 0:
             return python
     pytest.fail("no python3 >= 3.9 that user nobody (65534) can run; install one outside /root")

@@ -3,10 +3,8 @@ endpoints, leases, admin rules, bad input, and a kill -9 in the middle of a burs
 
 import http.client
 import io
-import ipaddress
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -18,58 +16,11 @@ from pathlib import Path
 import pytest
 
 import ping_server
-from ping_server import CensusServer, HttpError, check_admin, is_loopback
-from store import Store
+from conftest import answer, result_string
+from ping_server import HttpError, check_admin, is_loopback
 
 LOOP = 32512
 HERE = Path(__file__).resolve().parent
-
-
-class Clock:
-    def __init__(self, now=1_800_000_000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-
-class Running:
-    """A server on ('127.0.0.1', 0) in a thread, with its store and fake clock."""
-
-    def __init__(self, tmp_path, *, scope="127.0.0.0/8", **kw):
-        self.clock = Clock()
-        self.store = Store(tmp_path / "data", scope=[ipaddress.IPv4Network(scope)],
-                           clock=self.clock, lease_seconds=60)
-        kw.setdefault("static_dir", tmp_path)
-        self.server = CensusServer(("127.0.0.1", 0), self.store, **kw)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
-                                       daemon=True)
-        self.thread.start()
-
-    def call(self, method, path, body=None, headers=None):
-        """(status, headers, JSON or bytes) on a fresh connection."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        try:
-            return answer(conn, method, path, body, headers)
-        finally:
-            conn.close()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self.store.close()
-
-
-def answer(conn, method, path, body=None, headers=None):
-    if isinstance(body, (dict, list)):
-        body = json.dumps(body)
-    conn.request(method, path, body=body, headers=headers or {})
-    response = conn.getresponse()
-    data = response.read()
-    if response.getheader("Content-Type", "").startswith("application/json"):
-        data = json.loads(data)
-    return response.status, response, data
 
 
 def raw_exchange(port, data: bytes) -> tuple[int, dict]:
@@ -82,23 +33,14 @@ def raw_exchange(port, data: bytes) -> tuple[int, dict]:
         return response.status, json.loads(response.read())
 
 
-def result_string(ones=()):
-    data = bytearray(b"0" * 65536)
-    for k in ones:
-        data[k] = ord("1")
-    return data.decode()
-
-
 def submission(task, ones=(), **extra):
     return {"task_index": task, "result": {"success": True, "result_data": result_string(ones)},
             **extra}
 
 
 @pytest.fixture
-def srv(tmp_path):
-    running = Running(tmp_path)
-    yield running
-    running.stop()
+def srv(census_server):
+    return census_server()
 
 
 # -- the original API, verbatim -------------------------------------------------------------------
@@ -133,15 +75,12 @@ def test_original_read_endpoints(srv):
     assert srv.call("GET", "/healthz")[::2] == (200, {"status": "ok"})
 
 
-def test_none_left_keeps_the_original_answer(tmp_path):
-    running = Running(tmp_path, scope="127.0.0.0/16")
-    try:
-        assert running.call("GET", "/get_task")[2]["task_index"] == LOOP
-        assert running.call("GET", "/get_task")[::2] == (200, {"error": "No tasks available"})
-        none_left = (200, {"error": "No tasks available"})
-        assert running.call("GET", "/get_latest_task")[::2] == none_left
-    finally:
-        running.stop()
+def test_none_left_keeps_the_original_answer(census_server):
+    running = census_server("127.0.0.0/16")
+    assert running.call("GET", "/get_task")[2]["task_index"] == LOOP
+    assert running.call("GET", "/get_task")[::2] == (200, {"error": "No tasks available"})
+    none_left = (200, {"error": "No tasks available"})
+    assert running.call("GET", "/get_latest_task")[::2] == none_left
 
 
 def test_bad_result_goes_to_error_list_and_page_escapes(srv):
@@ -179,19 +118,16 @@ def test_admin_endpoints_from_loopback_without_token(srv):
     assert srv.call("GET", f"/revise?id={LOOP}&code=0&force=1")[0] == 200
 
 
-def test_admin_token_required_even_from_loopback(tmp_path):
-    running = Running(tmp_path, admin_token="s3cret")
-    try:
-        assert running.call("POST", "/add_task", {"task_status": 0})[0] == 401
-        bad = {"Authorization": "Bearer wrong"}
-        for method, path in (("POST", "/add_task"), ("GET", "/revise?id=1&code=0"),
-                             ("GET", "/error/reset?id=-1")):
-            status, _, got = running.call(method, path, {"task_status": 0}, headers=bad)
-            assert status == 403 and "error" in got
-        good = {"Authorization": "Bearer s3cret"}
-        assert running.call("POST", "/add_task", {"task_status": 1}, headers=good)[0] == 200
-    finally:
-        running.stop()
+def test_admin_token_required_even_from_loopback(census_server):
+    running = census_server(admin_token="s3cret")
+    assert running.call("POST", "/add_task", {"task_status": 0})[0] == 401
+    bad = {"Authorization": "Bearer wrong"}
+    for method, path in (("POST", "/add_task"), ("GET", "/revise?id=1&code=0"),
+                         ("GET", "/error/reset?id=-1")):
+        status, _, got = running.call(method, path, {"task_status": 0}, headers=bad)
+        assert status == 403 and "error" in got
+    good = {"Authorization": "Bearer s3cret"}
+    assert running.call("POST", "/add_task", {"task_status": 1}, headers=good)[0] == 200
 
 
 def test_loopback_rule_through_the_address_check():
@@ -233,26 +169,23 @@ def test_64_concurrent_get_task_get_64_tasks(srv):
     assert len(got) == 64 and len(set(got)) == 64
 
 
-def test_lease_expiry_late_duplicate_forged_and_wrong_token(tmp_path):
-    running = Running(tmp_path, scope="127.0.0.0/16")
-    try:
-        _, _, first = running.call("GET", "/get_task")
-        forged = submission(LOOP, lease="forged-token")
-        assert running.call("POST", "/submit_result", forged)[0] == 403
-        assert running.call("POST", "/release", {"task_index": LOOP, "lease": "x"})[0] == 403
-        running.clock.now += 61                              # the lease expires, lazily
-        _, _, second = running.call("GET", "/get_task")
-        assert second["task_index"] == LOOP and second["lease"] != first["lease"]
-        late = submission(LOOP, [9], lease=first["lease"], name="late")
-        assert running.call("POST", "/submit_result", late)[::2] == (200, {"success": True})
-        assert running.call("POST", "/submit_result", late)[2]["duplicate"] is True
-        status, _, got = running.call("POST", "/submit_result",
-                                      submission(LOOP, lease=second["lease"]))
-        assert (status, got["success"]) == (409, False)
-        assert running.call("GET", f"/result?id={LOOP}")[2]["contributor"] == "late"
-        assert running.call("GET", "/metrics")[2].count(b"census_leases_expired_total 1") == 1
-    finally:
-        running.stop()
+def test_lease_expiry_late_duplicate_forged_and_wrong_token(census_server):
+    running = census_server("127.0.0.0/16")
+    _, _, first = running.call("GET", "/get_task")
+    forged = submission(LOOP, lease="forged-token")
+    assert running.call("POST", "/submit_result", forged)[0] == 403
+    assert running.call("POST", "/release", {"task_index": LOOP, "lease": "x"})[0] == 403
+    running.clock.now += 61                              # the lease expires, lazily
+    _, _, second = running.call("GET", "/get_task")
+    assert second["task_index"] == LOOP and second["lease"] != first["lease"]
+    late = submission(LOOP, [9], lease=first["lease"], name="late")
+    assert running.call("POST", "/submit_result", late)[::2] == (200, {"success": True})
+    assert running.call("POST", "/submit_result", late)[2]["duplicate"] is True
+    status, _, got = running.call("POST", "/submit_result",
+                                  submission(LOOP, lease=second["lease"]))
+    assert (status, got["success"]) == (409, False)
+    assert running.call("GET", f"/result?id={LOOP}")[2]["contributor"] == "late"
+    assert running.call("GET", "/metrics")[2].count(b"census_leases_expired_total 1") == 1
 
 
 def test_release_puts_the_task_back(srv):
@@ -285,41 +218,6 @@ def test_map_task_contributors_export(srv):
     status, response, data = srv.call("GET", "/export.csv")
     assert response.getheader("Content-Type").startswith("text/csv")
     assert data == b"saddr\n127.0.0.0\n127.0.1.2\n"
-
-
-def test_events_stream_sees_a_submission(srv):
-    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
-    conn.request("GET", "/events")
-    response = conn.getresponse()
-    assert response.getheader("Content-Type") == "text/event-stream"
-    first = _next_event(response)
-    assert first["done_tasks"] == 0
-    _, _, task = srv.call("GET", "/get_task")
-    srv.call("POST", "/submit_result", submission(task["task_index"], lease=task["lease"]))
-    while (event := _next_event(response))["done_tasks"] == 0:
-        pass
-    assert event["done_tasks"] == 1
-    conn.close()
-
-
-def _next_event(response):
-    while True:
-        line = response.fp.readline()
-        if line.startswith(b"data: "):
-            return json.loads(line[6:])
-
-
-def test_metrics_parse_as_prometheus_text(srv):
-    srv.call("GET", "/get_task")
-    srv.call("GET", "/nope")
-    status, response, text = srv.call("GET", "/metrics")
-    assert response.getheader("Content-Type").startswith("text/plain; version=0.0.4")
-    sample = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_]\w*="[^"\\\n]*",?)*\})? '
-                        r'-?[0-9.e+-]+$')
-    for line in text.decode().splitlines():
-        assert line.startswith(("# HELP ", "# TYPE ")) or sample.match(line), line
-    assert b'census_tasks{state="in_progress"} 1' in text
-    assert b'census_http_requests_total{endpoint="other",code="404"} 1' in text
 
 
 def test_ping_zip_and_dashboard(srv, tmp_path):
@@ -490,8 +388,8 @@ def test_expect_continue_refuses_a_body_before_it_is_sent(srv):
     assert answer.startswith(b"HTTP/1.1 413 ") and b" 100 " not in answer
 
 
-def test_idle_connections_neither_block_nor_linger(tmp_path):
-    running = Running(tmp_path, idle_timeout=0.5)
+def test_idle_connections_neither_block_nor_linger(census_server):
+    running = census_server(idle_timeout=0.5)
     idle = [socket.create_connection(("127.0.0.1", running.port)) for _ in range(200)]
     try:
         assert running.call("GET", "/ping")[0] == 200
@@ -503,17 +401,40 @@ def test_idle_connections_neither_block_nor_linger(tmp_path):
     finally:
         for sock in idle:
             sock.close()
-        running.stop()
 
 
 # -- crash safety ---------------------------------------------------------------------------------
 
-def test_kill_9_in_a_burst_keeps_every_acknowledged_result(tmp_path):
-    data_dir = tmp_path / "data"
-    first = _start_server(data_dir)
-    acked, lock, stop = {}, threading.Lock(), threading.Event()
+@pytest.fixture
+def server_process():
+    """A factory: server_process(data_dir) -> (Popen, port) of ping_server.py on loopback, scoped
+    to 127.0.0.0/8, with no PING_* setting of ours leaking in; any left running is killed."""
+    started = []
 
-    def volunteer(port, me):
+    def start(data_dir):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PING_")}
+        process = subprocess.Popen(
+            [sys.executable, str(HERE / "ping_server.py"), "--host", "127.0.0.1", "--port", "0",
+             "--data", str(data_dir), "--scope", "127.0.0.0/8"], stdout=subprocess.PIPE, env=env)
+        started.append(process)
+        line = process.stdout.readline().decode()
+        assert line.startswith("listening on http://127.0.0.1:"), line
+        return process, int(line.rsplit(":", 1)[1].strip().rstrip("/"))
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+
+
+def test_kill_9_in_a_burst_keeps_every_acknowledged_result(tmp_path, server_process):
+    data_dir = tmp_path / "data"
+    first, port = server_process(data_dir)
+    acked, exited, changed, stop = {}, [], threading.Condition(), threading.Event()
+
+    def volunteer(me):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         try:
             while not stop.is_set():
@@ -521,51 +442,37 @@ def test_kill_9_in_a_burst_keeps_every_acknowledged_result(tmp_path):
                 ones = [me, task["task_index"] & 0xFFFF]
                 body = submission(task["task_index"], ones, lease=task["lease"], name=f"v{me}")
                 if answer(conn, "POST", "/submit_result", body)[0] == 200:
-                    with lock:
+                    with changed:
                         acked[task["task_index"]] = ones
+                        changed.notify_all()
         except (OSError, http.client.HTTPException, KeyError):
             pass
+        finally:
+            with changed:
+                exited.append(me)
+                changed.notify_all()
 
-    port = _read_port(first)
-    threads = [threading.Thread(target=volunteer, args=(port, n)) for n in range(8)]
+    threads = [threading.Thread(target=volunteer, args=(n,), daemon=True) for n in range(8)]
     for t in threads:
         t.start()
-    for _ in range(3000):                                 # at most 30 s
-        if len(acked) >= 60 or not any(t.is_alive() for t in threads):
-            break
-        threading.Event().wait(0.01)
+    with changed:                                         # 30 s: a bound, not a speed goal
+        changed.wait_for(lambda: len(acked) >= 60 or len(exited) == len(threads), 30)
     assert len(acked) >= 60
     first.send_signal(signal.SIGKILL)                     # mid-burst: 8 clients still going
     stop.set()
     first.wait()
     for t in threads:
         t.join()
-    second = _start_server(data_dir)
-    try:
-        port = _read_port(second)
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        assert answer(conn, "GET", "/get_progress")[2]["done_tasks"] >= len(acked)
-        for task, ones in acked.items():
-            status, _, got = answer(conn, "GET", f"/result?id={task}")
-            assert status == 200 and got["result_data"] == result_string(ones)
-        conn.close()
-    finally:
-        second.send_signal(signal.SIGTERM)
-        assert second.wait(timeout=20) == 0
+    second, port = server_process(data_dir)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    assert answer(conn, "GET", "/get_progress")[2]["done_tasks"] >= len(acked)
+    for task, ones in acked.items():
+        status, _, got = answer(conn, "GET", f"/result?id={task}")
+        assert status == 200 and got["result_data"] == result_string(ones)
+    conn.close()
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(timeout=20) == 0
     assert json.loads((data_dir / "census.json").read_bytes())["states"].count("2") >= len(acked)
-
-
-def _start_server(data_dir):
-    return subprocess.Popen(
-        [sys.executable, str(HERE / "ping_server.py"), "--host", "127.0.0.1", "--port", "0",
-         "--data", str(data_dir), "--scope", "127.0.0.0/8"],
-        stdout=subprocess.PIPE, env={**os.environ, "PING_ADMIN_TOKEN": ""})
-
-
-def _read_port(process) -> int:
-    line = process.stdout.readline().decode()
-    assert line.startswith("listening on http://127.0.0.1:"), line
-    return int(line.rsplit(":", 1)[1].strip().rstrip("/"))
 
 
 def test_command_line_errors_exit_2(tmp_path):

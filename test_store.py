@@ -1,15 +1,14 @@
 """Tests of store.py: scope, hand-out order, leases on a fake clock, submissions, persistence."""
 
-import base64
 import ipaddress
 import json
 import os
-import struct
 import threading
-import zlib
 
 import pytest
 
+from conftest import Clock, result_string
+from ping_client import decode_rtt, encode_rtt
 from store import (LOG_FILE, remembered_scope, SNAPSHOT_FILE, TASKS, Refused, State, Store, network_of,
                    parse_blocklist, plan_scope)
 
@@ -17,25 +16,10 @@ LOOP = 32512                                   # 127.0.0.0/16
 SCOPE8 = [ipaddress.IPv4Network("127.0.0.0/8")]
 
 
-class Clock:
-    """A settable time.time()."""
-
-    def __init__(self, now=1_800_000_000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-
-def result_string(ones=()):
-    data = bytearray(b"0" * 65536)
-    for k in ones:
-        data[k] = ord("1")
-    return data.decode()
-
-
-def rtt_field(values):
-    return base64.b64encode(zlib.compress(struct.pack(f"<{len(values)}I", *values))).decode()
+def crash(store):
+    """Leave `store` as kill -9 would: no final snapshot, the log as it stands."""
+    os.close(store._log_fd)
+    store._closing = True
 
 
 @pytest.fixture
@@ -191,7 +175,7 @@ def test_done_task_is_never_overwritten_and_retries_land_once(open_store):
     assert store.counters()["submissions"] == 1
 
 
-def test_bad_data_errors_the_task_only_for_the_lease_holder(open_store, clock):
+def test_bad_data_errors_the_task_only_for_the_lease_holder(open_store):
     store = open_store(lease_seconds=60)
     handout = store.get_task("a")
     for bad in ("01" * 10, "2" * 65536, None, 5):
@@ -228,12 +212,11 @@ def test_result_rtt_contributors_and_map(open_store, clock):
         handout = store.get_task("h")
         stats = {"probed": 65000, "excluded": 536, "unreachable": 3, "sent": 65000}
         store.submit(handout.task, result_string(ones), holder="h", token=handout.lease.token,
-                     name=name, rtt=rtt_field([10, 20, 30]), stats=stats)
+                     name=name, rtt=encode_rtt([10, 20, 30]), stats=stats)
         clock.now += 1
     got = store.result(handout.task)
     assert got["result_data"] == result_string(ones) and got["contributor"] == "alice"
-    raw = zlib.decompress(base64.b64decode(got["rtt_us"]))
-    assert struct.unpack("<3I", raw) == (10, 20, 30)
+    assert list(decode_rtt(got["rtt_us"])) == [10, 20, 30]
     people = store.contributors()
     assert [(c.name, c.tasks_done, c.addresses_probed, c.responders) for c in people] == [
         ("alice", 2, 130000, 6), ("bob", 1, 65000, 3)]
@@ -249,11 +232,11 @@ def test_bad_rtt_is_refused(open_store):
     store = open_store()
     handout = store.get_task("h")
     with pytest.raises(Refused) as caught:
-        store.submit(handout.task, result_string([1]), holder="h", rtt=rtt_field([1, 2]))
+        store.submit(handout.task, result_string([1]), holder="h", rtt=encode_rtt([1, 2]))
     assert caught.value.status == 400
 
 
-def test_progress_numbers(open_store, clock):
+def test_progress_numbers(open_store):
     store = open_store()
     handout = store.get_task("h")
     store.submit(handout.task, result_string([1, 2]), holder="h")
@@ -298,20 +281,18 @@ def test_add_task_brings_the_lowest_out_of_scope_block_in(open_store):
     assert caught.value.status == 400
 
 
-def test_add_task_skips_opted_out_blocks_and_keeps_their_parts(tmp_path, clock):
+def test_add_task_skips_opted_out_blocks_and_keeps_their_parts(open_store):
     exclude = [ipaddress.IPv4Network(n) for n in ("1.0.0.0/16", "1.1.2.0/24")]
-    store = Store(tmp_path / "data", scope=SCOPE8, exclude=exclude, clock=clock)
+    store = open_store(exclude=exclude)
     assert store.add_task(0, "127.0.0.1") == 257          # 1.0/16 is opted out
     assert store.exclude_of(257) == ["1.1.2.0/24"]
-    store.close()
 
 
-def test_add_task_when_none_is_left(tmp_path, clock):
-    store = Store(tmp_path / "data", clock=clock)         # default scope: all but reserved
+def test_add_task_when_none_is_left(open_store):
+    store = open_store(scope=None)                        # default scope: all but reserved
     with pytest.raises(Refused) as caught:
         store.add_task(0, "127.0.0.1")
     assert caught.value.status == 409
-    store.close()
 
 
 def test_added_and_revised_tasks_survive_a_restart(open_store):
@@ -324,8 +305,7 @@ def test_added_and_revised_tasks_survive_a_restart(open_store):
     assert again.state_of(added) == State.AVAILABLE
     assert again.state_of(LOOP) == State.EXCLUDED
     assert again.state_of(1 << 8 | 7) == State.AVAILABLE
-    os.close(again._log_fd)                               # and from the log alone, no snapshot
-    again._closing = True
+    crash(again)                                          # and from the log alone, no snapshot
     (again.dir / SNAPSHOT_FILE).unlink()
     third = open_store()
     assert [third.state_of(t) for t in (added, LOOP, 1 << 8 | 7)] == [0, 4, 0]
@@ -334,7 +314,7 @@ def test_added_and_revised_tasks_survive_a_restart(open_store):
 
 # -- persistence ----------------------------------------------------------------------------------
 
-def test_restart_resumes_exactly_leases_included(open_store, clock, tmp_path):
+def test_restart_resumes_exactly_leases_included(open_store, clock):
     store = open_store(lease_seconds=60)
     done = store.get_task("a")
     store.submit(done.task, result_string([7]), holder="a", name="alice", token=done.lease.token)
@@ -343,8 +323,7 @@ def test_restart_resumes_exactly_leases_included(open_store, clock, tmp_path):
     with pytest.raises(Refused):
         store.submit(bad.task, "junk", holder="c", token=bad.lease.token)
     before = (store.progress(), store.map_bytes(), store.contributors(), store.errors())
-    os.close(store._log_fd)                               # no clean shutdown: the log only
-    store._closing = True
+    crash(store)                                          # no clean shutdown: the log only
     again = open_store(lease_seconds=60)
     assert (again.progress(), again.map_bytes(), again.contributors(), again.errors()) == before
     assert again.result(done.task)["result_data"] == result_string([7])
@@ -367,8 +346,7 @@ def test_snapshot_then_journal_and_torn_tail(open_store, tmp_path):
     again = open_store(snapshot_every=1000)
     handout = again.get_task("h")
     again.submit(handout.task, result_string([2]), holder="h")
-    os.close(again._log_fd)
-    again._closing = True
+    crash(again)
     log = tmp_path / "data" / LOG_FILE
     size = log.stat().st_size
     with open(log, "ab") as torn:
@@ -377,8 +355,7 @@ def test_snapshot_then_journal_and_torn_tail(open_store, tmp_path):
     assert third.progress()["done_tasks"] == 6
     assert third.result(handout.task)["result_data"] == result_string([2])
     assert log.stat().st_size == size                     # the torn tail was cut off
-    os.close(third._log_fd)                               # crash again
-    third._closing = True
+    crash(third)
     data = bytearray(log.read_bytes())
     data[-5] ^= 1                                         # a flipped bit fails the CRC
     log.write_bytes(bytes(data))

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -63,10 +64,10 @@ class Bench:
         # 127/8 traffic martian unless route_localnet/accept_local are set (namespace only)
         box.run(["sysctl", "-qw", "net.ipv4.conf.all.route_localnet=1", "net.ipv4.conf.lo.route_localnet=1",
                  "net.ipv4.conf.all.accept_local=1", "net.ipv4.conf.lo.accept_local=1"], check=True)
-        self.anchor = box.popen(["sleep", "3600"])   # its /proc/PID/net/* are the lab's
-        mine = os.readlink("/proc/self/ns/net")
-        while os.readlink(f"/proc/{self.anchor.pid}/ns/net") == mine:   # until `ip` has entered the lab
-            time.sleep(0.01)
+        # its /proc/PID/net/* are the lab's, once it has said so from inside
+        self.anchor = box.popen(["sh", "-c", "echo ready; exec sleep 3600"],
+                                stdout=subprocess.PIPE, text=True)
+        self.anchor.stdout.readline()
 
     def time_run(self, argv, timeout=120):
         """(wall s, requests seen, send window s, stdout, peak RSS kB) of one command in the lab."""
