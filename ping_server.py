@@ -224,6 +224,14 @@ class EventFeed:
         self.store, self.front, self.stopping = store, front, stopping
 
     def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self._feed()
+            except Exception:
+                self.front.warn("internal", "the /events feed failed:\n" + traceback.format_exc())
+                self.stopping.wait(EVENTS_MIN_GAP)
+
+    def _feed(self) -> None:
         version = None
         while not self.stopping.is_set():
             if self.store.version != version:
@@ -248,7 +256,7 @@ class CensusServer:
         self.static_dir = Path(static_dir)
         self.verbose = verbose
         self.proxies = frozenset(ipaddress.ip_address(p).compressed for p in proxies)
-        self.warn = warn or Warnings()
+        self.warn = Warnings() if warn is None else warn
         self.metrics = Metrics()
         self.stopping = threading.Event()
         limits = http_front.Limits(workers, max_connections, max_per_address, head_timeout,
