@@ -27,6 +27,7 @@ import errno
 import os
 import re
 import resource
+import select
 import selectors
 import socket
 import queue
@@ -52,6 +53,7 @@ SUBSCRIBER_BUFFER = 65536           # bytes an event stream may fall behind befo
 FANOUT_BATCH = 1000                 # subscribers written per turn of the loop
 LINGER = 1.0                        # seconds to drain a peer's input after our last answer
 ACCEPT_PAUSE = 0.5
+HOT_WAIT = 0.003                    # seconds a worker waits for a keep-alive peer's next request
 METHODS = frozenset("GET HEAD POST PUT DELETE PATCH OPTIONS TRACE CONNECT".split())
 KEEP, CLOSE, SUBSCRIBE = "keep", "close", "subscribe"    # what a handler returns
 
@@ -184,6 +186,7 @@ class Front:
         self.capacity = capacity(limits)
         self._selector = selectors.DefaultSelector()
         self._direct = type(self._selector).__name__ in ("EpollSelector", "KqueueSelector")
+        self._hot = hasattr(select, "poll") and HOT_WAIT > 0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -325,17 +328,27 @@ class Front:
         """Hand a whole request to the workers once its head and body are in."""
         if channel.out or not channel.buf:
             return                                      # answers go out in order
+        try:
+            message = self._whole_request(channel)
+        except HeadError as exc:
+            return self._refuse(channel, exc)
+        if message is not None:
+            channel.state = "busy"
+            self._watch(channel, 0)
+            self._requests.put((channel, message))
+
+    def _whole_request(self, channel):
+        """The next whole request in ``channel.buf``, head and body, or None while it is still
+        coming (its deadlines set as it comes); HeadError for a head that is refused. Run by
+        the loop, or by the worker that owns the channel (see _next_request)."""
         now = time.monotonic()
         if channel.pending is None:
             if channel.idle:                            # the first byte of a request
                 channel.idle = False
                 channel.deadline = now + self.limits.head_timeout
-            try:
-                parsed = parse_head(channel.buf, channel.peer)
-            except HeadError as exc:
-                return self._refuse(channel, exc)
+            parsed = parse_head(channel.buf, channel.peer)
             if parsed is None:
-                return
+                return None
             message, used, length, expects_continue = parsed
             del channel.buf[:used]
             channel.pending = message, length
@@ -344,12 +357,15 @@ class Front:
                 channel.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")     # 25 bytes: it fits
         message, length = channel.pending
         if len(channel.buf) < length:
-            return
-        body = bytes(channel.buf[:length])
-        del channel.buf[:length]
-        channel.pending, channel.idle, channel.state = None, True, "busy"
-        self._watch(channel, 0)
-        self._requests.put((channel, message._replace(body=body)))
+            return None
+        if len(channel.buf) == length:                  # the usual case: one copy, not two
+            body = bytes(channel.buf)
+            channel.buf.clear()
+        else:
+            body = bytes(channel.buf[:length])
+            del channel.buf[:length]
+        channel.pending, channel.idle = None, True
+        return message._replace(body=body)
 
     def _take_returns(self):
         while self._returns:
@@ -363,7 +379,8 @@ class Front:
                     self._feed(channel, data)
             elif after == KEEP and not channel.closing:
                 channel.state = "reading"
-                channel.deadline = time.monotonic() + self.limits.idle_timeout
+                if channel.idle:                        # else a request's deadline runs
+                    channel.deadline = time.monotonic() + self.limits.idle_timeout
                 self._watch(channel, _READ | (_WRITE if channel.out else 0))
                 self._advance(channel)                  # a pipelined request
             else:
@@ -490,14 +507,51 @@ class Front:
     def _work(self):
         while (item := self._requests.get()) is not None:
             channel, message = item
-            try:
-                after = self.handler(channel, message)
-            except Exception as exc:                    # the handler answers its own errors
-                self.warn("handler", f"request handler failed: {exc!r}")
-                after = CLOSE
+            after = self._run(channel, message)
+            while after == KEEP and (message := self._next_request(channel)) is not None:
+                after = self._run(channel, message)
             if not (after == KEEP and self._rearm(channel)):
                 self._returns.append((channel, after))
                 self._wake()
+
+    def _run(self, channel, message):
+        try:
+            return self.handler(channel, message)
+        except Exception as exc:                        # the handler answers its own errors
+            self.warn("handler", f"request handler failed: {exc!r}")
+            return CLOSE
+
+    def _next_request(self, channel):
+        """A keep-alive peer's next request, when it is already here or comes within HOT_WAIT
+        and no other request waits for a worker: the worker keeps a busy connection, as a
+        thread per connection would, which saves the hand-offs to the loop and back (a
+        wake-up each) on every request. None otherwise: the channel goes back to the loop
+        with what it has read (which also refuses a bad head)."""
+        if channel.closing or channel.out or not self._hot or not self._requests.empty():
+            return None
+        poller, deadline = select.poll(), time.monotonic() + HOT_WAIT
+        poller.register(channel.fd, select.POLLIN)
+        while True:
+            if channel.buf:
+                try:
+                    message = self._whole_request(channel)
+                except HeadError:
+                    return None
+                if message is not None:
+                    return message
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                return None
+            try:
+                data = channel.sock.recv(262144)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                channel.closing = True                  # the peer left: the loop closes
+                return None
+            channel.buf += data
 
     def _rearm(self, channel) -> bool:
         """Park a channel that is done and has nothing pending straight from the worker: epoll
@@ -540,7 +594,9 @@ def parse_head(buf: bytearray, peer: str):
         if len(buf) - start > MAX_URL + 64:
             raise HeadError(HTTPStatus.REQUEST_URI_TOO_LONG, "URL too long")
         return None
-    ends = [i for i in (buf.find(b"\n\r\n", line_end), buf.find(b"\n\n", line_end)) if i >= 0]
+    crlf = buf.find(b"\n\r\n", line_end)     # then a bare "\n\n" only before it: not in the body
+    lf = buf.find(b"\n\n", line_end, len(buf) if crlf < 0 else crlf + 1)
+    ends = [i for i in (crlf, lf) if i >= 0]
     if not ends:
         if len(buf) - line_end > MAX_HEAD:
             raise HeadError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large")
