@@ -172,6 +172,15 @@ class Channel:
             self.out.clear()
         self.sock.sendall(data)
 
+    def receive(self) -> bytes | None:
+        """What the peer sent, b"" once it has left, None when nothing is there yet."""
+        try:
+            return self.sock.recv(262144)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
+
     def take_request(self, head_timeout: float):
         """The next whole request in ``buf``, head and body, or None while it is still coming
         (its deadlines set as it comes); HeadError for a head that is refused. Called by the
@@ -189,7 +198,10 @@ class Channel:
             self.pending = message, length
             self.deadline = now + head_timeout + length / MIN_BODY_RATE
             if expects_continue and len(self.buf) < length:
-                self.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")        # 25 bytes: it fits
+                try:
+                    self.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")    # 25 bytes: it fits
+                except OSError:
+                    pass                                # the peer left: its read will say so
         message, length = self.pending
         if len(self.buf) < length:
             return None
@@ -278,7 +290,7 @@ class Front:
         os.close(self._wake_w)
 
     def publish(self, data: bytes, latest=False) -> None:
-        """Broadcaster.publish."""
+        """Write ``data`` to every event stream, from any thread (Broadcaster.publish)."""
         self.events.publish(data, latest)
 
     @property
@@ -342,12 +354,9 @@ class Front:
                      [("Retry-After", str(RETRY_AFTER))])
 
     def _read(self, channel):
-        try:
-            data = channel.sock.recv(262144)
-        except BlockingIOError:
+        data = channel.receive()
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             return self._close(channel)
         if channel.state == "reading":
@@ -567,16 +576,11 @@ class Workers:
             left = deadline - time.monotonic()
             if left <= 0 or not poller.poll(left * 1000):
                 return None
-            try:
-                data = channel.sock.recv(262144)
-            except BlockingIOError:
-                continue
-            except OSError:
-                data = b""
-            if not data:
+            data = channel.receive()
+            if data == b"":
                 channel.closing = True                  # the peer left: the loop closes
                 return None
-            channel.buf += data
+            channel.buf += data or b""
 
 
 class Broadcaster:
