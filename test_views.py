@@ -33,10 +33,10 @@ T0, T1, T2, T3 = range(32512, 32516)         # 127.0/16 .. 127.3/16
 class Census:
     """A server in a thread over a store of its own (so the test picks scope and opt-outs)."""
 
-    def __init__(self, path, site=views.Site(), clock=None):
+    def __init__(self, path, site=views.Site(), clock=None, scope="127.0.0.0/14"):
         self.clock = clock or Clock()
-        self.store = Store(path, scope=[ipaddress.IPv4Network("127.0.0.0/14")],
-                           exclude=[OPTED_OUT], clock=self.clock)
+        self.store = Store(path, scope=[ipaddress.IPv4Network(scope)], exclude=[OPTED_OUT],
+                           clock=self.clock)
         self.server = ping_server.CensusServer(("127.0.0.1", 0), self.store, site=site,
                                                static_dir=ping_server.HERE)
         self.port = self.server.server_address[1]
