@@ -87,10 +87,11 @@ def shade_of(answered: int, probed: int) -> int:
     return -(-(SHADES - 1) * min(answered, probed) // probed)
 
 
-def map_palette() -> list:
+@functools.cache
+def map_palette() -> tuple:
     """The /map.png palette: SHADES shades, then available, in progress, error, excluded and
     not probed."""
-    return [ramp_rgb((k / (SHADES - 1)) ** 0.5) for k in range(SHADES)] + list(_STATE_RGB)
+    return tuple(ramp_rgb((k / (SHADES - 1)) ** 0.5) for k in range(SHADES)) + _STATE_RGB
 
 
 def png(width: int, height: int, pixels: bytes, palette) -> bytes:

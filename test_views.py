@@ -213,7 +213,7 @@ def test_map_png_shades_each_24_by_its_share_and_colours_the_states(census):
     status, headers, body = srv.get("/map.png")
     assert status == 200 and headers["Content-Type"] == "image/png"
     size, _, palette, pixels = read_png(body)
-    assert size == 4096 and palette == pictures.map_palette()
+    assert size == 4096 and palette == list(pictures.map_palette())
     assert map_pixel(pixels, size, full) == pictures.SHADES - 1          # all answered
     assert map_pixel(pixels, size, half) == pictures.shade_of(128, 256) == 125
     assert map_pixel(pixels, size, full + 2) == 1                        # 1 of 256: still shows
@@ -277,7 +277,9 @@ def test_details_of_a_done_block(census):
     text = page.decode()
     for needle in ("127.1.0.0/16", "done", "&lt;script&gt;", f"/block.png?id={T1}",
                    f"/result?id={T1}", "/export.csv?network=127.1.0.0/16&amp;fields=saddr,rtt_ms",
-                   "<td title='127.1.1.0/24'>256</td>", "<td title='127.1.0.0/24'>1</td>",
+                   "<td title='127.1.1.0/24' style='background:#fde725;color:#1b1f24'>256</td>",
+                   "<td title='127.1.0.0/24' style='background:#461768;color:#fff'>1</td>",
+                   "<td title='127.1.2.0/24'>0</td>",
                    "127.1.200.0/24", "257 of 65,280 probed", "median 2.500", "min 0.050",
                    "2–5 ms</td><td>256"):
         assert needle in text, needle

@@ -283,7 +283,7 @@ color:#1b1f24;background:#f4f5f7}a{color:#17637f}table{border-collapse:collapse;
 th,td{padding:3px 8px;border-bottom:1px solid #e3e6eb;text-align:left;font-variant-numeric:tabular-nums}
 .facts th{color:#5f6b7a;font-weight:600}.grid td{text-align:right;font-size:12px;padding:2px 4px}
 .about{white-space:pre-wrap;background:#fff;padding:10px 12px;border:1px solid #e3e6eb;border-radius:8px}
-img.block{width:512px;max-width:100%;image-rendering:pixelated;border:1px solid #e3e6eb}
+img.block{width:512px;height:auto;max-width:100%;image-rendering:pixelated;border:1px solid #e3e6eb}
 .bar{display:inline-block;height:10px;background:#21918c}.s1{color:#c25400}.s2{color:#137a6f}
 .s3{color:#d62728}.s4{color:#8a94a3}.legend span{display:inline-block;width:10px;height:10px;margin:0 4px 0 10px}
 .wide{overflow-x:auto}"""
@@ -352,7 +352,7 @@ def _per_24_table(task, result) -> str:
     prefix = f"{task >> 8}.{task & 255}"
     rows = []
     for hi in range(16):
-        cells = "".join(f"<td title='{prefix}.{c}.0/24'>{counts[c]}</td>"
+        cells = "".join(f"<td title='{prefix}.{c}.0/24'{_heat(counts[c])}>{counts[c]}</td>"
                         for c in range(16 * hi, 16 * hi + 16))
         rows.append(f"<tr><th>.{16 * hi}</th>{cells}</tr>")
     head = "".join(f"<th>+{c}</th>" for c in range(16))
@@ -361,10 +361,21 @@ def _per_24_table(task, result) -> str:
             f"{head}</tr>{''.join(rows)}</table></div>")
 
 
+def _heat(count) -> str:
+    """A cell's background: the /map.png colour of its share, light text on the dark ones."""
+    if not count:
+        return ""
+    rgb = pictures.map_palette()[pictures.shade_of(count, 256)]
+    ink = "#fff" if sum(rgb) < 380 else "#1b1f24"
+    return f" style='background:#{bytes(rgb).hex()};color:{ink}'"
+
+
 def _rtt_table(result) -> str:
     rtts = decode_rtt(result.get("rtt_us"))
-    if not rtts:
+    if rtts is None:
         return "<h2>Round-trip times</h2><p>This result carries no round-trip times.</p>"
+    if not rtts:
+        return "<h2>Round-trip times</h2><p>No address answered.</p>"
     ms = sorted(v / 1000 for v in rtts)
     counts = [0] * (len(RTT_BUCKETS_MS) + 1)
     for value in ms:
