@@ -18,9 +18,10 @@ Why /map.png stays cheap. The picture is kept in memory as 256 bands, one per ro
 that the streams can simply be joined into the one zlib stream of the PNG (header, bands, an
 empty final block, the Adler-32 of all rows). A new version of the census redraws and
 recompresses only the bands holding blocks whose state or answer share changed (what /map's
-bytes say), so a volunteer's result costs the picture one band, about a millisecond. The first
-build reads every result once (bench/pictures.py measures it: about a second for a full
-census); the answers per /24 come from a block's bitmap by popcount table and one big-integer
+bytes say), so a volunteer's result costs the picture one band: about 10 ms of CPU. The first
+build after a start reads every result once: 2-3 s of CPU for a full census of 65,536 blocks on
+our shared machine (bench/pictures.py), once per process; blocks with no answer at all are not
+read. The answers per /24 come from a block's bitmap by a popcount table and one big-integer
 multiplication per batch of blocks, not by a Python loop over its 256 /24s.
 """
 
