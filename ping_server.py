@@ -611,7 +611,7 @@ class Handler:
         task = _task_index(req.query.get("id"), "id")
         info = self.server.store.task_info(task)
         etag = f'"{task}-{info["state"]}-{info["finished_at"]}"'
-        headers = (("ETag", etag), ("Cache-Control", "no-cache"))
+        headers = (("ETag", etag),)             # Cache-Control: CACHE_CONTROL's
         if req.headers.get("If-None-Match", "").strip() == etag:
             return HTTPStatus.NOT_MODIFIED, Raw("image/png", b"", headers)
         result = self.server.store.result(task)             # 404 unless done
@@ -631,8 +631,7 @@ class Handler:
         if wanted == f'"{self.server.store.version}-{size}"':
             return HTTPStatus.NOT_MODIFIED, Raw("image/png", b"", (("ETag", wanted),))
         version, data = painter.render(self.server.store)
-        headers = (("ETag", f'"{version}-{size}"'), ("Cache-Control", "no-cache"))
-        return HTTPStatus.OK, Raw("image/png", data, headers)
+        return HTTPStatus.OK, Raw("image/png", data, (("ETag", f'"{version}-{size}"'),))
 
     def block_list(self, req):
         page = _task_index(req.query.get("page", "1"), "page")

@@ -386,8 +386,10 @@ def _rtt_table(result) -> str:
               + [f"≥ {RTT_BUCKETS_MS[-1]:g} ms"])
     rows = "".join(f"<tr><td>{label}</td><td>{n:,}</td><td><span class='bar' "
                    f"style='width:{round(200 * n / top)}px'></span></td></tr>"
-                   for label, n in zip(labels, counts) if n or label)
-    pick = lambda q: ms[min(len(ms) - 1, int(q * len(ms)))]     # noqa: E731
-    summary = (f"min {ms[0]:.3f} · median {pick(0.5):.3f} · 90 % {pick(0.9):.3f} · "
-               f"99 % {pick(0.99):.3f} · max {ms[-1]:.3f} ms ({len(ms):,} answers)")
+                   for label, n in zip(labels, counts))
+
+    def quantile(q):
+        return ms[min(len(ms) - 1, int(q * len(ms)))]
+    summary = (f"min {ms[0]:.3f} · median {quantile(0.5):.3f} · 90 % {quantile(0.9):.3f} · "
+               f"99 % {quantile(0.99):.3f} · max {ms[-1]:.3f} ms ({len(ms):,} answers)")
     return f"<h2>Round-trip times</h2><p>{summary}</p><table>{rows}</table>"
