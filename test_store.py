@@ -18,7 +18,7 @@ SCOPE8 = [ipaddress.IPv4Network("127.0.0.0/8")]
 
 def crash(store):
     """Leave `store` as kill -9 would: no final snapshot, the log as it stands."""
-    os.close(store._log_fd)
+    store._journal.release()
     store._closing = True
 
 
@@ -165,7 +165,11 @@ def test_done_task_is_never_overwritten_and_retries_land_once(open_store):
     token = handout.lease.token
     assert store.submit(handout.task, result_string([5]), holder="a", token=token) is False
     assert store.submit(handout.task, result_string([5]), holder="a", token=token) is True
-    assert store.submit(handout.task, "bad", holder="a", token=token) is True
+    for data in (result_string([6]), "bad"):                  # the holder, other data
+        with pytest.raises(Refused) as caught:
+            store.submit(handout.task, data, holder="a", token=token)
+        assert (caught.value.status, caught.value.message) == (
+            409, "task already done with different data")
     for data in (result_string([6]), "x" * 65536):
         with pytest.raises(Refused) as caught:
             store.submit(handout.task, data, holder="b", token=None)
@@ -360,8 +364,10 @@ def test_snapshot_then_journal_and_torn_tail(open_store, tmp_path):
     data[-5] ^= 1                                         # a flipped bit fails the CRC
     log.write_bytes(bytes(data))
     fourth = open_store()
-    assert fourth.progress()["done_tasks"] == 5           # that last result is dropped
-    assert fourth.state_of(handout.task) == State.IN_PROGRESS
+    assert fourth.progress()["done_tasks"] == 5           # that last result is dropped ...
+    assert fourth.state_of(handout.task) == State.AVAILABLE   # ... and its task handed out again
+    assert "lost to damage" in dict(fourth.errors())[handout.task]
+    assert [p.read_bytes() for p in log.parent.glob(LOG_FILE + ".damaged-*")] == [bytes(data)]
 
 
 def test_scope_change_on_restart(open_store):
