@@ -60,7 +60,7 @@ TMP_SUFFIX = ".tmp"
 SNAPSHOT_EVERY = 16384              # records between snapshots (bounds the replay) ...
 SNAPSHOT_SECONDS = 60.0             # ... or seconds, whichever comes first
 TAIL_BYTES = 16 << 20               # log growth over 1.5 x the live data before a compaction
-PROBE_BYTES = 1 << 20               # a degraded log writes again once this much fits
+PROBE_BYTES = 64 << 10              # a degraded log writes again once this much fits
 
 MAGIC = b"CNS1"
 HEADER = struct.Struct("<4sQIIIII")  # magic, seq, tag, blob len, line len, header CRC, body CRC

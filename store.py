@@ -850,13 +850,14 @@ class Store:
         """Damage in the middle of the log: every intact record is kept, the tasks of the lost
         ones handed out again, the log rewritten and the original kept aside."""
         damage = self._journal.damage
-        self.damaged_records = len(damage) + self._journal.lost_records
+        lost = max(len(damage), self._journal.lost_records)
+        self.damaged_records = lost
         aside = f"{LOG_FILE}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
         tasks = sorted({d.tag for d in damage if d.tag is not None and d.tag < TASKS})
         unknown = sum(d.tag is None for d in damage)
         say(f"{self.dir / LOG_FILE} is damaged: {sum(d.length for d in damage)} bytes in "
             f"{len(damage)} place(s) (offsets {', '.join(str(d.offset) for d in damage[:10])})"
-            f", {self._journal.lost_records} record number(s) missing; tasks of lost records: "
+            f", {lost} record(s) lost; tasks of lost records: "
             f"{', '.join(map(str, tasks)) or 'none known'}"
             f"{f' (and {unknown} record(s) whose task is unknown)' if unknown else ''}. "
             f"Rebuilt from every intact record; the original is kept as {aside}")
