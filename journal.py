@@ -60,6 +60,7 @@ TMP_SUFFIX = ".tmp"
 SNAPSHOT_EVERY = 16384              # records between snapshots (bounds the replay) ...
 SNAPSHOT_SECONDS = 60.0             # ... or seconds, whichever comes first
 TAIL_BYTES = 16 << 20               # log growth over 1.5 x the live data before a compaction
+CLOSE_TAIL_BYTES = 256 << 10        # ... or over 1.5 x + this at a clean stop
 PROBE_BYTES = 64 << 10              # a degraded log writes again once this much fits
 
 MAGIC = b"CNS1"
@@ -260,16 +261,17 @@ class Journal:
         with self._flush_lock:
             self._compact(keep_aside)
 
-    def worth_compacting(self) -> bool:
+    def worth_compacting(self, tail=None) -> bool:
         live = self.owner.live_bytes()
-        return self._size > max(1.5 * live + self.tail_bytes, self._compact_after)
+        tail = self.tail_bytes if tail is None else tail
+        return self._size > max(1.5 * live + tail, self._compact_after)
 
     def close(self) -> None:
         """Flush, compact if worth it, snapshot, and let the folder go."""
         with self._flush_lock:
             try:
                 self._flush()
-                if self.worth_compacting():
+                if self.worth_compacting(min(self.tail_bytes, CLOSE_TAIL_BYTES)):
                     self._compact()
                 elif self._size != self.snapshot_offset:
                     self._snapshot()

@@ -1,21 +1,24 @@
 """The census task store: task states, leases, errors, results and contributors, crash-safe.
 
-Everything lives in memory behind one lock. Every change is appended to one append-only log as a
-record: a header (lengths and a CRC-32), the result bytes if any, and a JSON line holding the
-changed task's whole new record (so replaying it twice is harmless). A caller returns only once
-its record is durable, with group commit and no writer thread: callers queue their records, and
-whichever of them holds the flush lock writes and fsyncs everything queued so far, so those that
-queued meanwhile usually find theirs already durable when their turn comes (one fsync for many
-requests, and no thread hand-off per request). Results are kept bit-packed in the log (8 KiB a
-block, 1/8 of the string; a whole census about 0.5 GB) and read back by offset. From time to time
-the flushing caller rewrites a JSON snapshot of the state (temp file, fsync, ``os.replace``, fsync
-of the folder) holding the log offset it covers; loading is snapshot + replay of the log after that
-offset, and a tail torn by a crash (short or failing its CRC) is ignored and cut off.
+Everything lives in memory behind one lock; ``journal.Journal`` makes it durable. Every change
+is appended to the log as one record holding only what changed for its task (a new lease, its
+end, the new state, an error, a result's metadata and its contributor's totals), with the result
+bytes bit-packed beside it (8 KiB a block, 1/8 of the string; a whole census about 0.5 GB) and
+read back by offset, checked against their CRC every time. A caller returns only once its record
+is durable (group commit: see journal.py). When the disk refuses a write, nothing of it is kept:
+the journal fails every record not yet durable and asks ``reload()`` for the state on disk, so
+memory never shows a 503'd change; requests that change state get 503 (``Unavailable``) until
+the disk takes writes again, and ``degraded`` says why. Read paths never write: an expired
+lease is expired in memory, and again by replay at load.
+
+    census.scope   the --scope the data was made with (``remembered_scope``)
+    census.lock    census.log    census.json      (journal.py)
 
 Lease deadlines are wall-clock epoch seconds (they survive restarts), so the clock is injected as
-a ``time.time``-like callable; tests pass a fake one and never sleep.
+a ``time.time``-like callable; tests pass a fake one and never sleep. Start-up problems are one
+``StoreError`` (one line: what is wrong, what to do); a damaged log is rebuilt from every intact
+record, the original kept aside, the loss reported on stderr.
 """
-
 import base64
 import bisect
 import hashlib
@@ -940,9 +943,10 @@ class Store:
         self._held = {}
         for lease in self._leases.values():
             self._held[lease.holder] = self._held.get(lease.holder, 0) + 1
-        for task in [t for t in range(TASKS) if self._states[t] == State.DONE
-                     and t not in self._results]:
-            self._requeue(task, "its result record is missing", journal=False)
+        if self._states.count(State.DONE) != len(self._results):
+            for task in [t for t in range(TASKS) if self._states[t] == State.DONE
+                         and t not in self._results]:
+                self._requeue(task, "its result record is missing", journal=False)
         self._expire_due(self.clock())
 
 

@@ -712,3 +712,30 @@ def test_within_hands_out_only_overlapping_blocks(open_store):
     wide = [ipaddress.IPv4Network("127.9.128.0/17"), ipaddress.IPv4Network("127.20.0.0/15")]
     assert store.get_task("h", within=wide).task == LOOP + 20     # wholly inside first
     assert store.get_task("h", within=[ipaddress.IPv4Network("10.0.0.0/8")]) is None
+
+
+# -- through HTTP ---------------------------------------------------------------------------------
+
+def test_http_lease_cap_lease_required_and_within(census_server):
+    running = census_server()
+    running.store.max_leases = 2
+    status, _, first = running.call("GET", "/get_task?lease=required")
+    assert status == 200
+    for path, code in (("/get_task?within=127.3.0.0/16,127.4.0.0/24", 200),
+                       ("/get_task?within=not-a-cidr", 400), ("/get_task?lease=maybe", 400)):
+        status, _, got = running.call("GET", path)
+        assert status == code, got
+    assert got["error"] == "lease must be 'required' (or absent)"
+    status, response, got = running.call("GET", "/get_task")
+    assert status == 429 and int(response.getheader("Retry-After")) >= 1
+    assert "holds 2 leases" in got["error"]
+    for lease in (None, ""):
+        body = {"task_index": first["task_index"], "result": {"success": True, "result_data":
+                                                              result_string()}}
+        if lease is not None:
+            body["lease"] = lease
+        status, _, got = running.call("POST", "/submit_result", body)
+        assert (status, got["success"]) == (403, False)
+    status, _, got = running.call("POST", "/release", {"task_index": first["task_index"],
+                                                       "lease": first["lease"]})
+    assert status == 200

@@ -8,7 +8,9 @@
    with 50 dashboards' /events streams open.
 2. Census: all 65,536 tasks handed out and completed through HTTP by 64 simulated clients, timed.
 3. Restart: the server killed with SIGKILL after the census, restarted, timed until it answers
-   (then once more after a clean SIGTERM).
+   (then once more after a clean SIGTERM); and killed with SIGKILL in the middle of a census.
+4. Churn: one client doing GET /get_task + POST /release (no results): log bytes per 1,000
+   cycles, and the folder's size before and after the compaction at a clean stop.
 
 The clients run in their own processes (the machine may have only 2 cores; clients and server
 share them). Servers bind to 127.0.0.1 only.
@@ -83,8 +85,9 @@ def start(argv, **kw):
 
 
 def census_server(data_dir, scope="0.0.0.0/0"):
+    # every simulated client shares 127.0.0.1: no per-address lease cap here
     return start([sys.executable, str(ROOT / "ping_server.py"), "--host", HOST, "--port", "0",
-                  "--data", str(data_dir), "--scope", scope],
+                  "--data", str(data_dir), "--scope", scope, "--max-leases", "0"],
                  env={**os.environ, "PING_ADMIN_TOKEN": ""})
 
 
@@ -255,6 +258,82 @@ def census_phase(args, tmp):
             server.wait()
 
 
+def mid_census_restart_phase(args, tmp):
+    """A census killed with SIGKILL half-way (clients still going), restarted, timed."""
+    data = tmp / "half"
+    server, port = census_server(data)
+    try:
+        drive(port, args.census_clients, args.procs, args.seconds)
+    finally:
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+    started = time.perf_counter()
+    server, port = census_server(data)
+    try:
+        progress = get_json(port, "/get_progress")
+        print(f"     restart: {time.perf_counter() - started:.2f} s after kill -9 mid-census "
+              f"({progress['done_tasks']} tasks done, log "
+              f"{os.path.getsize(data / 'census.log') / 1e6:.0f} MB) until it answers",
+              flush=True)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait()
+
+
+def churn_phase(args, tmp):
+    """get_task + release by one keep-alive client: what the log costs, and compaction."""
+    data = tmp / "churn"
+    server, port = census_server(data)
+    conn = http.client.HTTPConnection(HOST, port, timeout=60)
+    cycles, deadline, largest = 0, time.perf_counter() + args.seconds, 0
+    try:
+        before = folder_bytes(data)
+        while time.perf_counter() < deadline:
+            conn.request("GET", "/get_task")
+            task = json.loads(conn.getresponse().read())
+            body = json.dumps({"task_index": task["task_index"], "lease": task["lease"]})
+            conn.request("POST", "/release", body, {"Content-Type": "application/json"})
+            conn.getresponse().read()
+            cycles += 1
+            largest = max(largest, os.path.getsize(data / "census.log")) if cycles % 200 == 0 \
+                else largest
+        grown = folder_bytes(data) - before
+        log_before = os.path.getsize(data / "census.log")
+    finally:
+        conn.close()
+        server.send_signal(signal.SIGTERM)
+        server.wait()
+    print(f"       churn: {cycles} get_task+release cycles in {args.seconds:.0f} s by one "
+          f"client: the folder grew {grown / 1e3:.0f} kB ({grown / cycles:.0f} kB per 1,000 "
+          f"cycles; the log peaked at {largest / 1e6:.1f} MB); log before compaction "
+          f"{log_before / 1e3:.0f} kB, after (at the clean stop) "
+          f"{os.path.getsize(data / 'census.log') / 1e3:.0f} kB; snapshot "
+          f"{os.path.getsize(data / 'census.json') / 1e3:.0f} kB", flush=True)
+    raw = record_bytes_per_cycle(tmp / "churn-raw")
+    print(f"       churn: {raw:.0f} log bytes per 1,000 cycles before any compaction "
+          f"(2 records a cycle)", flush=True)
+
+
+def record_bytes_per_cycle(data):
+    """Log bytes 1,000 get_task+release cycles write, measured on the store itself."""
+    sys.path.insert(0, str(ROOT))
+    import store as census_store
+    churn = census_store.Store(data, scope=None, tail_bytes=1 << 40)
+    try:
+        first = os.path.getsize(data / "census.log")
+        for _ in range(1000):
+            handout = churn.get_task("127.0.0.1")
+            churn.release(handout.task, holder="127.0.0.1", token=handout.lease.token)
+        churn._journal.wait(churn._journal.last_ticket())
+        return os.path.getsize(data / "census.log") - first
+    finally:
+        churn.close()
+
+
+def folder_bytes(data) -> int:
+    return sum(path.stat().st_size for path in Path(data).iterdir() if path.is_file())
+
+
 def dashboard(port, stop):
     """An open dashboard: one /events stream, read until told to stop."""
     conn = http.client.HTTPConnection(HOST, port, timeout=30)
@@ -282,6 +361,7 @@ def main(argv=None):
     parser.add_argument("--dashboards", type=int, default=50, help="SSE streams in a 2nd run")
     parser.add_argument("--skip-load", action="store_true")
     parser.add_argument("--skip-census", action="store_true")
+    parser.add_argument("--skip-churn", action="store_true")
     parser.add_argument("--bare-server", choices=("http", "json"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.bare_server:
@@ -291,6 +371,9 @@ def main(argv=None):
             load_phase(args, Path(tmp))
         if not args.skip_census:
             census_phase(args, Path(tmp))
+            mid_census_restart_phase(args, Path(tmp))
+        if not args.skip_churn:
+            churn_phase(args, Path(tmp))
     return 0
 
 
