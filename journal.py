@@ -77,7 +77,8 @@ class StoreError(Exception):
 
 
 class WriteFailed(OSError):
-    """A record that could not be made durable (the disk refused it); nothing of it was kept."""
+    """A record that could not be made durable (the disk refused it); nothing of it was kept.
+    Its str() is one line saying why."""
 
 
 class Record(NamedTuple):
@@ -176,7 +177,7 @@ class Journal:
                 try:
                     self._probe()
                 except OSError as exc:
-                    raise WriteFailed(exc.errno, f"storage unavailable: {_reason(exc)}") from None
+                    raise WriteFailed(f"storage unavailable: {_reason(exc)}") from None
                 self.degraded = None
 
     def durable_through(self, end: int) -> bool:
@@ -193,8 +194,9 @@ class Journal:
         data = os.pread(self._fd, length, offset)
         return data if len(data) == length and zlib.crc32(data) == crc else None
 
-    def read_snapshot(self) -> dict | None:
-        """The owner's state from the snapshot if it matches this log, else None (said why)."""
+    def read_snapshot(self, quiet=False) -> dict | None:
+        """The owner's state from the snapshot if it matches this log, else None (said why
+        unless ``quiet``)."""
         path = self.dir / SNAPSHOT_FILE
         try:
             state = json.loads(path.read_bytes())
@@ -202,12 +204,13 @@ class Journal:
             if state["log"] != self._log_id or not 0 <= offset <= self._size:
                 raise ValueError("it belongs to another log")
         except FileNotFoundError:
-            if self._size > _start_size():
+            if self._size > _start_size() and not quiet:
                 say(f"{path} is missing: rebuilding the state from {LOG_FILE}")
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            say(f"{path} is unusable ({exc}): rebuilding the state from {LOG_FILE} "
-                f"(nothing is lost)")
+            if not quiet:
+                say(f"{path} is unusable ({exc}): rebuilding the state from {LOG_FILE} "
+                    f"(nothing is lost)")
             return None
         self.snapshot_offset = offset
         self._seq = self._durable_seq = seq
@@ -297,7 +300,7 @@ class Journal:
             return
         gen, seq = ticket
         if gen < self._gen and seq > self._failed_at.get(gen, 0):
-            raise WriteFailed(errno.EIO, f"storage unavailable: {self.degraded or 'write failed'}")
+            raise WriteFailed(f"storage unavailable: {self.degraded or 'write failed'}")
 
     def _flush(self):
         """Write and fsync the queued records (holding the flush lock)."""
@@ -374,7 +377,7 @@ class Journal:
             self._flush()
         except OSError as exc:
             self._failed(exc)
-            raise WriteFailed(exc.errno, _reason(exc)) from None
+            raise WriteFailed(_reason(exc)) from None
         state.update(log=self._log_id, log_offset=offset, seq=seq)
         data = json.dumps(state, separators=(",", ":")).encode()
         write_atomic(self.dir / SNAPSHOT_FILE, data)

@@ -547,7 +547,7 @@ class Store:
     def reload(self) -> None:
         """Forget what is not durable: the state again from the snapshot and the log."""
         self._reset_memory()
-        snap = self._journal.read_snapshot()
+        snap = self._journal.read_snapshot(quiet=True)
         if snap is not None:
             self._apply_snapshot(snap)
         for record in self._journal.replay(cut_torn=False):
@@ -690,8 +690,10 @@ class Store:
         change = {**self._retire_lease(task), **self._drop_result(task), "e": note}
         self._errors[task] = note
         change.update(self._make_available(task))
+        if not journal:
+            return None                             # at load: the caller reports them all
         say(f"task {task} ({network_of(task)}): {note}")
-        return self._commit(task, change) if journal else None
+        return self._commit(task, change)
 
     def _apply_result(self, task, meta, count):
         """Keep a result's metadata and its share of the census totals."""
@@ -944,9 +946,12 @@ class Store:
         for lease in self._leases.values():
             self._held[lease.holder] = self._held.get(lease.holder, 0) + 1
         if self._states.count(State.DONE) != len(self._results):
-            for task in [t for t in range(TASKS) if self._states[t] == State.DONE
-                         and t not in self._results]:
+            missing = [t for t in range(TASKS) if self._states[t] == State.DONE
+                       and t not in self._results]
+            for task in missing:
                 self._requeue(task, "its result record is missing", journal=False)
+            say(f"{len(missing)} done task(s) had no result record: handed out again "
+                f"({', '.join(map(str, missing[:20]))})")
         self._expire_due(self.clock())
 
 
