@@ -205,17 +205,15 @@ def plan_scope(scope=None, exclude=()):
     return inside, _finish_parts(inside, parts)
 
 
-class Store:
-    """The census state, made durable by a Journal in ``directory``. Thread-safe; call
-    ``close()`` at the end. StoreError when the folder cannot be used (one line saying why)."""
+class Census:
+    """The census state in memory: task states, leases, errors, results' metadata,
+    contributors, the map, and how a log record or a snapshot changes them. Guarded by one
+    lock (``_lock``); knows nothing of files. Its changes return the record of what changed
+    (a dict), which ``Store`` makes durable."""
 
-    def __init__(self, directory, *, scope=None, exclude=(), lease_seconds=LEASE_SECONDS,
-                 clock=time.time, snapshot_every=SNAPSHOT_EVERY,
-                 snapshot_seconds=SNAPSHOT_SECONDS, tail_bytes=TAIL_BYTES, max_leases=None):
-        self.dir = Path(directory)
+    def __init__(self, *, scope=None, exclude=(), lease_seconds=LEASE_SECONDS, clock=time.time):
         self.lease_seconds = float(lease_seconds)
         self.clock = clock
-        self.max_leases = max_leases
         self._inside, parts = plan_scope(scope, exclude)
         # Blocks an administrator may bring in later (/add_task): any block not wholly reserved
         # (unless the scope allowed it) nor wholly opted out; their opted-out parts go with them.
@@ -227,9 +225,367 @@ class Store:
         self._changed = threading.Condition()
         self._token_key = secrets.token_bytes(32)
         self._tokens = 0
-        self._closing = False
-        self.rejects = self.leases_expired = self.damaged_results = self.damaged_records = 0
+        self.rejects = self.leases_expired = 0
         self._reset_memory()
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def exclude_of(self, task: int) -> list:
+        return [str(n) for n in self._parts.get(task, ())]
+
+    def progress(self) -> dict:
+        """The /get_progress numbers."""
+        with self._lock:
+            now = self.clock()
+            self._expire_due(now)
+            counts = [self._states.count(s) for s in range(len(State))]
+            first = bisect.bisect_left(self._recent_t, now - 300)
+            recent = len(self._recent_t) - first
+            probes = (self._recent_p[-1] - (self._recent_p[first - 1] if first else 0)
+                      if recent else 0)
+            out = {"progress": 0.0, "done_tasks": counts[State.DONE],
+                   "total_tasks": len(self._states) - counts[State.EXCLUDED],
+                   "in_progress": counts[State.IN_PROGRESS], "error_tasks": counts[State.ERROR],
+                   "excluded_tasks": counts[State.EXCLUDED],
+                   "available_tasks": counts[State.AVAILABLE], "addresses_probed": self._probed,
+                   "responders": self._responders, "tasks_per_min": round(recent / 5, 2),
+                   "probes_per_min": round(probes / 5, 2), "eta_seconds": None,
+                   "contributors": len(self._contributors), "version": self._version}
+        if out["total_tasks"]:
+            out["progress"] = round(100 * out["done_tasks"] / out["total_tasks"], 3)
+        left = out["total_tasks"] - out["done_tasks"]
+        if recent:
+            out["eta_seconds"] = round(left / (recent / 300), 1)
+        return out
+
+    def rate(self) -> dict:
+        """Submissions per minute over the last hour."""
+        with self._lock:
+            first = bisect.bisect_left(self._recent_t, self.clock() - 3600)
+            count = len(self._recent_t) - first
+        return {"rate": round(count / 60, 3), "submissions_last_hour": count}
+
+    def pending(self) -> list:
+        with self._lock:
+            self._expire_due(self.clock())
+            return sorted(self._leases)
+
+    def latest_available(self) -> int | None:
+        """The highest-numbered available task (the original's 'latest task')."""
+        with self._lock:
+            self._expire_due(self.clock())
+            task = self._states.rfind(State.AVAILABLE)
+        return None if task < 0 else task
+
+    def errors(self, limit=ERROR_LIST_LIMIT) -> list:
+        with self._lock:
+            return [(t, self._errors[t]) for t in sorted(self._errors)[:limit]]
+
+    def state_of(self, task: int) -> State:
+        self._check_task(task)
+        with self._lock:
+            self._expire_due(self.clock())
+            return State(self._states[task])
+
+    def task_info(self, task: int) -> dict:
+        """What the map shows when a block is hovered."""
+        with self._lock:
+            self._expire_due(self.clock())
+            self._check_task(task)
+            state = State(self._states[task])
+            meta = self._results.get(task)
+        return {"task_index": task, "network": network_of(task), "state": int(state),
+                "state_name": state.name.lower(),
+                "contributor": meta.contributor if meta else None,
+                "finished_at": meta.finished_at if meta else None,
+                "responders": meta.responders if meta else None,
+                "probed": meta.probed if meta else None, "exclude": self.exclude_of(task)}
+
+    def map_bytes(self) -> tuple[int, bytes]:
+        """(version, 131,072 bytes): state then answer fraction (0..255) for each task."""
+        with self._lock:
+            self._expire_due(self.clock())
+            return self._version, bytes(self._map)
+
+    def contributors(self) -> list:
+        """Contributors ranked by tasks done, then responders."""
+        with self._lock:
+            people = list(self._contributors.values())
+        people.sort(key=lambda c: (-c.tasks_done, -c.responders, c.name))
+        return people
+
+    def wait_change(self, version: int, timeout: float) -> int:
+        """Block until the version differs from ``version`` (or timeout); returns the version."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._version != version, timeout)
+        return self._version
+
+    # -- what the journal keeps -------------------------------------------------------------------
+
+    def snapshot_state(self, results=True) -> dict:
+        state = {"format": 2, "version": self._version, "submissions": self._submissions,
+                 "states": self._states.translate(_DIGITS).decode(),
+                 "leases": dict(self._leases), "old": dict(self._old),
+                 "errors": dict(self._errors),
+                 "contributors": list(self._contributors.values()),
+                 "pinned": sorted(self._pinned)}
+        if results:
+            state["results"] = dict(self._results)
+        return state
+
+    def live_bytes(self) -> int:
+        return self._result_bytes + 2 * TASKS + 160 * (
+            len(self._leases) + len(self._errors) + len(self._contributors)
+            + sum(len(old) for old in self._old.values()))
+
+    # -- private: changes (call holding the lock; each returns the record of what changed) -----
+
+    def _reset_memory(self):
+        self._states = bytearray(TASKS)
+        self._map = bytearray(2 * TASKS)
+        self._leases: dict[int, Lease] = {}
+        self._old: dict[int, list] = {}
+        self._errors: dict[int, str] = {}
+        self._results: dict[int, ResultMeta] = {}
+        self._contributors: dict[str, Contributor] = {}
+        self._pinned: set[int] = set()            # tasks an administrator set: scope ignored
+        self._held: dict[str, int] = {}           # live leases per holder
+        self._version = self._submissions = 0
+        self._probed = self._responders = self._result_bytes = 0
+        self._pool, self._expiry, self._recent_t, self._recent_p = [], [], [], []
+
+    def _check_task(self, task):
+        if not isinstance(task, int) or not 0 <= task < TASKS:
+            raise self._refuse(HTTPStatus.NOT_FOUND, "no such task")
+
+    def _refuse(self, status, message):
+        self.rejects += 1
+        return Refused(status, message)
+
+    def _find_within(self, nets):
+        """The first available block inside one of ``nets``, else overlapping one."""
+        wide = [n for n in nets if n.prefixlen <= 16]
+        narrow = [n for n in nets if n.prefixlen > 16]
+        for net in wide + narrow:
+            first = int(net.network_address) >> 16
+            task = self._states.find(State.AVAILABLE, first,
+                                     (int(net.broadcast_address) >> 16) + 1)
+            if task >= 0:
+                return task
+        return None
+
+    def _is_addable(self, task):
+        return self._states[task] == State.EXCLUDED and self._addable[task]
+
+    def _first_addable(self):
+        task = self._states.find(State.EXCLUDED)
+        while task >= 0 and not self._addable[task]:
+            task = self._states.find(State.EXCLUDED, task + 1)
+        if task < 0:
+            raise self._refuse(HTTPStatus.CONFLICT, "no task left out of scope to add")
+        return task
+
+    def _requeue(self, task, why) -> dict:
+        """A task whose record or result was lost: back to the pool, the loss noted."""
+        note = f"{why}; handed out again"
+        change = {**self._retire_lease(task), **self._drop_result(task), "e": note}
+        self._errors[task] = note
+        change.update(self._make_available(task))
+        return change
+
+    def _apply_result(self, task, meta, count):
+        """Keep a result's metadata and its share of the census totals."""
+        self._results[task] = meta
+        self._probed += meta.probed
+        self._responders += meta.responders
+        self._result_bytes += _RECORD_SIZE + meta.bitmap_len + meta.rtt_len
+        if count:
+            self._recent_t.append(meta.finished_at)
+            self._recent_p.append((self._recent_p[-1] if self._recent_p else 0) + meta.probed)
+            if len(self._recent_t) > 2 * TASKS and self._recent_t[0] < meta.finished_at - 3600:
+                self._trim_recent(meta.finished_at - 3600)
+
+    def _drop_result(self, task) -> dict:
+        meta = self._results.pop(task, None)
+        if meta is None:
+            return {}
+        self._probed -= meta.probed
+        self._responders -= meta.responders
+        self._result_bytes -= _RECORD_SIZE + meta.bitmap_len + meta.rtt_len
+        return {"r": None}
+
+    def _trim_recent(self, since):
+        first = bisect.bisect_left(self._recent_t, since)
+        del self._recent_t[:first]
+        del self._recent_p[:first]
+
+    def _set_to(self, task, code, holder) -> dict:
+        if code == State.AVAILABLE:
+            return self._make_available(task)
+        if code == State.IN_PROGRESS:
+            return self._new_lease(task, self.clock(), holder, False)[1]
+        change = {}
+        if code == State.ERROR:
+            self._errors[task] = change["e"] = "set by an administrator"
+        change.update(self._set_state(task, code))
+        return change
+
+    def _new_lease(self, task, now, holder, bound):
+        change = self._retire_lease(task)
+        lease = Lease(self._token(), now + self.lease_seconds, holder, bound)
+        self._leases[task] = lease
+        self._held[holder] = self._held.get(holder, 0) + 1
+        heapq.heappush(self._expiry, (lease.deadline, task, lease.token))
+        change.update(self._set_state(task, State.IN_PROGRESS), l=lease)
+        return lease, change
+
+    def _retire_lease(self, task) -> dict:
+        """Drop the live lease, remembering it so that its holder may still submit late."""
+        lease = self._leases.pop(task, None)
+        if lease is None:
+            return {}
+        self._old[task] = (self._old.get(task, []) + [lease])[-OLD_LEASES_KEPT:]
+        left = self._held.get(lease.holder, 1) - 1
+        if left:
+            self._held[lease.holder] = left
+        else:
+            self._held.pop(lease.holder, None)
+        return {"l": None}
+
+    def _make_available(self, task) -> dict:
+        heapq.heappush(self._pool, _rank(task))
+        return self._set_state(task, State.AVAILABLE)
+
+    def _pop_available(self):
+        while self._pool:
+            task = _rank(heapq.heappop(self._pool))
+            if self._states[task] == State.AVAILABLE:
+                return task
+        return None
+
+    def _expire_due(self, now):
+        """Expire leases whose deadline passed, in memory only (no record: replay expires them
+        again at load); stale heap entries are skipped."""
+        while self._expiry and self._expiry[0][0] <= now:
+            _, task, token = heapq.heappop(self._expiry)
+            lease = self._leases.get(task)
+            if lease is not None and lease.token == token:
+                self._retire_lease(task)
+                self._make_available(task)
+                self.leases_expired += 1
+
+    def _set_state(self, task, state) -> dict:
+        self._states[task] = state
+        self._map[2 * task] = state
+        meta = self._results.get(task) if state == State.DONE else None
+        self._map[2 * task + 1] = _fraction(meta) if meta else 0
+        return {"s": state}
+
+    def _token(self) -> str:
+        """An unguessable lease token: a keyed hash of a counter (no system call per lease)."""
+        self._tokens += 1
+        digest = hashlib.blake2b(self._tokens.to_bytes(8, "little"), key=self._token_key,
+                                 digest_size=16).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+    # -- private: loading ---------------------------------------------------------------------------
+
+    def _apply_snapshot(self, snap):
+        self._apply_base(snap)
+        if len(self._states) != TASKS:
+            raise ValueError(f"{len(self._states)} task states")
+        self._results = {int(t): ResultMeta(*m) for t, m in snap["results"].items()}
+
+    def _apply_base(self, snap):
+        self._version, self._submissions = snap["version"], snap["submissions"]
+        self._states = bytearray(snap["states"].encode()).translate(_UNDIGITS)
+        self._leases = {int(t): Lease(*v) for t, v in snap["leases"].items()}
+        self._old = {int(t): [Lease(*v) for v in old] for t, old in snap["old"].items()}
+        self._errors = {int(t): e for t, e in snap["errors"].items()}
+        self._contributors = {c[0]: Contributor(*c) for c in snap["contributors"]}
+        self._pinned = set(snap.get("pinned", ()))
+
+    def _apply_record(self, record):
+        rec = json.loads(record.line)
+        if record.tag == TAG_BASE:
+            return self._apply_base(rec)
+        task = record.tag
+        if "l" in rec:
+            lease = self._leases.pop(task, None)
+            if lease is not None:
+                self._old[task] = (self._old.get(task, []) + [lease])[-OLD_LEASES_KEPT:]
+            if rec["l"]:
+                self._leases[task] = Lease(*rec["l"])
+        if "r" in rec:
+            _put(self._results, task, rec["r"] and ResultMeta(*rec["r"]))
+            if rec["r"]:
+                self._old.pop(task, None)
+        if "e" in rec:
+            _put(self._errors, task, rec["e"])
+        if "s" in rec:
+            self._states[task] = rec["s"]
+        if rec.get("c"):
+            self._contributors[rec["c"][0]] = Contributor(*rec["c"])
+        if "p" in rec:
+            self._pinned.add(task)
+        self._version = rec.get("v", self._version)
+        self._submissions = rec.get("n", self._submissions)
+
+    def _rebuild(self):
+        """Derived structures: scope (except where an administrator decided), map, hand-out
+        heap, expiry heap, leases per holder, totals, recent rate; leases past their deadline
+        expire, done tasks whose result is missing go back to the pool."""
+        for task in range(TASKS):
+            state = self._states[task]
+            if task in self._pinned:
+                continue
+            if state == State.AVAILABLE and not self._inside[task]:
+                self._states[task] = State.EXCLUDED
+            elif state == State.EXCLUDED and self._inside[task]:
+                self._states[task] = State.AVAILABLE
+        self._map = bytearray(2 * TASKS)
+        self._map[0::2] = self._states
+        results, self._results = self._results, {}
+        self._probed = self._responders = self._result_bytes = 0
+        self._recent_t, self._recent_p = [], []
+        since = self.clock() - 3600
+        for task, meta in sorted(results.items(), key=lambda item: item[1].finished_at):
+            self._apply_result(task, meta, count=meta.finished_at >= since)
+            self._map[2 * task + 1] = _fraction(meta)
+        self._pool = [_rank(t) for t in range(TASKS) if self._states[t] == State.AVAILABLE]
+        heapq.heapify(self._pool)
+        self._expiry = [(lease.deadline, t, lease.token) for t, lease in self._leases.items()]
+        heapq.heapify(self._expiry)
+        self._held = {}
+        for lease in self._leases.values():
+            self._held[lease.holder] = self._held.get(lease.holder, 0) + 1
+        if self._states.count(State.DONE) != len(self._results):
+            missing = [t for t in range(TASKS) if self._states[t] == State.DONE
+                       and t not in self._results]
+            for task in missing:
+                self._requeue(task, "its result record is missing")
+            say(f"{len(missing)} done task(s) had no result record: handed out again "
+                f"({', '.join(map(str, missing[:20]))})")
+        self._expire_due(self.clock())
+
+
+class Store(Census):
+    """The census state made durable by a Journal in ``directory``: the volunteers' and the
+    administrator's requests, each answered once its record is on disk. Thread-safe; call
+    ``close()`` at the end. StoreError when the folder cannot be used (one line saying why)."""
+
+    def __init__(self, directory, *, scope=None, exclude=(), lease_seconds=LEASE_SECONDS,
+                 clock=time.time, snapshot_every=SNAPSHOT_EVERY,
+                 snapshot_seconds=SNAPSHOT_SECONDS, tail_bytes=TAIL_BYTES, max_leases=None):
+        super().__init__(scope=scope, exclude=exclude, lease_seconds=lease_seconds, clock=clock)
+        self.dir = Path(directory)
+        self.max_leases = max_leases
+        self._closing = False
+        self.damaged_results = self.damaged_records = 0
         self._journal = Journal(self.dir, self, self._lock, snapshot_every=snapshot_every,
                                 snapshot_seconds=snapshot_seconds, tail_bytes=tail_bytes)
         try:
@@ -373,84 +729,9 @@ class Store:
     # -- reading ----------------------------------------------------------------------------------
 
     @property
-    def version(self) -> int:
-        return self._version
-
-    @property
     def degraded(self) -> str | None:
         """None while writes work, else why not (one line); clears by itself."""
         return self._journal.degraded
-
-    def exclude_of(self, task: int) -> list:
-        return [str(n) for n in self._parts.get(task, ())]
-
-    def progress(self) -> dict:
-        """The /get_progress numbers."""
-        with self._lock:
-            now = self.clock()
-            self._expire_due(now)
-            counts = [self._states.count(s) for s in range(len(State))]
-            first = bisect.bisect_left(self._recent_t, now - 300)
-            recent = len(self._recent_t) - first
-            probes = (self._recent_p[-1] - (self._recent_p[first - 1] if first else 0)
-                      if recent else 0)
-            out = {"progress": 0.0, "done_tasks": counts[State.DONE],
-                   "total_tasks": len(self._states) - counts[State.EXCLUDED],
-                   "in_progress": counts[State.IN_PROGRESS], "error_tasks": counts[State.ERROR],
-                   "excluded_tasks": counts[State.EXCLUDED],
-                   "available_tasks": counts[State.AVAILABLE], "addresses_probed": self._probed,
-                   "responders": self._responders, "tasks_per_min": round(recent / 5, 2),
-                   "probes_per_min": round(probes / 5, 2), "eta_seconds": None,
-                   "contributors": len(self._contributors), "version": self._version}
-        if out["total_tasks"]:
-            out["progress"] = round(100 * out["done_tasks"] / out["total_tasks"], 3)
-        left = out["total_tasks"] - out["done_tasks"]
-        if recent:
-            out["eta_seconds"] = round(left / (recent / 300), 1)
-        return out
-
-    def rate(self) -> dict:
-        """Submissions per minute over the last hour."""
-        with self._lock:
-            first = bisect.bisect_left(self._recent_t, self.clock() - 3600)
-            count = len(self._recent_t) - first
-        return {"rate": round(count / 60, 3), "submissions_last_hour": count}
-
-    def pending(self) -> list:
-        with self._lock:
-            self._expire_due(self.clock())
-            return sorted(self._leases)
-
-    def latest_available(self) -> int | None:
-        """The highest-numbered available task (the original's 'latest task')."""
-        with self._lock:
-            self._expire_due(self.clock())
-            task = self._states.rfind(State.AVAILABLE)
-        return None if task < 0 else task
-
-    def errors(self, limit=ERROR_LIST_LIMIT) -> list:
-        with self._lock:
-            return [(t, self._errors[t]) for t in sorted(self._errors)[:limit]]
-
-    def state_of(self, task: int) -> State:
-        self._check_task(task)
-        with self._lock:
-            self._expire_due(self.clock())
-            return State(self._states[task])
-
-    def task_info(self, task: int) -> dict:
-        """What the map shows when a block is hovered."""
-        with self._lock:
-            self._expire_due(self.clock())
-            self._check_task(task)
-            state = State(self._states[task])
-            meta = self._results.get(task)
-        return {"task_index": task, "network": network_of(task), "state": int(state),
-                "state_name": state.name.lower(),
-                "contributor": meta.contributor if meta else None,
-                "finished_at": meta.finished_at if meta else None,
-                "responders": meta.responders if meta else None,
-                "probed": meta.probed if meta else None, "exclude": self.exclude_of(task)}
 
     def result(self, task: int) -> dict:
         """The stored result of a done task, as /result serves it; Refused 404 if not done
@@ -477,19 +758,6 @@ class Store:
             if data is not None:
                 yield task, data[1]
 
-    def map_bytes(self) -> tuple[int, bytes]:
-        """(version, 131,072 bytes): state then answer fraction (0..255) for each task."""
-        with self._lock:
-            self._expire_due(self.clock())
-            return self._version, bytes(self._map)
-
-    def contributors(self) -> list:
-        """Contributors ranked by tasks done, then responders."""
-        with self._lock:
-            people = list(self._contributors.values())
-        people.sort(key=lambda c: (-c.tasks_done, -c.responders, c.name))
-        return people
-
     def counters(self) -> dict:
         """Numbers for /metrics."""
         with self._lock:
@@ -499,34 +767,12 @@ class Store:
                 "damaged_results": self.damaged_results,
                 "damaged_records": self.damaged_records, "degraded": int(bool(self.degraded))}
 
-    def wait_change(self, version: int, timeout: float) -> int:
-        """Block until the version differs from ``version`` (or timeout); returns the version."""
-        with self._changed:
-            self._changed.wait_for(lambda: self._version != version, timeout)
-        return self._version
-
     def close(self) -> None:
         """Flush, compact if worth it, write a final snapshot, let the folder go."""
         self._closing = True
         self._journal.close()
 
     # -- the journal's owner (called by it, holding the lock) -------------------------------------
-
-    def snapshot_state(self, results=True) -> dict:
-        state = {"format": 2, "version": self._version, "submissions": self._submissions,
-                 "states": self._states.translate(_DIGITS).decode(),
-                 "leases": dict(self._leases), "old": dict(self._old),
-                 "errors": dict(self._errors),
-                 "contributors": list(self._contributors.values()),
-                 "pinned": sorted(self._pinned)}
-        if results:
-            state["results"] = dict(self._results)
-        return state
-
-    def live_bytes(self) -> int:
-        return self._result_bytes + 2 * TASKS + 160 * (
-            len(self._leases) + len(self._errors) + len(self._contributors)
-            + sum(len(old) for old in self._old.values()))
 
     def live_records(self):
         """What a compaction keeps: a copy of each result record, then the rest as one."""
@@ -542,7 +788,7 @@ class Store:
         for task, offset in moved.items():
             self._results[task] = self._results[task]._replace(offset=offset)
         for task in damaged:
-            self._requeue(task, "its stored result was damaged on disk", journal=True)
+            self._requeue_now(task, "its stored result was damaged on disk")
 
     def reload(self) -> None:
         """Forget what is not durable: the state again from the snapshot and the log."""
@@ -556,21 +802,7 @@ class Store:
         with self._changed:
             self._changed.notify_all()
 
-    # -- private: state changes (call with self._lock held) ---------------------------------------
-
-    def _reset_memory(self):
-        self._states = bytearray(TASKS)
-        self._map = bytearray(2 * TASKS)
-        self._leases: dict[int, Lease] = {}
-        self._old: dict[int, list] = {}
-        self._errors: dict[int, str] = {}
-        self._results: dict[int, ResultMeta] = {}
-        self._contributors: dict[str, Contributor] = {}
-        self._pinned: set[int] = set()            # tasks an administrator set: scope ignored
-        self._held: dict[str, int] = {}           # live leases per holder
-        self._version = self._submissions = 0
-        self._probed = self._responders = self._result_bytes = 0
-        self._pool, self._expiry, self._recent_t, self._recent_p = [], [], [], []
+    # -- private ----------------------------------------------------------------------------------
 
     def _writable(self):
         try:
@@ -584,10 +816,6 @@ class Store:
         except WriteFailed as exc:
             raise Unavailable(str(exc)) from None
 
-    def _check_task(self, task):
-        if not isinstance(task, int) or not 0 <= task < TASKS:
-            raise self._refuse(HTTPStatus.NOT_FOUND, "no such task")
-
     def _check_cap(self, holder):
         if self.max_leases and self._held.get(holder, 0) >= self.max_leases:
             self.rejects += 1
@@ -595,33 +823,6 @@ class Store:
             raise Refused(HTTPStatus.TOO_MANY_REQUESTS,
                           f"{holder} already holds {self.max_leases} leases (the most one "
                           f"address may): finish or release one first", retry_after=retry)
-
-    def _find_within(self, nets):
-        """The first available block inside one of ``nets``, else overlapping one."""
-        wide = [n for n in nets if n.prefixlen <= 16]
-        narrow = [n for n in nets if n.prefixlen > 16]
-        for net in wide + narrow:
-            first = int(net.network_address) >> 16
-            task = self._states.find(State.AVAILABLE, first,
-                                     (int(net.broadcast_address) >> 16) + 1)
-            if task >= 0:
-                return task
-        return None
-
-    def _is_addable(self, task):
-        return self._states[task] == State.EXCLUDED and self._addable[task]
-
-    def _first_addable(self):
-        task = self._states.find(State.EXCLUDED)
-        while task >= 0 and not self._addable[task]:
-            task = self._states.find(State.EXCLUDED, task + 1)
-        if task < 0:
-            raise self._refuse(HTTPStatus.CONFLICT, "no task left out of scope to add")
-        return task
-
-    def _refuse(self, status, message):
-        self.rejects += 1
-        return Refused(status, message)
 
     def _not_yours(self, lease, token):
         if token:
@@ -684,111 +885,11 @@ class Store:
         change.update(self._set_state(task, State.ERROR), e=problem[:200])
         return self._commit(task, change)
 
-    def _requeue(self, task, why, journal):
-        """A task whose record or result was lost: back to the pool, the loss noted."""
-        note = f"{why}; handed out again"
-        change = {**self._retire_lease(task), **self._drop_result(task), "e": note}
-        self._errors[task] = note
-        change.update(self._make_available(task))
-        if not journal:
-            return None                             # at load: the caller reports them all
-        say(f"task {task} ({network_of(task)}): {note}")
+    def _requeue_now(self, task, why):
+        """Hand a task out again whose stored result is lost; returns the record's ticket."""
+        change = self._requeue(task, why)
+        say(f"task {task} ({network_of(task)}): {self._errors[task]}")
         return self._commit(task, change)
-
-    def _apply_result(self, task, meta, count):
-        """Keep a result's metadata and its share of the census totals."""
-        self._results[task] = meta
-        self._probed += meta.probed
-        self._responders += meta.responders
-        self._result_bytes += _RECORD_SIZE + meta.bitmap_len + meta.rtt_len
-        if count:
-            self._recent_t.append(meta.finished_at)
-            self._recent_p.append((self._recent_p[-1] if self._recent_p else 0) + meta.probed)
-            if len(self._recent_t) > 2 * TASKS and self._recent_t[0] < meta.finished_at - 3600:
-                self._trim_recent(meta.finished_at - 3600)
-
-    def _drop_result(self, task) -> dict:
-        meta = self._results.pop(task, None)
-        if meta is None:
-            return {}
-        self._probed -= meta.probed
-        self._responders -= meta.responders
-        self._result_bytes -= _RECORD_SIZE + meta.bitmap_len + meta.rtt_len
-        return {"r": None}
-
-    def _trim_recent(self, since):
-        first = bisect.bisect_left(self._recent_t, since)
-        del self._recent_t[:first]
-        del self._recent_p[:first]
-
-    def _set_to(self, task, code, holder) -> dict:
-        if code == State.AVAILABLE:
-            return self._make_available(task)
-        if code == State.IN_PROGRESS:
-            return self._new_lease(task, self.clock(), holder, False)[1]
-        change = {}
-        if code == State.ERROR:
-            self._errors[task] = change["e"] = "set by an administrator"
-        change.update(self._set_state(task, code))
-        return change
-
-    def _new_lease(self, task, now, holder, bound):
-        change = self._retire_lease(task)
-        lease = Lease(self._token(), now + self.lease_seconds, holder, bound)
-        self._leases[task] = lease
-        self._held[holder] = self._held.get(holder, 0) + 1
-        heapq.heappush(self._expiry, (lease.deadline, task, lease.token))
-        change.update(self._set_state(task, State.IN_PROGRESS), l=lease)
-        return lease, change
-
-    def _retire_lease(self, task) -> dict:
-        """Drop the live lease, remembering it so that its holder may still submit late."""
-        lease = self._leases.pop(task, None)
-        if lease is None:
-            return {}
-        self._old[task] = (self._old.get(task, []) + [lease])[-OLD_LEASES_KEPT:]
-        left = self._held.get(lease.holder, 1) - 1
-        if left:
-            self._held[lease.holder] = left
-        else:
-            self._held.pop(lease.holder, None)
-        return {"l": None}
-
-    def _make_available(self, task) -> dict:
-        heapq.heappush(self._pool, _rank(task))
-        return self._set_state(task, State.AVAILABLE)
-
-    def _pop_available(self):
-        while self._pool:
-            task = _rank(heapq.heappop(self._pool))
-            if self._states[task] == State.AVAILABLE:
-                return task
-        return None
-
-    def _expire_due(self, now):
-        """Expire leases whose deadline passed, in memory only (no record: replay expires them
-        again at load); stale heap entries are skipped."""
-        while self._expiry and self._expiry[0][0] <= now:
-            _, task, token = heapq.heappop(self._expiry)
-            lease = self._leases.get(task)
-            if lease is not None and lease.token == token:
-                self._retire_lease(task)
-                self._make_available(task)
-                self.leases_expired += 1
-
-    def _set_state(self, task, state) -> dict:
-        self._states[task] = state
-        self._map[2 * task] = state
-        meta = self._results.get(task) if state == State.DONE else None
-        self._map[2 * task + 1] = _fraction(meta) if meta else 0
-        return {"s": state}
-
-    def _token(self) -> str:
-        """An unguessable lease token: a keyed hash of a counter (no system call per lease)."""
-        self._tokens += 1
-        digest = hashlib.blake2b(self._tokens.to_bytes(8, "little"), key=self._token_key,
-                                 digest_size=16).digest()
-        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
     def _read_result(self, task, meta):
         """(meta, bitmap, rtt) of a done task, checked against its CRC; None if it has none.
@@ -805,8 +906,7 @@ class Store:
                 current = self._results.get(task)
                 if current == meta:
                     self.damaged_results += 1
-                    ticket = self._requeue(task, "its stored result failed its CRC check",
-                                           journal=True)
+                    ticket = self._requeue_now(task, "its stored result failed its CRC check")
                     break
             meta = current
         else:
@@ -868,91 +968,12 @@ class Store:
             f"Rebuilt from every intact record; the original is kept as {aside}")
         for task in tasks:
             if not (self._states[task] == State.DONE and task in self._results):
-                self._requeue(task, "a record of it was lost to damage in the log",
-                              journal=False)
+                self._requeue(task, "a record of it was lost to damage in the log")
         try:
             self._journal.compact(keep_aside=aside)
         except OSError as exc:
             raise StoreError(f"cannot rewrite the damaged {self.dir / LOG_FILE}: {exc}: free "
                              "some space and start again (nothing has been changed)") from None
-
-    def _apply_snapshot(self, snap):
-        self._apply_base(snap)
-        if len(self._states) != TASKS:
-            raise ValueError(f"{len(self._states)} task states")
-        self._results = {int(t): ResultMeta(*m) for t, m in snap["results"].items()}
-
-    def _apply_base(self, snap):
-        self._version, self._submissions = snap["version"], snap["submissions"]
-        self._states = bytearray(snap["states"].encode()).translate(_UNDIGITS)
-        self._leases = {int(t): Lease(*v) for t, v in snap["leases"].items()}
-        self._old = {int(t): [Lease(*v) for v in old] for t, old in snap["old"].items()}
-        self._errors = {int(t): e for t, e in snap["errors"].items()}
-        self._contributors = {c[0]: Contributor(*c) for c in snap["contributors"]}
-        self._pinned = set(snap.get("pinned", ()))
-
-    def _apply_record(self, record):
-        rec = json.loads(record.line)
-        if record.tag == TAG_BASE:
-            return self._apply_base(rec)
-        task = record.tag
-        if "l" in rec:
-            lease = self._leases.pop(task, None)
-            if lease is not None:
-                self._old[task] = (self._old.get(task, []) + [lease])[-OLD_LEASES_KEPT:]
-            if rec["l"]:
-                self._leases[task] = Lease(*rec["l"])
-        if "r" in rec:
-            _put(self._results, task, rec["r"] and ResultMeta(*rec["r"]))
-            if rec["r"]:
-                self._old.pop(task, None)
-        if "e" in rec:
-            _put(self._errors, task, rec["e"])
-        if "s" in rec:
-            self._states[task] = rec["s"]
-        if rec.get("c"):
-            self._contributors[rec["c"][0]] = Contributor(*rec["c"])
-        if "p" in rec:
-            self._pinned.add(task)
-        self._version = rec.get("v", self._version)
-        self._submissions = rec.get("n", self._submissions)
-
-    def _rebuild(self):
-        """Derived structures: scope (except where an administrator decided), map, hand-out
-        heap, expiry heap, leases per holder, totals, recent rate; leases past their deadline
-        expire, done tasks whose result is missing go back to the pool."""
-        for task in range(TASKS):
-            state = self._states[task]
-            if task in self._pinned:
-                continue
-            if state == State.AVAILABLE and not self._inside[task]:
-                self._states[task] = State.EXCLUDED
-            elif state == State.EXCLUDED and self._inside[task]:
-                self._states[task] = State.AVAILABLE
-        self._map = bytearray(2 * TASKS)
-        self._map[0::2] = self._states
-        results, self._results = self._results, {}
-        self._probed = self._responders = self._result_bytes = 0
-        self._recent_t, self._recent_p = [], []
-        since = self.clock() - 3600
-        for task, meta in sorted(results.items(), key=lambda item: item[1].finished_at):
-            self._apply_result(task, meta, count=meta.finished_at >= since)
-            self._map[2 * task + 1] = _fraction(meta)
-        self._pool = [_rank(t) for t in range(TASKS) if self._states[t] == State.AVAILABLE]
-        heapq.heapify(self._pool)
-        self._expiry = [(lease.deadline, t, lease.token) for t, lease in self._leases.items()]
-        heapq.heapify(self._expiry)
-        self._held = {}
-        for lease in self._leases.values():
-            self._held[lease.holder] = self._held.get(lease.holder, 0) + 1
-        if self._states.count(State.DONE) != len(self._results):
-            missing = [t for t in range(TASKS) if self._states[t] == State.DONE
-                       and t not in self._results]
-            for task in missing:
-                self._requeue(task, "its result record is missing", journal=False)
-            say(f"{len(missing)} done task(s) had no result record: handed out again "
-                f"({', '.join(map(str, missing[:20]))})")
-        self._expire_due(self.clock())
 
 
 # -- helpers --------------------------------------------------------------------------------------
