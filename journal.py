@@ -161,8 +161,8 @@ class Journal:
             if not self._settled(ticket):
                 try:
                     self._flush()
-                except OSError as exc:
-                    self._failed(exc)
+                except WriteFailed:
+                    pass                            # _check below says so
                 else:
                     self._maintain()
         self._check(ticket)
@@ -265,7 +265,8 @@ class Journal:
             self._compact(keep_aside)
 
     def worth_compacting(self, tail=None) -> bool:
-        live = self.owner.live_bytes()
+        with self._lock:
+            live = self.owner.live_bytes()
         tail = self.tail_bytes if tail is None else tail
         return self._size > max(1.5 * live + tail, self._compact_after)
 
@@ -303,16 +304,21 @@ class Journal:
             raise WriteFailed(f"storage unavailable: {self.degraded or 'write failed'}")
 
     def _flush(self):
-        """Write and fsync the queued records (holding the flush lock)."""
+        """Write and fsync the queued records (holding the flush lock); on failure nothing of
+        them is kept (see _failed) and WriteFailed is raised."""
         with self._lock:
             batch, self._pending = self._pending, []
             seq, size = self._seq, self._size
         if not batch:
             return
-        if os.fstat(self._fd).st_size != self._durable_size:      # a failed write's leftovers
-            os.ftruncate(self._fd, self._durable_size)
-        self.write(self._fd, b"".join(batch))
-        os.fsync(self._fd)
+        try:
+            if os.fstat(self._fd).st_size != self._durable_size:  # a failed write's leftovers
+                os.ftruncate(self._fd, self._durable_size)
+            self.write(self._fd, b"".join(batch))
+            os.fsync(self._fd)
+        except OSError as exc:
+            self._failed(exc)
+            raise WriteFailed(f"storage unavailable: {self.degraded}") from None
         self._durable_seq, self._durable_size = seq, size
 
     write = staticmethod(lambda fd, data: _write_all(fd, data))   # tests inject failures here
@@ -373,11 +379,7 @@ class Journal:
         with self._lock:
             state = self.owner.snapshot_state()
             offset, seq = self._size, self._seq
-        try:
-            self._flush()
-        except OSError as exc:
-            self._failed(exc)
-            raise WriteFailed(_reason(exc)) from None
+        self._flush()                               # the records the state includes
         state.update(log=self._log_id, log_offset=offset, seq=seq)
         data = json.dumps(state, separators=(",", ":")).encode()
         write_atomic(self.dir / SNAPSHOT_FILE, data)

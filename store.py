@@ -339,8 +339,7 @@ class Census:
 
     def live_bytes(self) -> int:
         return self._result_bytes + 2 * TASKS + 160 * (
-            len(self._leases) + len(self._errors) + len(self._contributors)
-            + sum(len(old) for old in self._old.values()))
+            len(self._leases) + len(self._errors) + len(self._contributors) + 2 * len(self._old))
 
     # -- private: changes (call holding the lock; each returns the record of what changed) -----
 
