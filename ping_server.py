@@ -745,12 +745,13 @@ def _prometheus(counters: dict, requests: dict, latency: dict) -> str:
                             ("census_rejects_total", "rejects", "Requests the store refused."),
                             ("census_leases_expired_total", "leases_expired", "Leases expired."),
                             ("census_damaged_results_total", "damaged_results",
-                             "Stored results that failed their CRC when read (task re-queued)."),
-                            ("census_damaged_records", "damaged_records",
+                             "Stored results that failed their CRC when read (task re-queued).")):
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} counter", f"{name} {counters[key]}"]
+    for name, key, text in (("census_damaged_records", "damaged_records",
                              "Log records found damaged at start (reported, tasks re-queued)."),
                             ("census_store_degraded", "degraded", "1 while the disk refuses "
                              "writes.")):
-        lines += [f"# HELP {name} {text}", f"# TYPE {name} counter", f"{name} {counters[key]}"]
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge", f"{name} {counters[key]}"]
     lines += ["# HELP census_http_requests_total HTTP requests by endpoint and status.",
               "# TYPE census_http_requests_total counter"]
     lines += [f'census_http_requests_total{{endpoint="{e}",code="{c}"}} {n}'

@@ -739,3 +739,17 @@ def test_http_lease_cap_lease_required_and_within(census_server):
     status, _, got = running.call("POST", "/release", {"task_index": first["task_index"],
                                                        "lease": first["lease"]})
     assert status == 200
+
+
+def test_read_paths_never_write_even_when_leases_expire(open_store, clock):
+    store = open_store(lease_seconds=60)
+    store.get_task("h")
+    size = (store.dir / LOG_FILE).stat().st_size
+    store._journal.write = no_space                       # a full disk: reads still answer
+    clock.now += 61
+    assert store.pending() == [] and store.progress()["in_progress"] == 0
+    store.map_bytes(), store.task_info(LOOP), store.latest_available(), store.errors()
+    assert store.counters()["leases_expired"] == 1 and store.degraded is None
+    assert (store.dir / LOG_FILE).stat().st_size == size
+    crash(store)
+    assert open_store(lease_seconds=60).pending() == []   # expired again at load

@@ -246,20 +246,11 @@ def census_phase(args, tmp):
           f"log {os.path.getsize(data / 'census.log') / 1e6:.0f} MB, "
           f"snapshot {os.path.getsize(data / 'census.json') / 1e6:.1f} MB", flush=True)
     for how in ("after kill -9", "after SIGTERM"):
-        started = time.perf_counter()
-        server, port = census_server(data)
-        try:
-            progress = get_json(port, "/get_progress")
-            elapsed = time.perf_counter() - started
-            print(f"     restart: {elapsed:.2f} s {how} until it answers; done_tasks "
-                  f"{progress['done_tasks']}; RSS {rss_mb(server.pid)[0]:.0f} MB", flush=True)
-        finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait()
+        timed_restart(data, how)
 
 
 def mid_census_restart_phase(args, tmp):
-    """A census killed with SIGKILL half-way (clients still going), restarted, timed."""
+    """A census killed with SIGKILL part-way (no clean stop, no final snapshot), restarted."""
     data = tmp / "half"
     server, port = census_server(data)
     try:
@@ -267,14 +258,19 @@ def mid_census_restart_phase(args, tmp):
     finally:
         server.send_signal(signal.SIGKILL)
         server.wait()
+    timed_restart(data, f"after kill -9 mid-census (log "
+                        f"{os.path.getsize(data / 'census.log') / 1e6:.0f} MB)")
+
+
+def timed_restart(data, how):
+    """Start a server on ``data`` and time it until it answers."""
     started = time.perf_counter()
     server, port = census_server(data)
     try:
         progress = get_json(port, "/get_progress")
-        print(f"     restart: {time.perf_counter() - started:.2f} s after kill -9 mid-census "
-              f"({progress['done_tasks']} tasks done, log "
-              f"{os.path.getsize(data / 'census.log') / 1e6:.0f} MB) until it answers",
-              flush=True)
+        elapsed = time.perf_counter() - started
+        print(f"     restart: {elapsed:.2f} s {how} until it answers; done_tasks "
+              f"{progress['done_tasks']}; RSS {rss_mb(server.pid)[0]:.0f} MB", flush=True)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait()
