@@ -129,6 +129,7 @@ class Journal:
         self._seq = self._durable_seq = 0
         self._since_snapshot, self._snapshot_time = 0, clock()
         self._compact_after = 0
+        self._leftovers = False
         self._old_fd = None
         self._lock_fd = _take_folder(self.dir)
         self._fd = _open_log(self.dir / LOG_FILE)
@@ -312,8 +313,9 @@ class Journal:
         if not batch:
             return
         try:
-            if os.fstat(self._fd).st_size != self._durable_size:  # a failed write's leftovers
+            if self._leftovers:                     # a failed write's, not yet cut off
                 os.ftruncate(self._fd, self._durable_size)
+                self._leftovers = False
             self.write(self._fd, b"".join(batch))
             os.fsync(self._fd)
         except OSError as exc:
@@ -336,7 +338,7 @@ class Journal:
             try:
                 os.ftruncate(self._fd, self._durable_size)
             except OSError:
-                pass                                # _flush cuts it before the next write
+                self._leftovers = True              # _flush cuts it before the next write
             self.owner.reload()
 
     def _probe(self):
