@@ -535,7 +535,8 @@ def _record_at(view, offset, end):
         return None, _Problem(True, tag, blob_len > 0)
     if zlib.crc32(view[body:body + blob_len + line_len]) != body_crc:
         return None, _Problem(False, tag, blob_len > 0)
-    return Record(offset, seq, tag, blob_len, view[body + blob_len:body + blob_len + line_len]), None
+    line = view[body + blob_len:body + blob_len + line_len]
+    return Record(offset, seq, tag, blob_len, line), None
 
 
 def _resync(view, offset, end):

@@ -423,9 +423,10 @@ class Handler:
         lease = req.query.get("lease")
         if lease not in (None, "", "required"):
             raise HttpError(HTTPStatus.BAD_REQUEST, "lease must be 'required' (or absent)")
+        options = {"within": _within(req.query), "lease_required": lease == "required"}
         try:
-            handout = self.server.store.get_task(req.client, within=_within(req.query),
-                                                 lease_required=lease == "required")
+            handout = self.server.store.get_task(req.client,
+                                                 **{k: v for k, v in options.items() if v})
         except Refused as exc:
             raise _store_refusal(exc) from None
         if handout is None:

@@ -491,7 +491,7 @@ class Census:
                                  digest_size=16).digest()
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
-    # -- private: loading ---------------------------------------------------------------------------
+    # -- private: loading ------------------------------------------------------------------------
 
     def _apply_snapshot(self, snap):
         self._apply_base(snap)
