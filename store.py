@@ -23,6 +23,7 @@ import base64
 import bisect
 import hashlib
 import heapq
+import itertools
 import hmac
 import ipaddress
 import json
@@ -534,6 +535,19 @@ class Census:
         self._version = rec.get("v", self._version)
         self._submissions = rec.get("n", self._submissions)
 
+    def _rebuild_totals(self):
+        """What _apply_result keeps, for every result at once (a restart's longest step)."""
+        metas = self._results.values()
+        self._probed = sum(m.probed for m in metas)
+        self._responders = sum(m.responders for m in metas)
+        self._result_bytes = sum(_RECORD_SIZE + m.bitmap_len + m.rtt_len for m in metas)
+        since = self.clock() - 3600
+        recent = sorted((m.finished_at, m.probed) for m in metas if m.finished_at >= since)
+        self._recent_t = [t for t, _ in recent]
+        self._recent_p = list(itertools.accumulate(p for _, p in recent))
+        for task, meta in self._results.items():
+            self._map[2 * task + 1] = _fraction(meta)
+
     def _rebuild(self):
         """Derived structures: scope (except where an administrator decided), map, hand-out
         heap, expiry heap, leases per holder, totals, recent rate; leases past their deadline
@@ -548,13 +562,7 @@ class Census:
                 self._states[task] = State.AVAILABLE
         self._map = bytearray(2 * TASKS)
         self._map[0::2] = self._states
-        results, self._results = self._results, {}
-        self._probed = self._responders = self._result_bytes = 0
-        self._recent_t, self._recent_p = [], []
-        since = self.clock() - 3600
-        for task, meta in sorted(results.items(), key=lambda item: item[1].finished_at):
-            self._apply_result(task, meta, count=meta.finished_at >= since)
-            self._map[2 * task + 1] = _fraction(meta)
+        self._rebuild_totals()
         self._pool = [_rank(t) for t in range(TASKS) if self._states[t] == State.AVAILABLE]
         heapq.heapify(self._pool)
         self._expiry = [(lease.deadline, t, lease.token) for t, lease in self._leases.items()]
