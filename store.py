@@ -84,8 +84,8 @@ class ResultMeta(NamedTuple):
     excluded: int
     token: str | None     # the lease token the accepted submission carried (for retries)
     holder: str
-    crc: int = 0          # CRC-32 of the bytes at offset, checked on every read
-    digest: str = ""      # of those bytes: a retry is a duplicate only with the same data
+    crc: int = 0          # CRC-32 of the bytes at offset: checked on every read, and the
+                          # digest a retry must match (then its bytes too) to be a duplicate
 
 
 class Contributor(NamedTuple):
@@ -103,7 +103,6 @@ class Packed(NamedTuple):
     rtt: bytes            # the client's zlib'd uint32 array, or b""
     responders: int
     crc: int              # CRC-32 of bitmap + rtt, computed outside the lock (see _commit)
-    digest: str           # BLAKE2b of bitmap + rtt
 
 
 class Handout(NamedTuple):
@@ -642,13 +641,15 @@ class Store(Census):
             self._expire_due(now)
             duplicate, live = self._authorise_submit(task, token, holder, packed)
             if duplicate:
-                return True
-            if problem is None:
+                ticket = None
+            elif problem is None:
                 ticket = self._accept(task, packed, now, holder, token, name, stats)
             elif live:
                 ticket = self._fail(task, problem)
             else:
                 raise self._refuse(HTTPStatus.BAD_REQUEST, problem)
+        if duplicate:
+            return self._same_as_stored(task, duplicate, packed)
         self._wait(ticket)
         if problem is not None:
             raise Refused(HTTPStatus.BAD_REQUEST, problem)
@@ -841,24 +842,25 @@ class Store(Census):
                             else "task is not leased to you")
 
     def _authorise_submit(self, task, token, holder, packed):
-        """(duplicate, live): a retry of the accepted one, or whether the sender holds the lease."""
+        """(duplicate, live): the accepted result's metadata if this may be a retry of it (the
+        caller compares the bytes), else None and whether the sender holds the lease."""
         self._check_task(task)
         state = self._states[task]
         if state == State.DONE:
             meta = self._results.get(task)
             if meta and (_same(token, meta.token or "") if token
                          else meta.token is None and meta.holder == holder):
-                if packed is not None and packed.digest == meta.digest:
-                    return True, False
-                raise self._refuse(HTTPStatus.CONFLICT, "task already done with different data")
+                if packed is not None and packed.crc == meta.crc:
+                    return meta, False                  # the same data, if its bytes agree
+                raise self._refuse(HTTPStatus.CONFLICT, _OTHER_DATA)
             raise self._refuse(HTTPStatus.CONFLICT, "task already done")
         if state == State.EXCLUDED:
             raise self._refuse(HTTPStatus.CONFLICT, "task is excluded from the census")
         lease = self._leases.get(task)
         if lease and _matches(lease, token, holder):
-            return False, True
+            return None, True
         if any(_matches(old, token, holder) for old in self._old.get(task, ())):
-            return False, False                         # late, but nobody else finished it
+            return None, False                          # late, but nobody else finished it
         raise self._not_yours(lease, token)
 
     def _accept(self, task, packed, now, holder, token, name, stats):
@@ -867,8 +869,7 @@ class Store(Census):
         excluded = _stat(stats, "excluded", excluded)
         probed = _stat(stats, "probed", RESULT_LEN - excluded)
         meta = ResultMeta(offset, len(packed.bitmap), len(packed.rtt), name or holder, now,
-                          packed.responders, probed, excluded, token, holder, packed.crc,
-                          packed.digest)
+                          packed.responders, probed, excluded, token, holder, packed.crc)
         change = self._retire_lease(task)
         self._old.pop(task, None)
         if self._errors.pop(task, None) is not None:
@@ -891,6 +892,13 @@ class Store(Census):
         self._errors[task] = problem[:200]
         change.update(self._set_state(task, State.ERROR), e=problem[:200])
         return self._commit(task, change)
+
+    def _same_as_stored(self, task, meta, packed) -> bool:
+        """True if ``packed`` is byte for byte the stored result, else Refused 409."""
+        stored = self._read_result(task, meta)
+        if stored is None or (stored[1], stored[2]) != (packed.bitmap, packed.rtt):
+            raise self._refuse(HTTPStatus.CONFLICT, _OTHER_DATA)
+        return True
 
     def _requeue_now(self, task, why):
         """Hand a task out again whose stored result is lost; returns the record's ticket."""
@@ -986,6 +994,7 @@ class Store(Census):
 # -- helpers --------------------------------------------------------------------------------------
 
 _JSON = json.JSONEncoder(separators=(",", ":"))   # one encoder: json.dumps builds one a call
+_OTHER_DATA = "task already done with different data"
 _DIGITS = bytes.maketrans(bytes(range(5)), b"01234")
 _UNDIGITS = bytes.maketrans(b"01234", bytes(range(5)))
 _REV8 = bytes(int(f"{b:08b}"[::-1], 2) for b in range(256))
@@ -1029,7 +1038,7 @@ def _pack_result(result_data, rtt):
     ones = bits.bit_count()
     bitmap = bits.to_bytes(RESULT_LEN // 8, "big")
     if not rtt:
-        return None, Packed(bitmap, b"", ones, zlib.crc32(bitmap), _digest(bitmap))
+        return None, Packed(bitmap, b"", ones, zlib.crc32(bitmap))
     try:
         rtt_z = base64.b64decode(rtt, validate=True)
         inflater = zlib.decompressobj()
@@ -1038,14 +1047,7 @@ def _pack_result(result_data, rtt):
             raise ValueError("length")
     except (ValueError, TypeError, zlib.error):
         return "rtt_us must be base64 of zlib'd uint32s, one per '1' of result_data", None
-    return None, Packed(bitmap, rtt_z, ones, zlib.crc32(rtt_z, zlib.crc32(bitmap)),
-                        _digest(bitmap, rtt_z))
-
-
-def _digest(bitmap, rtt=b"") -> str:
-    digest = hashlib.blake2b(bitmap, digest_size=16)
-    digest.update(rtt)
-    return digest.hexdigest()
+    return None, Packed(bitmap, rtt_z, ones, zlib.crc32(rtt_z, zlib.crc32(bitmap)))
 
 
 def _stat(stats, key, default):
