@@ -755,3 +755,16 @@ def test_read_paths_never_write_even_when_leases_expire(open_store, clock):
     assert (store.dir / LOG_FILE).stat().st_size == size
     crash(store)
     assert open_store(lease_seconds=60).pending() == []   # expired again at load
+
+
+def test_http_a_full_disk_is_503_with_a_reason_and_healthz_says_so(census_server):
+    running = census_server()
+    running.store._journal.write = no_space
+    status, response, got = running.call("GET", "/get_task")
+    assert status == 503 and response.getheader("Retry-After") == "5"
+    assert "disk full" in got["error"]
+    status, _, got = running.call("GET", "/healthz")
+    assert status == 503 and "disk full" in got["error"]
+    del running.store._journal.write
+    assert running.call("GET", "/get_task")[0] == 200
+    assert running.call("GET", "/healthz")[0] == 200
