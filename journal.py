@@ -62,6 +62,8 @@ SNAPSHOT_SECONDS = 60.0             # ... or seconds, whichever comes first
 TAIL_BYTES = 16 << 20               # log growth over 1.5 x the live data before a compaction
 CLOSE_TAIL_BYTES = 256 << 10        # ... or over 1.5 x + this at a clean stop
 PROBE_BYTES = 64 << 10              # a degraded log writes again once this much fits
+_COPY_ROUNDS = 4                    # a compaction copies without the locks at most this often,
+_LAST_ROUND = 64                    # ... until a round copies no more than this many blobs
 
 MAGIC = b"CNS1"
 HEADER = struct.Struct("<4sQIIIII")  # magic, seq, tag, blob len, line len, header CRC, body CRC
@@ -124,6 +126,8 @@ class Journal:
         self.torn = 0                               # bytes of torn tail cut at load
         self.lost_records = 0                       # missing sequence numbers seen by replay
         self._flush_lock = threading.Lock()
+        self._compacting = threading.Lock()         # one compaction at a time
+        self._compact_due = False
         self._pending: list[bytes] = []
         self._gen, self._failed_at = 0, {}          # tickets of a failed generation
         self._seq = self._durable_seq = 0
@@ -167,6 +171,8 @@ class Journal:
                 else:
                     self._maintain()
         self._check(ticket)
+        if self._compact_due:
+            self._compact_when_free()
 
     def check_writable(self) -> None:
         """Raise WriteFailed while the disk still refuses writes; a degraded log whose disk
@@ -235,12 +241,11 @@ class Journal:
             while offset < end:
                 record, problem = _record_at(view, offset, end)
                 if record is not None:
-                    if record.tag == _TAG_START:
-                        last = self._seq = record.seq
-                    else:
-                        if record.seq:
+                    if record.seq:
+                        if record.tag < TAG_BASE:   # start and base records set the count
                             self.lost_records += max(0, record.seq - last - 1)
-                            last = self._seq = record.seq
+                        last = self._seq = record.seq
+                    if record.tag != _TAG_START:
                         yield record
                     offset = record.blob_offset + record.blob_len + len(record.line)
                     continue
@@ -262,7 +267,7 @@ class Journal:
     def compact(self, keep_aside: str | None = None) -> None:
         """Rewrite the log from the owner's live state now (see the module docstring); with
         ``keep_aside`` the current log is first linked under that name, never shortened."""
-        with self._flush_lock:
+        with self._compacting:
             self._compact(keep_aside)
 
     def worth_compacting(self, tail=None) -> bool:
@@ -273,13 +278,16 @@ class Journal:
 
     def close(self) -> None:
         """Flush, compact if worth it, snapshot, and let the folder go."""
-        with self._flush_lock:
+        with self._compacting:
             try:
-                self._flush()
+                with self._flush_lock:
+                    self._flush()
                 if self.worth_compacting(min(self.tail_bytes, CLOSE_TAIL_BYTES)):
                     self._compact()
-                elif self._size != self.snapshot_offset:
-                    self._snapshot()
+                else:
+                    with self._flush_lock:
+                        if self._size != self.snapshot_offset:
+                            self._snapshot()
             except OSError as exc:
                 say(f"closing the store: {_reason(exc)} (the log keeps every answered change)")
         self.release()
@@ -355,10 +363,12 @@ class Journal:
             path.unlink(missing_ok=True)
 
     def _maintain(self):
-        """After a successful flush: compact or snapshot when due; failures only reported."""
+        """After a successful flush (holding the flush lock): snapshot when due, and note a
+        compaction due (the waiter runs it once it lets the flush lock go); failures only
+        reported."""
         try:
             if self.worth_compacting():
-                self._compact()
+                self._compact_due = True
             elif self._since_snapshot >= self.snapshot_every or (
                     self._since_snapshot and
                     self.clock() - self._snapshot_time >= self.snapshot_seconds):
@@ -366,15 +376,55 @@ class Journal:
         except WriteFailed:
             pass                                    # reported by _failed already
         except OSError as exc:
-            say(f"{self.dir}: {_reason(exc)} while keeping the log small; tried again later")
-            self._since_snapshot, self._snapshot_time = 0, self.clock()
-            self._compact_after = self._size + self.tail_bytes
+            self._maintenance_failed(exc)
+
+    def _compact_when_free(self):
+        """Run a compaction that is due, unless one is running already (requests go on
+        meanwhile: see _compact)."""
+        if not self._compacting.acquire(blocking=False):
+            return
+        try:
+            self._compact_due = False
+            if self.worth_compacting():
+                self._compact()
+        except WriteFailed:
+            pass                                    # reported by _failed already
+        except OSError as exc:
+            self._maintenance_failed(exc)
+        finally:
+            self._compacting.release()
+
+    def _maintenance_failed(self, exc):
+        say(f"{self.dir}: {_reason(exc)} while keeping the log small; tried again later")
+        self._since_snapshot, self._snapshot_time = 0, self.clock()
+        self._compact_after = self._size + self.tail_bytes
 
     def _compact(self, keep_aside=None):
-        with self._lock:
-            self._flush()
-            self._rewrite(*self.owner.live_records(), keep_aside)
-        self._snapshot()
+        """Rewrite the log (holding ``_compacting``, not the other locks): the live blobs are
+        copied in rounds with no lock held, each round from a list taken under the lock; then,
+        holding both locks, what changed since, the base record, and the swap (``_swap``)."""
+        rewrite = _Rewrite(self)
+        try:
+            for _ in range(_COPY_ROUNDS):
+                with self._flush_lock, self._lock:
+                    self._flush()                   # copy only durable blobs
+                    copies, _ = self.owner.live_records()
+                copied = rewrite.copy(copies)
+                self.between_rounds()
+                if copied <= _LAST_ROUND:
+                    break
+            with self._flush_lock:
+                with self._lock:
+                    self._flush()
+                    copies, base_line = self.owner.live_records()
+                    rewrite.finish(copies, base_line, self._seq)
+                    self._swap(rewrite, keep_aside)
+                self._snapshot()
+        except BaseException:
+            rewrite.abandon()
+            raise
+
+    between_rounds = staticmethod(lambda: None)     # tests hold a compaction here
 
     def _snapshot(self):
         """Write the owner's state and the log offset it covers (holding the flush lock)."""
@@ -388,59 +438,21 @@ class Journal:
         self.snapshot_offset = offset
         self._since_snapshot, self._snapshot_time = 0, self.clock()
 
-    def _rewrite(self, copies, base_line, keep_aside):
-        """Write the live records to a new log and put it in place (holding both locks, the
-        queue empty). A blob failing its CRC is left out and reported to the owner."""
-        new_path = self.dir / (LOG_FILE + NEW_SUFFIX)
-        fd = os.open(new_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, _FILE_MODE)
-        try:
-            log_id = secrets.token_hex(8)
-            size, moved, damaged = self._write_copies(fd, log_id, copies, base_line)
-            os.fsync(fd)
-            if keep_aside:
-                os.link(self.dir / LOG_FILE, self.dir / keep_aside)
-            os.replace(new_path, self.dir / LOG_FILE)
-        except BaseException:
-            os.close(fd)
-            new_path.unlink(missing_ok=True)
-            raise
+    def _swap(self, rewrite, keep_aside):
+        """Put the finished new log in place (holding both locks, the queue empty)."""
+        if keep_aside:
+            os.link(self.dir / LOG_FILE, self.dir / keep_aside)
+        os.replace(rewrite.path, self.dir / LOG_FILE)
         if self._old_fd is not None:                # a reader may still pread the one before
             os.close(self._old_fd)
-        self._old_fd, self._fd, self._log_id = self._fd, fd, log_id
-        self._size = self._durable_size = size
+        self._old_fd, self._fd, self._log_id = self._fd, rewrite.fd, rewrite.log_id
+        rewrite.fd = None
+        self._size = self._durable_size = rewrite.size
         self._durable_seq = self._seq
         self._compact_after = 0
         self.snapshot_offset = -1                   # the old snapshot covers nothing now
-        self.owner.rewritten(moved, damaged)
+        self.owner.rewritten(rewrite.moved(), list(rewrite.damaged))
         _fsync_dir(self.dir)
-
-    def _write_copies(self, fd, log_id, copies, base_line):
-        chunk, size, damaged = [], 0, []
-        moved = {}
-        for part in self._new_records(log_id, copies, base_line, damaged, moved):
-            chunk.append(part)
-            size += len(part)
-            if len(chunk) >= 64:
-                self.write(fd, b"".join(chunk))
-                chunk = []
-        self.write(fd, b"".join(chunk))
-        return size, moved, damaged
-
-    def _new_records(self, log_id, copies, base_line, damaged, moved):
-        start = _frame(self._seq, _TAG_START, json.dumps({"log": log_id}).encode(), b"", 0)
-        yield start
-        size = len(start)
-        for copy in copies:
-            blob = self.read_blob(copy.blob_offset, copy.blob_len, copy.blob_crc)
-            if blob is None:
-                damaged.append(copy.tag)
-                continue
-            moved[copy.tag] = size + HEADER.size
-            record = _frame(0, copy.tag, copy.make_line(size + HEADER.size), blob,
-                            copy.blob_crc)
-            size += len(record)
-            yield record
-        yield _frame(0, TAG_BASE, base_line, b"", 0)
 
     # -- private: opening --------------------------------------------------------------------------
 
@@ -470,6 +482,76 @@ class Journal:
 
 
 # -- helpers --------------------------------------------------------------------------------------
+
+class _Rewrite:
+    """A new log being written by a compaction (``census.log.new``): its start record, then
+    copies of live blobs, made in rounds while requests go on; ``finish`` brings it up to the
+    live state (holding both locks) and ends it with the base record. A copy is known by
+    (tag, offset, length, CRC) in the current log: a result replaced since is copied again, one
+    dropped since is forgotten by a record of the owner's ``forget_line``."""
+
+    def __init__(self, journal):
+        self.journal, self.log_id = journal, secrets.token_hex(8)
+        self.path = journal.dir / (LOG_FILE + NEW_SUFFIX)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
+                          _FILE_MODE)
+        self.size, self._chunk = 0, []
+        self._copied: dict[int, tuple] = {}         # tag -> (key, new blob offset)
+        self.damaged: dict[int, tuple] = {}         # tag -> key of a blob failing its CRC
+        self._add(_frame(journal.last_ticket()[1], _TAG_START,
+                         json.dumps({"log": self.log_id}).encode(), b"", 0))
+
+    def copy(self, copies) -> int:
+        """Copy the blobs not copied yet; returns how many were."""
+        count = 0
+        for copy in copies:
+            key = copy[:4]
+            if self._copied.get(copy.tag, (None,))[0] == key or self.damaged.get(copy.tag) == key:
+                continue
+            count += 1
+            blob = self.journal.read_blob(copy.blob_offset, copy.blob_len, copy.blob_crc)
+            if blob is None:
+                self.damaged[copy.tag] = key
+                continue
+            self._copied[copy.tag] = key, self.size + HEADER.size
+            self._add(_frame(0, copy.tag, copy.make_line(self.size + HEADER.size), blob,
+                             copy.blob_crc))
+        self._write()
+        return count
+
+    def finish(self, copies, base_line, seq) -> None:
+        """Bring the copies up to ``copies`` (the live ones now), add the base record (its
+        sequence number the current one), fsync."""
+        live = {copy.tag: copy[:4] for copy in copies}
+        for tag, (key, _) in list(self._copied.items()):
+            if live.get(tag) != key:
+                del self._copied[tag]
+                if tag not in live:
+                    self._add(_frame(0, tag, self.journal.owner.forget_line(tag), b"", 0))
+        self.damaged = {tag: key for tag, key in self.damaged.items() if live.get(tag) == key}
+        self.copy(copies)
+        self._add(_frame(seq, TAG_BASE, base_line, b"", 0))
+        self._write()
+        os.fsync(self.fd)
+
+    def moved(self) -> dict:
+        return {tag: offset for tag, (_, offset) in self._copied.items()}
+
+    def abandon(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.path.unlink(missing_ok=True)
+
+    def _add(self, record):
+        self._chunk.append(record)
+        self.size += len(record)
+        if len(self._chunk) >= 64:
+            self._write()
+
+    def _write(self):
+        self.journal.write(self.fd, b"".join(self._chunk))
+        self._chunk = []
+
 
 class _Problem(NamedTuple):
     torn: bool            # an incomplete record at the end of the file

@@ -790,6 +790,10 @@ class Store(Census):
                   for task, meta in self._results.items()]
         return copies, _JSON.encode(self.snapshot_state(results=False)).encode()
 
+    def forget_line(self, task) -> bytes:
+        """A record saying ``task`` has no result (a compaction's, for one dropped meanwhile)."""
+        return b'{"r":null}'
+
     def rewritten(self, moved: dict, damaged: list) -> None:
         """After a compaction: results now lie at ``moved`` offsets; ``damaged`` failed their
         CRC and were left out."""

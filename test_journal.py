@@ -37,6 +37,9 @@ class Owner:
     def live_records(self):
         return [], b'{"base":1}'
 
+    def forget_line(self, tag):
+        return b'{"forget":%d}' % tag
+
     def rewritten(self, moved, damaged):
         self.moved, self.damaged = moved, damaged
 

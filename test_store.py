@@ -635,21 +635,26 @@ import os, signal, sys
 import journal, store
 from conftest import result_string
 step = sys.argv[2]
-real_rewrite, real_replace = journal.Journal._write_copies, os.replace
+real_copy, real_finish, real_replace = journal._Rewrite.copy, journal._Rewrite.finish, os.replace
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
-def write_copies(self, fd, *args):
+def copy(self, copies):
     if step == "mid-copy":
-        os.write(fd, b"CNS1 half a record")
+        os.write(self.fd, b"CNS1 half a record")
         die()
-    return real_rewrite(self, fd, *args)
+    return real_copy(self, copies)
+def finish(self, *args):
+    if step == "mid-finish":
+        os.write(self.fd, b"CNS1 half a record")
+        die()
+    return real_finish(self, *args)
 def replace(src, dst):
     if step == "before-rename" and str(src).endswith(".new"):
         die()
     real_replace(src, dst)
     if step == "after-rename" and str(dst).endswith("census.log"):
         die()
-journal.Journal._write_copies, os.replace = write_copies, replace
+journal._Rewrite.copy, journal._Rewrite.finish, os.replace = copy, finish, replace
 import ipaddress
 s = store.Store(sys.argv[1], scope=[ipaddress.IPv4Network("127.0.0.0/8")], tail_bytes=1 << 14)
 while True:
@@ -662,7 +667,7 @@ while True:
 """
 
 
-@pytest.mark.parametrize("step", ["mid-copy", "before-rename", "after-rename"])
+@pytest.mark.parametrize("step", ["mid-copy", "mid-finish", "before-rename", "after-rename"])
 def test_kill_9_during_compaction_loses_nothing_acknowledged(tmp_path, step):
     child = subprocess.run([sys.executable, "-c", COMPACT_CHILD, str(tmp_path / "data"), step],
                            cwd=HERE, capture_output=True, text=True, timeout=60)
@@ -676,6 +681,56 @@ def test_kill_9_during_compaction_loses_nothing_acknowledged(tmp_path, step):
         assert store.counters()["damaged_records"] == 0
     finally:
         store.close()
+
+
+def test_requests_are_answered_while_a_compaction_copies(open_store, tmp_path):
+    """The bulk copy holds no lock: requests go on; results submitted, revised away or
+    re-done meanwhile come out of the compaction as they are in memory."""
+    store = open_store(max_leases=0)
+    done = []
+    for n in range(100):                                     # more than one copy round's worth
+        handout = store.get_task("h")
+        store.submit(handout.task, result_string([n]), holder="h")
+        done.append(handout.task)
+    copying, go, log_id = threading.Event(), threading.Event(), store._journal._log_id
+    store._journal.between_rounds = lambda: (copying.set(), go.wait(10))
+    compaction = threading.Thread(target=store._journal.compact)
+    compaction.start()
+    assert copying.wait(10)
+
+    def meanwhile():
+        handout = store.get_task("h")                        # a new result
+        store.submit(handout.task, result_string([7000]), holder="h")
+        done.append(handout.task)
+        store.revise(done[0], State.AVAILABLE, force=True)   # a copied one revised away
+        store.revise(done[1], State.AVAILABLE, force=True)   # ... and done again, other data
+        handout = store.get_task("h", within=[ipaddress.IPv4Network(network_of(done[1]))])
+        store.submit(done[1], result_string([7001]), holder="h", token=handout.lease.token)
+        meanwhile.read = store.result(done[2])["result_data"]
+
+    requests = threading.Thread(target=meanwhile)
+    requests.start()
+    requests.join(10)
+    assert not requests.is_alive()                           # answered during the copy
+    go.set()
+    compaction.join(10)
+    assert meanwhile.read == result_string([2]) and store._journal._log_id != log_id
+
+    def check(store):
+        assert store.state_of(done[0]) == State.AVAILABLE
+        with pytest.raises(Refused):
+            store.result(done[0])
+        assert store.result(done[1])["result_data"] == result_string([7001])
+        for n, task in enumerate(done[2:100], 2):
+            assert store.result(task)["result_data"] == result_string([n])
+        assert store.result(done[100])["result_data"] == result_string([7000])
+        assert store.progress()["done_tasks"] == 100
+        assert store.counters()["damaged_records"] == 0
+
+    check(store)
+    crash(store)
+    (tmp_path / "data" / SNAPSHOT_FILE).unlink()             # all from the compacted log
+    check(open_store())
 
 
 # -- fair and honest hand-out ---------------------------------------------------------------------
