@@ -135,7 +135,7 @@ class Journal:
         self._compact_after = 0
         self._leftovers = False
         self._old_fd = None
-        self._lock_fd = _take_folder(self.dir)
+        self._lock_fd = take_folder(self.dir)
         self._fd = _open_log(self.dir / LOG_FILE)
         self._size = self._durable_size = os.fstat(self._fd).st_size
         self._cleanup()
@@ -452,7 +452,7 @@ class Journal:
         self._compact_after = 0
         self.snapshot_offset = -1                   # the old snapshot covers nothing now
         self.owner.rewritten(rewrite.moved(), list(rewrite.damaged))
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
 
     # -- private: opening --------------------------------------------------------------------------
 
@@ -579,7 +579,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def make_folder(directory: Path) -> None:
@@ -645,7 +645,7 @@ def _start_size() -> int:
     return HEADER.size + len(json.dumps({"log": "0" * 16}))
 
 
-def _take_folder(directory: Path) -> int:
+def take_folder(directory: Path) -> int:
     """Create the folder if needed and hold its lock file (with our PID in it) for good."""
     make_folder(directory)
     path = directory / LOCK_FILE
@@ -690,7 +690,7 @@ def _write_all(fd, data):
         view = view[os.write(fd, view):]
 
 
-def _fsync_dir(directory: Path):
+def fsync_dir(directory: Path):
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

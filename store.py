@@ -43,6 +43,7 @@ from typing import NamedTuple
 from journal import (HEADER, LOG_FILE, SNAPSHOT_EVERY, SNAPSHOT_FILE, SNAPSHOT_SECONDS, TAG_BASE,
                      TAIL_BYTES, Copy, Journal, StoreError, WriteFailed, make_folder, say,
                      write_atomic)
+from upgrade import upgrade_unframed
 
 TASKS = 65536                       # one task per /16
 RESULT_LEN = 65536                  # one '0'/'1' per address of the /16
@@ -603,6 +604,7 @@ class Store(Census):
         self.max_leases = max_leases
         self._closing = False
         self.damaged_results = self.damaged_records = 0
+        upgrade_unframed(self.dir)                  # a folder of the earlier format, once
         self._journal = Journal(self.dir, self, self._lock, snapshot_every=snapshot_every,
                                 snapshot_seconds=snapshot_seconds, tail_bytes=tail_bytes)
         try:
