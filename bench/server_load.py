@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,18 +69,21 @@ def run_bare_server(decode):
     BareHandler.decode = decode
     server = ThreadingHTTPServer((HOST, 0), BareHandler)
     server.daemon_threads = True
-    print(f"listening on http://{HOST}:{server.server_address[1]}/", flush=True)
+    print(f"listening on http://{HOST}:{server.server_address[1]}/", file=sys.stderr, flush=True)
     server.serve_forever()
 
 
 def start(argv, **kw):
-    """A server subprocess and its port (from its 'listening on' line)."""
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, **kw)
-    line = process.stdout.readline().decode()
-    if not line.startswith("listening on "):
-        process.kill()
-        raise RuntimeError(f"server did not start: {line!r}")
-    return process, int(line.rsplit(":", 1)[1].strip(" /\n"))
+    """A server subprocess and its port (from the 'listening on' line of its banner, on
+    stderr; ping_server.py's banner has several lines, the bare server's one)."""
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, **kw)
+    for line in process.stderr:
+        if b"listening on " in line:
+            threading.Thread(target=shutil.copyfileobj, daemon=True,     # the rest as before
+                             args=(process.stderr, sys.stderr.buffer)).start()
+            return process, int(line.decode().rsplit(":", 1)[1].strip(" /\n"))
+    process.kill()
+    raise RuntimeError("server did not start")
 
 
 def census_server(data_dir, scope="0.0.0.0/0"):
