@@ -45,6 +45,8 @@ from typing import Iterable, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
 import http_front
+import pictures
+import views
 from http_front import CLOSE, KEEP, SUBSCRIBE, Headers
 from store import (LEASE_SECONDS, LOG_FILE, RESERVED, SCOPE_FILE, SNAPSHOT_FILE, Refused, Store,
                    network_of, parse_blocklist, remembered_scope)
@@ -60,6 +62,8 @@ KEEPALIVE_EVERY = 15.0              # SSE comment interval
 EVENTS_MIN_GAP = 1.0                # an SSE stream sends at most one update a second
 WARN_EVERY = 10.0                   # seconds between two operator warnings of one kind
 JSON_TYPE = "application/json"
+MAX_CONTACT = 40                    # bytes of --contact: it rides in every probe's payload
+MAX_ABOUT = 1 << 16                 # characters of --about shown
 HERE = Path(__file__).resolve().parent
 DEFAULT_PORT = 8001
 DEMO_PORT = 8002                    # not the default: a demo and a real census are not confused
@@ -264,14 +268,15 @@ class CensusServer:
     """The census over HTTP: ROUTES behind an ``http_front.Front`` (see its docstring for the
     connection limits). ``serve_forever`` / ``shutdown`` / ``server_close`` as socketserver's."""
 
-    scope = None                    # the census scope, for /join (None or []: all); set by main()
     pseudonym_key = secrets.token_bytes(16)     # main() puts the one kept in --data here
 
     def __init__(self, address, store: Store, *, admin_token=None, idle_timeout=IDLE_TIMEOUT,
                  static_dir=HERE, verbose=False, workers=http_front.WORKERS,
                  max_connections=None, max_per_address=http_front.MAX_PER_ADDRESS, proxies=(),
-                 head_timeout=http_front.HEAD_TIMEOUT, warn=None):
+                 head_timeout=http_front.HEAD_TIMEOUT, warn=None, site=views.Site()):
         self.store = store
+        self.site = site                # --about, --contact, the opt-out list, the scope
+        self.maps = {}                  # size -> pictures.CensusMap, made on first request
         self.admin_token = admin_token or None
         self.static_dir = Path(static_dir)
         self.verbose = verbose
@@ -353,9 +358,9 @@ class Handler:
             raise HttpError(HTTPStatus.BAD_REQUEST, "bad URL") from None
         reads = self.command == "HEAD" and url.path not in CHANGES_STATE
         method = "GET" if reads else self.command
-        route = ROUTES.get((method, url.path))
+        route = ROUTES.get((method, _route_path(url.path)))
         if route is None:
-            allowed = sorted(m for m, p in ROUTES if p == url.path)
+            allowed = sorted(m for m, p in ROUTES if p == _route_path(url.path))
             if "GET" in allowed and url.path not in CHANGES_STATE:
                 allowed.append("HEAD")
             if allowed:
@@ -448,7 +453,8 @@ class Handler:
             "task_index": handout.task, "task_status": 1, "lease": handout.lease.token,
             "deadline": handout.lease.deadline,
             "lease_seconds": int(lease_seconds) if lease_seconds.is_integer() else lease_seconds,
-            "network": handout.network, "exclude": handout.exclude}
+            "network": handout.network, "exclude": handout.exclude,
+            **({"contact": self.server.site.contact} if self.server.site.contact else {})}
 
     def submit_result(self, req):
         data = _submission(req.body)
@@ -487,7 +493,7 @@ class Handler:
         return HTTPStatus.OK, {}
 
     def join(self, req):
-        return HTTPStatus.OK, {"command": join_command(self.server.scope)}
+        return HTTPStatus.OK, {"command": join_command(self.server.site.scope)}
 
     # -- admin ------------------------------------------------------------------------------------
 
@@ -553,7 +559,11 @@ class Handler:
         return HTTPStatus.OK, self.server.store.result(_task_index(req.query.get("id"), "id"))
 
     def task(self, req):
-        return HTTPStatus.OK, self.server.store.task_info(_task_index(req.query.get("id"), "id"))
+        info = self.server.store.task_info(_task_index(req.query.get("id"), "id"))
+        if info["state"] == 4:
+            info["reason"] = views.exclusion_reason(info["task_index"], self.server.site)
+        return HTTPStatus.OK, info
+
 
     def contributors(self, req):
         ranked = [{"rank": rank, "name": c.name, "tasks_done": c.tasks_done,
@@ -576,7 +586,17 @@ class Handler:
         return HTTPStatus.OK, Raw("application/octet-stream", data, headers)
 
     def export_csv(self, req):
-        return HTTPStatus.OK, Stream("text/csv; charset=utf-8", _csv_chunks(self.server.store))
+        try:
+            fields = views.parse_fields(req.query.get("fields"))
+            network = views.parse_network(req.query.get("network"))
+        except ValueError as exc:
+            raise HttpError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+        chunks = views.csv_chunks(self.server.store, fields, network)
+        headers = (("Vary", "Accept-Encoding"),)
+        if views.wants_gzip(req.headers.get("Accept-Encoding")):
+            chunks, headers = views.gzipped(chunks), headers + (("Content-Encoding", "gzip"),)
+        return HTTPStatus.OK, Stream("text/csv; charset=utf-8", chunks, headers)
+
 
     def events(self, req):
         return HTTPStatus.OK, Subscription()
@@ -608,6 +628,66 @@ class Handler:
         page = path.read_bytes() if path.is_file() else _FALLBACK_PAGE
         return HTTPStatus.OK, Raw("text/html; charset=utf-8", page)
 
+    # -- pictures and pages for people (pictures.py, views.py) ------------------------------------
+
+    def block_png(self, req):
+        task = _task_index(req.query.get("id"), "id")
+        info = self.server.store.task_info(task)
+        etag = f'"{task}-{info["state"]}-{info["finished_at"]}"'
+        headers = (("ETag", etag),)             # Cache-Control: CACHE_CONTROL's
+        if req.headers.get("If-None-Match", "").strip() == etag:
+            return HTTPStatus.NOT_MODIFIED, Raw("image/png", b"", headers)
+        result = self.server.store.result(task)             # 404 unless done
+        not_probed = pictures.excluded_ranges(task, info["exclude"])
+        return HTTPStatus.OK, Raw("image/png", pictures.block_png(result["result_data"],
+                                                                  not_probed), headers)
+
+    def map_png(self, req):
+        size = req.query.get("size", "4096").strip()
+        if not size.isdecimal() or int(size) not in pictures.MAP_SIZES:
+            raise HttpError(HTTPStatus.BAD_REQUEST, "size must be one of "
+                            + ", ".join(map(str, pictures.MAP_SIZES)))
+        size = int(size)
+        painter = self.server.maps.get(size) or self.server.maps.setdefault(
+            size, pictures.CensusMap(size))
+        wanted = req.headers.get("If-None-Match", "").strip()
+        if wanted == f'"{self.server.store.version}-{size}"':
+            return HTTPStatus.NOT_MODIFIED, Raw("image/png", b"", (("ETag", wanted),))
+        version, data = painter.render(self.server.store)
+        return HTTPStatus.OK, Raw("image/png", data, (("ETag", f'"{version}-{size}"'),))
+
+    def block_list(self, req):
+        page = _task_index(req.query.get("page", "1"), "page")
+        state = req.query.get("state")
+        state = None if state in (None, "") else _task_index(state, "state")
+        if page < 1 or state not in (None, 0, 1, 2, 3, 4):
+            raise HttpError(HTTPStatus.BAD_REQUEST, "page counts from 1; state is 0..4")
+        version, states = self.server.store.map_bytes()
+        if req.query.get("format") == "json":
+            return HTTPStatus.OK, views.list_json(states, version, page, state)
+        return HTTPStatus.OK, _html(views.list_page(states, version, page, state))
+
+    def details(self, req):
+        task = _task_index(req.path.removeprefix("/details/"), "the block in /details/<id>")
+        info = self.server.store.task_info(task)
+        result = self.server.store.result(task) if info["state"] == 2 else None
+        reason = (views.exclusion_reason(task, self.server.site) if info["state"] == 4
+                  else None)
+        return HTTPStatus.OK, _html(views.details_page(info, result, reason))
+
+    def about(self, req):
+        return HTTPStatus.OK, _html(views.about_page(self.server.site))
+
+    def about_json(self, req):
+        site = self.server.site
+        return HTTPStatus.OK, {"about": site.about, "contact": site.contact,
+                               "scope": [str(net) for net in site.scope] or "all"}
+
+    def history(self, req):
+        store = self.server.store
+        return HTTPStatus.OK, views.history(store.finished_times(), store.clock())
+
+
 
 ROUTES = {
     ("GET", "/get_task"): Handler.get_task,
@@ -635,6 +715,13 @@ ROUTES = {
     ("GET", "/ping.zip"): Handler.ping_zip,
     ("GET", "/"): Handler.dashboard,
     ("GET", "/dashboard.html"): Handler.dashboard,
+    ("GET", "/block.png"): Handler.block_png,
+    ("GET", "/map.png"): Handler.map_png,
+    ("GET", "/list"): Handler.block_list,
+    ("GET", "/details/"): Handler.details,
+    ("GET", "/about"): Handler.about,
+    ("GET", "/about.json"): Handler.about_json,
+    ("GET", "/history"): Handler.history,
 }
 PATHS = frozenset(path for _, path in ROUTES)
 # /get_task and every route that changes state: no HEAD, no browser requests from other sites,
@@ -644,7 +731,10 @@ CHANGES_STATE = frozenset({"/get_task", "/submit_result", "/release", "/add_task
 # Read endpoints a proxy may serve from its cache for that long (each has an ETag too)
 CACHE_CONTROL = {"/": "public, max-age=60", "/dashboard.html": "public, max-age=60",
                  "/get_progress": "public, max-age=2", "/map": "public, max-age=2",
-                 "/contributors": "public, max-age=10", "/export.csv": "public, max-age=60"}
+                 "/contributors": "public, max-age=10", "/export.csv": "public, max-age=60",
+                 "/map.png": "public, max-age=10", "/block.png": "public, max-age=60",
+                 "/list": "public, max-age=10", "/history": "public, max-age=60",
+                 "/about": "public, max-age=60", "/about.json": "public, max-age=60"}
 SECURITY_HEADERS = (("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"),
                     ("Referrer-Policy", "no-referrer"))
 CSP_DATA = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
@@ -702,6 +792,15 @@ def load_pseudonym_key(directory) -> bytes:
 
 
 # -- private helpers ------------------------------------------------------------------------------
+
+def _route_path(path: str) -> str:
+    """The route-table key of a path: itself, or "/details/" for /details/<id>."""
+    return "/details/" if path.startswith("/details/") else path
+
+
+def _html(page: str) -> Raw:
+    return Raw("text/html; charset=utf-8", page.encode())
+
 
 def _refusal(exc: HttpError) -> Raw:
     return Raw(JSON_TYPE, _json(exc.body()), exc.headers)
@@ -828,20 +927,6 @@ def _optional_str(data: dict, key: str):
     return value
 
 
-_BITS = tuple(tuple(bit for bit in range(8) if byte & (0x80 >> bit)) for byte in range(256))
-
-
-def _csv_chunks(store: Store):
-    """``saddr`` then every responder, one chunk per block."""
-    yield b"saddr\n"
-    for task, bitmap in store.bitmaps():
-        prefix = f"{task >> 8}.{task & 255}."
-        lines = [f"{prefix}{k >> 8}.{k & 255}\n" for j, byte in enumerate(bitmap) if byte
-                 for k in (8 * j + bit for bit in _BITS[byte])]
-        if lines:
-            yield "".join(lines).encode()
-
-
 def _prometheus(counters: dict, requests: dict, latency: dict) -> str:
     lines = ["# HELP census_tasks Tasks by state.", "# TYPE census_tasks gauge"]
     lines += [f'census_tasks{{state="{s}"}} {n}' for s, n in counters["states"].items()]
@@ -869,8 +954,9 @@ files kept in --data:
   {PSEUDONYM_KEY_FILE:14}the key of the volunteer-XXXXXXXX names of volunteers who send none
 
 environment: PING_HOST, PING_PORT, PING_DATA, PING_SCOPE, PING_EXCLUDE, PING_LEASE,
-PING_ADMIN_TOKEN, PING_WORKERS, PING_MAX_CONNECTIONS, PING_MAX_PER_ADDRESS and PING_PROXY set
-the defaults of the matching options (--demo takes none of them).
+PING_ADMIN_TOKEN, PING_WORKERS, PING_MAX_CONNECTIONS, PING_MAX_PER_ADDRESS, PING_PROXY,
+PING_ABOUT and PING_CONTACT set the defaults of the matching options (with --demo, only the
+last six apply).
 
 exit codes:
   0  stopped by Ctrl-C or SIGTERM (with --demo: after its block was done)
@@ -934,6 +1020,13 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--proxy", metavar="ADDR[,ADDR]", default=env("PING_PROXY", ""),
                         help="reverse proxies whose X-Forwarded-For is trusted for the client "
                              "address (default: none)")
+    parser.add_argument("--about", metavar="FILE", default=env("PING_ABOUT"),
+                        help="a text file about this census (who runs it, why, how to opt out), "
+                             "shown at /about (default: none)")
+    parser.add_argument("--contact", metavar="URL_OR_EMAIL", default=env("PING_CONTACT"),
+                        help=f"URL or e-mail of the operator (printable ASCII, at most "
+                             f"{MAX_CONTACT} bytes): shown on the dashboard and /about, and "
+                             f"carried in every probe's payload by the clients (default: none)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log every request (default: off)")
     return parser
@@ -975,6 +1068,7 @@ def _checked(parser, args):
         parser.error(f"--proxy: {exc}")
     if args.workers < 1 or (args.max_connections or 1) < 1 or args.max_per_address < 1:
         parser.error("--workers, --max-connections and --max-per-address must be positive")
+    _check_site(parser, args)
     return args
 
 
@@ -983,6 +1077,19 @@ def _port(text: str) -> int:
     if not text.strip().isdecimal() or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"port {text!r}: expected a number from 0 to 65535")
     return int(text)
+
+
+def _check_site(parser, args):
+    """--contact printable ASCII and short (it goes into every probe); --about read as text."""
+    if args.contact is not None:
+        args.contact = args.contact.strip()
+        if not (args.contact.isascii() and args.contact.isprintable() and args.contact) \
+                or len(args.contact) > MAX_CONTACT:
+            parser.error(f"--contact must be 1..{MAX_CONTACT} printable ASCII characters")
+    try:
+        args.about = Path(args.about).read_text(encoding="utf-8")[:MAX_ABOUT] if args.about else ""
+    except (OSError, UnicodeDecodeError) as exc:
+        parser.error(f"--about: {exc}")
 
 
 def _parse_scope(text):
@@ -1015,7 +1122,7 @@ def _banner(url, scope, before, args, blocks, capacity="") -> str:
     if before is not None and sorted(before) != sorted(scope or []):
         what += f" (changed from {_describe(before)})"
     token = "set" if args.admin_token else \
-        "none (admin actions from loopback only: behind a proxy on this host, that is everyone)"
+        "none (admin actions only from this machine, never through a proxy)"
     lines = [head, f"  scope:       {what}: {blocks:,} block{'' if blocks == 1 else 's'} of /16",
              f"  data folder: {Path(args.data).resolve()}", f"  lease:       {args.lease:g} s",
              f"  admin token: {token}", *([f"  capacity:    {capacity}"] if capacity else ()),
@@ -1162,7 +1269,7 @@ def _run_demo(args) -> int:
     demo = None
     try:
         _attach(server, Store(folder, scope=[DEMO_SCOPE], lease_seconds=args.lease))
-        server.scope = [DEMO_SCOPE]
+        server.site = views.Site(args.about, args.contact, (), (DEMO_SCOPE,))
         url = _url(server)
         args.data, args.admin_token = folder, None
         _say(_banner(url, [DEMO_SCOPE], None, args, 1) +
@@ -1200,7 +1307,7 @@ def main(argv=None) -> int:
         if server.store:
             server.store.close()
         return _cannot_start(_store_problem(args.data, exc))
-    server.scope = scope
+    server.site = views.Site(args.about, args.contact, tuple(args.exclude), tuple(scope or ()))
     capacity = (f"{server.front.capacity} connections (fd limit {fd_limit}), "
                 f"{args.workers} workers")
     _say(_banner(_url(server), scope, before, args, server.store.progress()["total_tasks"],

@@ -22,6 +22,7 @@ import pytest
 
 import ping_server
 import store
+import views
 from conftest import lab_missing, listening_port
 from test_e2e import FETCH, Proc, procs  # noqa: F401 (procs: a fixture)
 from test_server import submission
@@ -277,7 +278,7 @@ def test_a_folder_held_by_another_server_is_one_line(tmp_path):
 
 def test_join_line_fits_the_scope(census_server):
     srv = census_server("127.0.0.0/16")
-    srv.server.scope = [LOOP]
+    srv.server.site = views.Site(scope=(LOOP,))
     assert srv.call("GET", "/join")[::2] == (200, {"command": LOOP_JOIN})
     public = ping_server.join_command(None)
     assert "--allow" not in public and "--only" not in public and "unzip -o" in public
