@@ -445,7 +445,15 @@ class Handler:
     # -- volunteers -------------------------------------------------------------------------------
 
     def get_task(self, req):
-        handout = self.server.store.get_task(req.client)
+        lease = req.query.get("lease")
+        if lease not in (None, "", "required"):
+            raise HttpError(HTTPStatus.BAD_REQUEST, "lease must be 'required' (or absent)")
+        options = {"within": _within(req.query), "lease_required": lease == "required"}
+        try:
+            handout = self.server.store.get_task(req.client,
+                                                 **{k: v for k, v in options.items() if v})
+        except Refused as exc:
+            raise _store_refusal(exc) from None
         if handout is None:
             return HTTPStatus.OK, {"error": "No tasks available"}
         lease_seconds = self.server.store.lease_seconds
@@ -476,7 +484,7 @@ class Handler:
                 task, result.get("result_data"), holder=req.client, token=fields["lease"],
                 name=name, rtt=fields["rtt_us"], stats=stats, failure=failure)
         except Refused as exc:
-            raise HttpError(exc.status, exc.message, success=False) from None
+            raise _store_refusal(exc, success=False) from None
         return HTTPStatus.OK, ({"success": True, "duplicate": True} if duplicate
                                else {"success": True})
 
@@ -486,7 +494,7 @@ class Handler:
         try:
             self.server.store.release(task, holder=req.client, token=_optional_str(data, "lease"))
         except Refused as exc:
-            raise HttpError(exc.status, exc.message, success=False) from None
+            raise _store_refusal(exc, success=False) from None
         return HTTPStatus.OK, {"success": True}
 
     def ping(self, req):
@@ -920,6 +928,24 @@ def _task_index(value, field="task_index", **extra) -> int:
     raise HttpError(HTTPStatus.BAD_REQUEST, f"{field} must be an integer", **extra)
 
 
+def _within(query: dict):
+    """``?within=CIDR,CIDR``: the networks a client takes blocks from (None: anywhere)."""
+    text = query.get("within")
+    if text is None:
+        return None
+    try:
+        return [ipaddress.IPv4Network(part.strip(), strict=False)
+                for part in text.split(",") if part.strip()] or None
+    except ValueError:
+        raise HttpError(HTTPStatus.BAD_REQUEST, f"within must be CIDR[,CIDR], not {text[:80]!r}")
+
+
+def _store_refusal(exc: Refused, **extra) -> HttpError:
+    """The store's refusal as an HttpError; a 429 or 503 says when to try again."""
+    headers = [("Retry-After", str(exc.retry_after))] if exc.retry_after else []
+    return HttpError(exc.status, exc.message, headers=headers, **extra)
+
+
 def _optional_str(data: dict, key: str):
     value = data.get(key)
     if value is not None and not isinstance(value, str):
@@ -932,8 +958,15 @@ def _prometheus(counters: dict, requests: dict, latency: dict) -> str:
     lines += [f'census_tasks{{state="{s}"}} {n}' for s, n in counters["states"].items()]
     for name, key, text in (("census_submissions_total", "submissions", "Results accepted."),
                             ("census_rejects_total", "rejects", "Requests the store refused."),
-                            ("census_leases_expired_total", "leases_expired", "Leases expired.")):
+                            ("census_leases_expired_total", "leases_expired", "Leases expired."),
+                            ("census_damaged_results_total", "damaged_results",
+                             "Stored results that failed their CRC when read (task re-queued).")):
         lines += [f"# HELP {name} {text}", f"# TYPE {name} counter", f"{name} {counters[key]}"]
+    for name, key, text in (("census_damaged_records", "damaged_records",
+                             "Log records found damaged at start (reported, tasks re-queued)."),
+                            ("census_store_degraded", "degraded", "1 while the disk refuses "
+                             "writes.")):
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge", f"{name} {counters[key]}"]
     lines += ["# HELP census_http_requests_total HTTP requests by endpoint and status.",
               "# TYPE census_http_requests_total counter"]
     lines += [f'census_http_requests_total{{endpoint="{e}",code="{c}"}} {n}'
@@ -954,9 +987,9 @@ files kept in --data:
   {PSEUDONYM_KEY_FILE:14}the key of the volunteer-XXXXXXXX names of volunteers who send none
 
 environment: PING_HOST, PING_PORT, PING_DATA, PING_SCOPE, PING_EXCLUDE, PING_LEASE,
-PING_ADMIN_TOKEN, PING_WORKERS, PING_MAX_CONNECTIONS, PING_MAX_PER_ADDRESS, PING_PROXY,
-PING_ABOUT and PING_CONTACT set the defaults of the matching options (with --demo, only the
-last six apply).
+PING_ADMIN_TOKEN, PING_MAX_LEASES, PING_WORKERS, PING_MAX_CONNECTIONS, PING_MAX_PER_ADDRESS,
+PING_PROXY, PING_ABOUT and PING_CONTACT set the defaults of the matching options (--demo takes
+none of the first seven).
 
 exit codes:
   0  stopped by Ctrl-C or SIGTERM (with --demo: after its block was done)
@@ -1006,6 +1039,9 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="Bearer token for the admin actions (default: $PING_ADMIN_TOKEN, "
                              "else none: admin actions from loopback only)")
     env = os.environ.get
+    parser.add_argument("--max-leases", type=int, metavar="N", default=env("PING_MAX_LEASES", "16"),
+                        help="live leases one client address may hold, beyond that 429; 0 = no "
+                             "limit (default: %(default)s)")
     parser.add_argument("--workers", type=int, metavar="N",
                         default=env("PING_WORKERS", http_front.WORKERS),
                         help="request worker threads (default: %(default)s)")
@@ -1066,6 +1102,8 @@ def _checked(parser, args):
                       for p in args.proxy.split(",") if p.strip()]
     except ValueError as exc:
         parser.error(f"--proxy: {exc}")
+    if args.max_leases < 0:
+        parser.error("--max-leases must be 0 or more")
     if args.workers < 1 or (args.max_connections or 1) < 1 or args.max_per_address < 1:
         parser.error("--workers, --max-connections and --max-per-address must be positive")
     _check_site(parser, args)
@@ -1268,7 +1306,8 @@ def _run_demo(args) -> int:
     folder = Path(tempfile.mkdtemp(prefix="census-demo-"))
     demo = None
     try:
-        _attach(server, Store(folder, scope=[DEMO_SCOPE], lease_seconds=args.lease))
+        _attach(server, Store(folder, scope=[DEMO_SCOPE], lease_seconds=args.lease,
+                              max_leases=args.max_leases))
         server.site = views.Site(args.about, args.contact, (), (DEMO_SCOPE,))
         url = _url(server)
         args.data, args.admin_token = folder, None
@@ -1300,7 +1339,7 @@ def main(argv=None) -> int:
     try:
         scope, before = remembered_scope(args.data, args.scope)
         _attach(server, Store(args.data, scope=scope or None, exclude=args.exclude,
-                              lease_seconds=args.lease))
+                              lease_seconds=args.lease, max_leases=args.max_leases))
         server.pseudonym_key = load_pseudonym_key(args.data)
     except (StoreError, OSError, ValueError) as exc:
         server.server_close()
