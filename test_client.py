@@ -103,6 +103,9 @@ class RecordingSocket:
         time.sleep(min(timeout, 0.001))
         return []
 
+    def wake(self):
+        pass
+
     def close(self):
         pass
 

@@ -2,9 +2,11 @@
 the sweep against a fake socket, and, as root, real sweeps on loopback and in lab namespaces
 (conftest.py) with a dead set, unreachables, random loss and the unprivileged socket."""
 import array
+import bisect
 import collections
 import errno
 import ipaddress
+import itertools
 import json
 import os
 import random
@@ -216,14 +218,74 @@ def test_permutation_is_a_permutation_without_bursts():
     assert same_24 < 65536 * 0.02                    # random order: ~1/256 of neighbours
 
 
-def test_pacer_allows_rate_times_elapsed():
-    now = [100.0]
-    pacer = icmp._Pacer(10_000, clock=lambda: now[0])
-    assert pacer.take(256) == 1                      # one token to start with
-    now[0] += 0.0050001
-    assert pacer.take(256) == 50
-    now[0] += 1.0
-    assert pacer.take(1000) == 100                   # never more than a 10 ms burst
+class FakeTime:
+    """An injected clock and sleep: each sleep wakes up to `late` s late, and every
+    `stall_every` s of sending the machine takes `stall` s away from the sender."""
+
+    def __init__(self, late=0.0, stall=0.0, stall_every=1.0, seed=14):
+        self.now, self.rng, self.late = 1000.0, random.Random(seed), late
+        self.stall, self.stall_every, self.next_stall = stall, stall_every, 1000.0 + stall_every
+        self.sleeps = []
+
+    def clock(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.sleeps.append(seconds)
+        self.now += seconds + self.rng.uniform(0, self.late)
+        if self.stall and self.now >= self.next_stall:
+            self.now += self.stall
+            self.next_stall += self.stall_every
+
+
+def paced(rate, count, fake):
+    """(pacer, [(time, probes)] of each send) for `count` probes paced on `fake` time."""
+    pacer = icmp._Pacer(rate, fake.clock, fake.sleep)
+    sends = []
+    while count:
+        allowed = pacer.take(min(pacer.bucket, count))
+        if allowed:
+            sends.append((fake.now, allowed))
+            count -= allowed
+        fake.now += 20e-6                       # the send call itself
+    return pacer, sends
+
+
+def worst_second(sends, rate):
+    """The largest relative deviation from `rate` of any one-second window starting at a send."""
+    times = [t for t, _ in sends]
+    counts = list(itertools.accumulate(n for _, n in sends))
+    worst = 0.0
+    for k, start in enumerate(times):
+        end = bisect.bisect_left(times, start + 1.0)
+        if end == len(times):
+            break
+        worst = max(worst, abs((counts[end - 1] - (counts[k - 1] if k else 0)) / rate - 1))
+    return worst
+
+
+@pytest.mark.parametrize("late, stall", [(0.0, 0.0), (0.003, 0.0), (0.003, 0.04)],
+                         ids=["exact", "late-wakeups", "stalls"])
+def test_pacer_batches_hold_the_rate_over_the_sweep_and_every_second(late, stall):
+    fake = FakeTime(late=late, stall=stall)
+    pacer, sends = paced(10_000, 65536, fake)
+    assert (pacer.batch, pacer.bucket) == (50, 100)          # 5 ms worth a call, at most 10 ms
+    assert sum(n for _, n in sends) == 65536
+    assert max(n for _, n in sends) <= pacer.bucket           # no burst beyond the bucket
+    assert len(sends) <= 65536 / 50 + 1 and len(fake.sleeps) <= len(sends) + 1
+    duration = sends[-1][0] - sends[0][0]
+    assert abs(65536 / duration / 10_000 - 1) < 0.03            # the rate over the sweep
+    assert worst_second(sends, 10_000) < 0.10                  # ... and over any one second
+    if not late:
+        assert {n for _, n in sends[:-1]} == {50}              # exact batches (the last: 65536 % 50)
+        assert all(abs(s - 0.005) < 1e-4 for s in fake.sleeps[:-1])  # one sleep between sends
+
+
+def test_pacer_at_low_and_no_rate():
+    fake = FakeTime()
+    pacer, sends = paced(50, 100, fake)                        # one probe a call, 20 ms apart
+    assert {n for _, n in sends} == {1} and max(fake.sleeps) <= icmp.PACER_NAP
+    assert abs((sends[-1][0] - sends[0][0]) - 99 / 50) < 0.01
     assert icmp._Pacer(0).take(256) == 256
 
 
@@ -256,6 +318,9 @@ class FakeSocket:
         if not got:
             time.sleep(min(timeout, 0.001))
         return got
+
+    def wake(self):
+        pass
 
     def close(self):
         pass
