@@ -45,7 +45,7 @@ __all__ = [
     "TAG", "RESERVED", "Status", "IcmpType", "Reply", "Verdict", "Signer", "Progress",
     "SweepStats", "SweepResult", "IcmpSocket", "IcmpPermissionError", "Outbox", "checksum",
     "echo_request", "parse", "wholly_reserved", "wholly_excluded", "is_excluded", "permutation", "sweep",
-    "Sweeper", "Sweep", "DEFAULT_COOLDOWN",
+    "Sweeper", "Sweep", "DEFAULT_COOLDOWN", "CONTACT_MAX", "is_contact",
 ]
 
 TAG = b"ipv4-census "  # starts every probe payload, so a network operator can tell who we are
@@ -59,8 +59,9 @@ IP_HEADER = struct.Struct("!BBHHHBBH4s4s")  # RFC 791: version/IHL ... source, d
 ICMP_HEADER = struct.Struct("!BBHHH")       # RFC 792: type, code, checksum, identifier, sequence
 ADDRESS = struct.Struct("!I")
 DIGEST_SIZE = 10                            # 2 bytes of sequence number + an 8-byte MAC
-PAYLOAD_SIZE = len(TAG) + ADDRESS.size + DIGEST_SIZE - 2
+PAYLOAD_SIZE = len(TAG) + ADDRESS.size + DIGEST_SIZE - 2      # without a contact
 PACKET_SIZE = ICMP_HEADER.size + PAYLOAD_SIZE
+CONTACT_MAX = 40         # bytes of the server's contact a probe may carry after TAG
 
 # Linux constants the socket module does not export
 SOL_RAW = 255            # linux/socket.h: the level of ICMP_FILTER
@@ -211,19 +212,31 @@ def parse(packet: bytes, source: Optional[int] = None) -> Optional[Reply]:
 
 class Signer:
     """The per-sweep secret: it gives each destination its sequence number and payload MAC,
-    and checks that a reply carries exactly those for the address it claims to answer."""
+    and checks that a reply carries exactly those for the address it claims to answer.
 
-    def __init__(self, secret: Optional[bytes] = None, ident: Optional[int] = None):
+    A probe's payload is TAG, then the census's contact and a space or two when there is one (a
+    network operator who sees the probe learns whom to ask; padded to an even length), then the
+    destination and the MAC: at most 12 + 42 + 4 + 8 = 66 bytes.
+
+        "ipv4-census " ["abuse@example.org  "] | destination (4) | MAC (8)"""
+
+    def __init__(self, secret: Optional[bytes] = None, ident: Optional[int] = None, contact: bytes = b""):
+        if not is_contact(contact):
+            raise ValueError(f"a contact is printable ASCII of at most {CONTACT_MAX} bytes: {contact!r:.60}")
         self.secret = secret if secret is not None else secrets.token_bytes(16)
         self.ident = ident if ident is not None else secrets.randbelow(0x10000)
+        self.prefix = TAG + contact + b" " if contact else TAG
+        self.prefix += b" " * (len(self.prefix) % 2)   # even, so what follows sits on 16-bit words
+        self.payload_size = len(self.prefix) + ADDRESS.size + DIGEST_SIZE - 2
+        self.packet_size = ICMP_HEADER.size + self.payload_size
         self._keyed = hashlib.blake2b(key=self.secret, digest_size=DIGEST_SIZE)
-        # the words every request shares, summed once (type/code, identifier, TAG)
-        self._fixed_sum = (IcmpType.ECHO_REQUEST << 8) + self.ident + int.from_bytes(TAG, "big")
+        # the words every request shares, summed once (type/code, identifier, the prefix)
+        self._fixed_sum = (IcmpType.ECHO_REQUEST << 8) + self.ident + int.from_bytes(self.prefix, "big")
 
     def sign(self, addr: int) -> tuple[int, bytes]:
         """(sequence number, payload) of the probe to `addr`."""
         dest, digest = self._digest(addr)
-        return int.from_bytes(digest[:2], "big"), TAG + dest + digest[2:]
+        return int.from_bytes(digest[:2], "big"), self.prefix + dest + digest[2:]
 
     def request(self, addr: int) -> bytes:
         """echo_request(self.ident, *self.sign(addr)), built faster: it runs once per target.
@@ -232,7 +245,7 @@ class Signer:
         dest, digest = self._digest(addr)
         summed = _complement(self._fixed_sum + int.from_bytes(dest + digest, "big"))
         seq = int.from_bytes(digest[:2], "big")
-        return ICMP_HEADER.pack(IcmpType.ECHO_REQUEST, 0, summed, self.ident, seq) + TAG + dest + digest[2:]
+        return ICMP_HEADER.pack(IcmpType.ECHO_REQUEST, 0, summed, self.ident, seq) + self.prefix + dest + digest[2:]
 
     def check(self, reply: Reply, check_ident: bool = True) -> tuple[Verdict, int]:
         """(verdict, probed address). Datagram sockets pass check_ident=False: there the
@@ -246,9 +259,9 @@ class Signer:
             quoted = reply.payload[:len(payload)]
             good = reply.seq == seq and quoted == payload[:len(quoted)]
             return (Verdict.OK if good else Verdict.BAD_PAYLOAD), reply.target
-        if len(reply.payload) != PAYLOAD_SIZE or not reply.payload.startswith(TAG):
+        if len(reply.payload) != self.payload_size or not reply.payload.startswith(self.prefix):
             return Verdict.STRAY, reply.target
-        (probed,) = ADDRESS.unpack_from(reply.payload, len(TAG))
+        (probed,) = ADDRESS.unpack_from(reply.payload, len(self.prefix))
         if (reply.seq, reply.payload) != self.sign(probed):
             return Verdict.BAD_PAYLOAD, probed
         return (Verdict.OK if probed == reply.source else Verdict.WRONG_SOURCE), probed
@@ -258,6 +271,11 @@ class Signer:
         keyed = self._keyed.copy()
         keyed.update(dest)
         return dest, keyed.digest()
+
+
+def is_contact(value: bytes) -> bool:
+    """True if `value` may follow TAG in a probe: printable ASCII, at most CONTACT_MAX bytes."""
+    return isinstance(value, bytes) and len(value) <= CONTACT_MAX and all(0x20 <= b < 0x7F for b in value)
 
 
 def wholly_reserved(network, allow=()) -> bool:
@@ -520,12 +538,16 @@ class Sweeper:
         return self
 
     def start(self, targets, *, rate=0, probes=1, cooldown=DEFAULT_COOLDOWN, timeout=None,
-              allow=(), exclude=(), progress: Optional[Callable[[Progress], None]] = None) -> "Sweep":
-        """Start sweeping `targets` (the parameters of sweep()) in a worker thread; the Sweep
-        returned says when it is sent and finished, and gives its result."""
+              allow=(), exclude=(), progress: Optional[Callable[[Progress], None]] = None,
+              contact: bytes = b"") -> "Sweep":
+        """Start sweeping `targets` (the parameters of sweep(); `contact` goes after TAG in
+        every probe, see Signer) in a worker thread; the Sweep returned says when it is sent
+        and finished, and gives its result."""
         addresses = _addresses(targets)
         if probes < 1 or rate < 0 or cooldown < 0:
             raise ValueError("probes must be >= 1, rate and cooldown >= 0")
+        if not is_contact(contact):
+            raise ValueError(f"a contact is printable ASCII of at most {CONTACT_MAX} bytes")
         job = Sweep(self, addresses, rate, probes, cooldown, timeout, progress)
         job.excluded = _mark_excluded(addresses, _excluded_spans(allow, exclude), job.status)
         if job.excluded == len(addresses):
@@ -535,7 +557,7 @@ class Sweeper:
         with self._lock:
             if self.failure is not None:
                 raise self.failure
-            job.signer = Signer(ident=self._free_ident())
+            job.signer = Signer(ident=self._free_ident(), contact=contact)
             self._active.append(job)
         worker = threading.Thread(target=job._run, args=(self.sock,), name="icmp-sweep", daemon=True)
         self._workers = [w for w in self._workers if w.is_alive()] + [worker]
@@ -733,7 +755,7 @@ class Sweep:
         socket's send lanes, each paced at its share of the rate."""
         request = self.signer.request
         addrs = array.array("I", [self.addresses[k] for k in todo])
-        outbox = Outbox(b"".join(map(request, addrs)), addrs)
+        outbox = Outbox(b"".join(map(request, addrs)), addrs, self.signer.packet_size)
         lanes = sock.lanes if not self.rate or self.rate >= LANE_RATE else 1
         bounds = [len(todo) * n // lanes for n in range(lanes + 1)]
         self.round_sent = self.round_answered = 0

@@ -97,6 +97,25 @@ def test_probe_layout_golden_bytes():
     assert icmp.checksum(probe) == 0
 
 
+def test_probe_with_a_contact_golden_bytes_and_bounded():
+    signer = icmp.Signer(SECRET, ident=0xBEEF, contact=b"census@example.org")
+    probe = signer.request(addr("127.0.0.7"))
+    assert probe.hex() == ("08006307beef1c0c" "697076342d63656e73757320"                # TAG
+                           "63656e737573406578616d706c652e6f7267" "2020"              # contact, padded even
+                           "7f000007" "61809a364d73fdde")                             # destination, MAC
+    assert probe == icmp.echo_request(0xBEEF, *signer.sign(addr("127.0.0.7")))
+    assert icmp.checksum(probe) == 0 and probe[8:].startswith(icmp.TAG + b"census@example.org ")
+    reply = icmp.parse(ip_packet(addr("127.0.0.7"), LOOP + 1, echo_reply(probe)))
+    assert signer.check(reply) == (icmp.Verdict.OK, addr("127.0.0.7"))
+    assert icmp.Signer(SECRET, ident=0xBEEF).check(reply)[0] == icmp.Verdict.STRAY   # not our layout
+    longest = icmp.Signer(SECRET, contact=b"~" * icmp.CONTACT_MAX).request(addr("127.0.0.7"))
+    assert len(longest) == 8 + 66 and icmp.checksum(longest) == 0
+    for bad in (b"~" * (icmp.CONTACT_MAX + 1), "text", b"tab\there", "caf\u00e9".encode(), b"\x7f"):
+        assert not icmp.is_contact(bad)
+        with pytest.raises(ValueError):
+            icmp.Signer(contact=bad)
+
+
 def test_parse_raw_echo_reply_with_ip_options():
     request = icmp.echo_request(7, 9, b"hello")
     for options in (b"", b"\x01\x01\x01\x01", b"\x01" * 40):     # IHL 5, 6 and 15
@@ -474,6 +493,35 @@ def test_a_socket_never_sends_outside_its_outbox():
                 sock.send(outbox, start, stop)
 
 
+class DgramFake(FakeSocket):
+    """A datagram socket's view: the kernel puts its own identifier in every probe (so all
+    sweeps on the socket share it) and hands over bare ICMP messages with their source."""
+    kind = "dgram"
+
+    def __init__(self):
+        super().__init__(lambda target, request: [echo_reply(request[:4] + b"\x42\x42" + request[6:])])
+
+    def recv(self, timeout):     # the source: the probed address, read from the payload
+        return [(packet, int.from_bytes(packet[-12:-8], "big")) for packet, _ in super().recv(timeout)]
+
+
+@pytest.mark.parametrize("kind", ["raw", "dgram"])
+def test_overlapping_sweeps_on_one_socket_each_get_their_own_replies(kind):
+    fake = FakeSocket() if kind == "raw" else DgramFake()
+    net = range(LOOP, LOOP + 2048)
+    with icmp.Sweeper(fake) as sweeper:
+        first = sweeper.start(net, rate=40_000, cooldown=0.3, allow=ALLOW)
+        second = sweeper.start(net, rate=40_000, cooldown=0.3, allow=ALLOW)   # both send at once
+        assert sweeper.wait_for(lambda: first.all_sent and second.all_sent, timeout=10)
+        results = [first.result(timeout=10), second.result(timeout=10)]
+    assert first.signer.ident != second.signer.ident or kind == "dgram"
+    for result in results:
+        assert set(result.status) == {icmp.Status.ECHO_REPLY}
+        s = result.stats
+        assert (s.sent, s.replies, s.duplicates, s.bad_payload, s.stray) == (2048, 2048, 0, 0, 0)
+        assert s.cpu_seconds > 0
+
+
 def test_sweep_stops_at_its_timeout():
     fake = FakeSocket(lambda target, request: [])
     result = icmp.sweep(range(LOOP, LOOP + 1000), rate=20, timeout=0.2, allow=ALLOW, sock=fake)
@@ -580,6 +628,41 @@ def test_lab_probes_6_finds_every_live_address_exactly(lab):
     report = run_sweep(box, "127.0.0.0/16", "--probes", "6", "--cooldown", "0.5")
     assert found(report, "1") == box.alive("127.0.0.0/16")
     assert report["stats"]["rounds"] == 6                      # the dead set keeps every round busy
+
+
+OVERLAP = """
+import ipaddress, json, sys, icmp
+first_address = int(ipaddress.IPv4Address(sys.argv[1]))
+net, allow = range(first_address, first_address + int(sys.argv[2])), ["127.0.0.0/8"]
+with icmp.Sweeper() as sweeper:
+    first = sweeper.start(net, rate=20000, cooldown=2.0, allow=allow)
+    first.wait_sent()                      # its dead targets keep it listening for 2 s ...
+    second = sweeper.start(net, rate=20000, cooldown=0.5, allow=allow)
+    second.wait_sent()                     # ... while the second sends to the same targets
+    overlapped = not first.done
+    results = [first.result(), second.result()]
+digits = bytes.maketrans(bytes(range(5)), b"01234")
+print(json.dumps({"overlapped": overlapped, "sweeps": [
+    {"stats": r.stats._asdict(), "status": bytes(r.status).translate(digits).decode()} for r in results]}))
+"""
+
+
+def test_lab_two_overlapping_sweeps_credit_every_reply_to_its_own(lab):
+    """127.0.96.0 - 127.0.159.255: the first half answers (the "% 7" addresses unreachable),
+    the second half is the silent dead block, which keeps the first sweep's cooldown going."""
+    box = lab(drop=True, unreach=True)
+    done = box.run([sys.executable, "-c", OVERLAP, "127.0.96.0", 16384], cwd=HERE)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["overlapped"]
+    span = box.alive("127.0.96.0/19") | box.alive("127.0.128.0/19")
+    unreachable = box.unreachable("127.0.96.0/19")
+    base = addr("127.0.96.0")
+    for sweep in report["sweeps"]:
+        assert found(sweep, "1", base) == span and len(span) == 32 * 219   # exact, both of them
+        assert found(sweep, "2", base) == unreachable and unreachable
+        stats = sweep["stats"]
+        assert (stats["duplicates"], stats["bad_payload"], stats["wrong_source"]) == (0, 0, 0)
 
 
 def test_lab_unprivileged_dgram_socket_for_real(lab):
