@@ -52,17 +52,53 @@ def fake_result(network, replied=(), unreachable=(), excluded=(), rtt=100, **sta
 
 
 class FakeSweep:
-    """Stands in for icmp.sweep: records every call, returns a result or raises."""
+    """Stands in for icmp.Sweeper (icmp.Sweeper() gives this one): records every start(),
+    whose sweep is over at once, with a result or an error that its result() raises."""
 
-    def __init__(self, replied=(), error=None):
-        self.calls, self.replied, self.error = [], replied, error
+    def __init__(self, replied=(), error=None, result=None, open_error=None):
+        self.calls, self.replied, self.error, self.result = [], replied, error, result
+        self.open_error = open_error
 
-    def __call__(self, targets, **kwargs):
+    def __call__(self, sock=None, **kwargs):
+        return self
+
+    def open(self):
+        if self.open_error is not None:
+            raise self.open_error
+        return self
+
+    def start(self, targets, **kwargs):
         self.calls.append((targets, kwargs))
+        kwargs["progress"](icmp.Progress(10, 20, 5, 0, 1.0, 10.0))
+        return FakeJob(self.error, self.result or fake_result(targets, self.replied))
+
+    def wait_for(self, predicate, timeout=None):
+        return predicate()
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+class FakeJob:
+    """A FakeSweep's sweep: sent and done from the start."""
+    all_sent = done = True
+
+    def __init__(self, error, result):
+        self.error, self._result, self.cancelled = error, result, False
+
+    def result(self, timeout=None):
         if self.error is not None:
             raise self.error
-        kwargs["progress"](icmp.Progress(10, 20, 5, 0, 1.0, 10.0))
-        return fake_result(targets, self.replied)
+        return self._result
+
+    def cancel(self):
+        self.cancelled = True
 
 
 @pytest.fixture
@@ -80,6 +116,9 @@ def no_packets(monkeypatch):
                 refuse(family, kind, proto)
             super().__init__(family, kind, proto, fileno)
 
+    sweeper = FakeSweep()                   # may be opened (that sends nothing), never started
+    sweeper.start = lambda targets, **kwargs: refuse(targets, kwargs)
+    monkeypatch.setattr(icmp, "Sweeper", sweeper)
     monkeypatch.setattr(icmp, "sweep", refuse)
     monkeypatch.setattr(icmp.IcmpSocket, "open", classmethod(refuse))
     monkeypatch.setattr(socket, "socket", GuardedSocket)
@@ -116,7 +155,7 @@ class FakeServer(ThreadingHTTPServer):
     def __init__(self, script):
         super().__init__(("127.0.0.1", 0), ScriptedHandler)
         self.script = {key: list(answers) for key, answers in script.items()}
-        self.requests = []
+        self.requests, self.paths, self.content_type = [], [], "application/json"
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
 
     def answer(self, method, path):
@@ -138,10 +177,11 @@ class ScriptedHandler(BaseHTTPRequestHandler):
     def _serve(self, body):
         path = self.path.split("?")[0]
         self.server.requests.append((self.command, path, body))
+        self.server.paths.append(self.path)
         status, answer = self.server.answer(self.command, path)
         raw = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", self.server.content_type)
         self.send_header("Content-Length", str(len(raw)))
         self.end_headers()
         self.wfile.write(raw)
@@ -384,7 +424,7 @@ def test_submit_retries_5xx_and_drops_refusals(tmp_path, serve, capsys, answers,
 
 def test_once_sweeps_and_submits(tmp_path, serve, monkeypatch):
     sweep = FakeSweep(replied=(1, 2, 300))
-    monkeypatch.setattr(icmp, "sweep", sweep)
+    monkeypatch.setattr(icmp, "Sweeper", sweep)
     server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/submit_result"): [OK]})
     code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8")
     assert code == 0 and spooled(tmp_path) == []
@@ -395,13 +435,13 @@ def test_once_sweeps_and_submits(tmp_path, serve, monkeypatch):
     [(targets, kwargs)] = sweep.calls
     assert targets == ipaddress.IPv4Network(LOOP)
     assert kwargs["allow"] == (ipaddress.IPv4Network("127.0.0.0/8"),)
-    assert (kwargs["rate"], kwargs["probes"], kwargs["cooldown"]) == (10000, 1, 1.0)
+    assert (kwargs["rate"], kwargs["probes"], kwargs["cooldown"]) == (10000, 1, icmp.DEFAULT_COOLDOWN)
 
 
 @pytest.mark.parametrize("asked", [10**7, 1e-9, "fast"])
 def test_server_adds_exclusions_and_cannot_change_the_rate(tmp_path, serve, monkeypatch, asked):
     sweep = FakeSweep()
-    monkeypatch.setattr(icmp, "sweep", sweep)
+    monkeypatch.setattr(icmp, "Sweeper", sweep)
     server = serve({("GET", "/get_task"): [(200, task(exclude=["127.0.1.0/24"], rate=asked,
                                                       allow=["0.0.0.0/0"]))],
                     ("POST", "/submit_result"): [OK]})
@@ -419,7 +459,7 @@ def test_server_adds_exclusions_and_cannot_change_the_rate(tmp_path, serve, monk
 
 def test_only_excludes_the_rest_of_the_block(tmp_path, serve, monkeypatch):
     sweep = FakeSweep()
-    monkeypatch.setattr(icmp, "sweep", sweep)
+    monkeypatch.setattr(icmp, "Sweeper", sweep)
     server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/submit_result"): [OK]})
     code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8",
                          "--only", "127.0.0.0/17")
@@ -489,24 +529,31 @@ def test_refuses_an_inconsistent_task(tmp_path, serve, no_packets, answer):
     assert len(server.calls("POST", "/release")) == 1
 
 
-@pytest.mark.parametrize("flags, theirs", [
-    (["--allow", "127.0.0.0/8", "--exclude", "127.0.0.0/12"], []),
-    (["--allow", "127.0.0.0/8", "--exclude", "127.0.0.0/17"], ["127.0.128.0/17"]),
-    (["--allow", "127.0.128.0/17"], ["127.0.128.0/17"]),     # the rest is reserved, not allowed
-    (["--allow", "127.0.0.0/8", "--only", "127.1.0.0/16"], []),   # a task outside --only
+@pytest.mark.parametrize("flags, theirs, why", [
+    (["--allow", "127.0.0.0/8", "--exclude", "127.0.0.0/12"], [], "inside your own --exclude"),
+    (["--allow", "127.0.0.0/8"], ["127.0.0.0/16"], "by the server's exclusions for it"),
+    (["--allow", "127.0.0.0/8", "--exclude", "127.0.0.0/17"], ["127.0.128.0/17"],
+     "by your --exclude and the server's exclusions together"),
+    (["--allow", "127.0.128.0/17"], ["127.0.128.0/17"],      # the rest is reserved, not allowed
+     "by the server's exclusions and reserved space --allow does not open together"),
+    (["--allow", "127.0.0.0/8", "--only", "127.1.0.0/16"], [], "outside --only 127.1.0.0/16"),
+    (["--allow", "127.0.0.0/8", "--only", "127.0.0.0/17"], ["127.0.0.0/17"],
+     "by the server's exclusions and the part outside --only together"),
 ])
-def test_exclusions_covering_the_block_refuse(tmp_path, serve, no_packets, capsys, flags, theirs):
+def test_exclusions_covering_the_block_refuse(tmp_path, serve, no_packets, capsys, flags, theirs,
+                                              why):
     server = serve({("GET", "/get_task"): [(200, task(exclude=theirs))],
                     ("POST", "/release"): [OK]})
     code, _ = run_client(server, tmp_path, "--once", *flags)
     assert code == 1 and no_packets == []
     assert len(server.calls("POST", "/release")) == 1
     assert server.calls("POST", "/submit_result") == []
-    assert "excluded in full" in capsys.readouterr().err
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "refusing task" in line]
+    assert line.endswith(why)                      # the one reason that applies, and only it
 
 
 def test_restart_submits_the_spool_first(tmp_path, serve, monkeypatch, capsys):
-    monkeypatch.setattr(icmp, "sweep", FakeSweep())
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep())
     server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/submit_result"): [OK]})
     old = {"task_index": 99, "result": {"success": True, "result_data": "1" * 65536}}
     spool = Spool(str(tmp_path / "spool"))
@@ -523,7 +570,7 @@ def test_restart_submits_the_spool_first(tmp_path, serve, monkeypatch, capsys):
 
 
 def test_loop_submits_the_spool_before_every_task(tmp_path, serve, monkeypatch):
-    monkeypatch.setattr(icmp, "sweep", FakeSweep())
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep())
     server = serve({("GET", "/get_task"): [(200, task()), (200, NO_TASK)],
                     ("POST", "/submit_result"): [(401, {"error": "who are you"}), OK]})
 
@@ -535,11 +582,11 @@ def test_loop_submits_the_spool_before_every_task(tmp_path, serve, monkeypatch):
     assert code == 130 and spooled(tmp_path) == []
     order = [(method, path) for method, path, _ in server.requests]
     assert order == [("GET", "/get_task"), ("POST", "/submit_result"),
-                     ("POST", "/submit_result"), ("GET", "/get_task")]
+                     ("POST", "/submit_result"), ("GET", "/get_task"), ("GET", "/get_progress")]
 
 
 def test_result_is_spooled_before_it_is_submitted(tmp_path, serve, monkeypatch, capsys):
-    monkeypatch.setattr(icmp, "sweep", FakeSweep())
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep())
     server = serve({("GET", "/get_task"): [(200, task())],
                     ("POST", "/submit_result"): [(503, {"error": "down"})]})
 
@@ -556,7 +603,7 @@ def test_result_is_spooled_before_it_is_submitted(tmp_path, serve, monkeypatch, 
 
 
 def test_no_task_waits_with_backoff_and_says_so(tmp_path, serve, monkeypatch, capsys):
-    monkeypatch.setattr(icmp, "sweep", FakeSweep())
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep())
     server = serve({("GET", "/get_task"): [(200, NO_TASK), (200, NO_TASK), (200, NO_TASK),
                                            (200, task())],
                     ("POST", "/submit_result"): [OK]})
@@ -567,7 +614,7 @@ def test_no_task_waits_with_backoff_and_says_so(tmp_path, serve, monkeypatch, ca
 
 
 def test_original_server_shapes(tmp_path, serve, monkeypatch):
-    monkeypatch.setattr(icmp, "sweep", FakeSweep())
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep())
     server = serve({("GET", "/get_task"): [(200, {"task_index": LOOP_TASK, "task_status": 1})],
                     ("POST", "/submit_result"): [OK]})
     code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8")
@@ -590,7 +637,7 @@ def test_get_task_refused_is_an_error(tmp_path, serve, no_packets, capsys):
 def test_an_incomplete_sweep_is_not_submitted(tmp_path, serve, monkeypatch, capsys, result,
                                               flags, why):
     incomplete = fake_result(LOOP, **result)
-    monkeypatch.setattr(icmp, "sweep", lambda targets, **kwargs: incomplete)
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep(result=incomplete))
     server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/release"): [OK]})
     code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8", *flags)
     assert code == 1 and server.calls("POST", "/submit_result") == []
@@ -599,7 +646,7 @@ def test_an_incomplete_sweep_is_not_submitted(tmp_path, serve, monkeypatch, caps
 
 
 def test_ctrl_c_before_the_result_is_spooled_releases(tmp_path, serve, monkeypatch):
-    monkeypatch.setattr(icmp, "sweep", FakeSweep())
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep())
 
     def put(self, server, body, index):
         raise KeyboardInterrupt
@@ -612,7 +659,7 @@ def test_ctrl_c_before_the_result_is_spooled_releases(tmp_path, serve, monkeypat
 
 
 def test_get_task_retries_when_the_server_is_down(tmp_path, serve, monkeypatch):
-    monkeypatch.setattr(icmp, "sweep", FakeSweep())
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep())
     server = serve({("GET", "/get_task"): [(500, {"error": "x"}), (503, b""), (200, task())],
                     ("POST", "/submit_result"): [OK]})
     code, sleeps = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8")
@@ -620,7 +667,7 @@ def test_get_task_retries_when_the_server_is_down(tmp_path, serve, monkeypatch):
 
 
 def test_ctrl_c_mid_sweep_releases_and_exits_130(tmp_path, serve, monkeypatch):
-    monkeypatch.setattr(icmp, "sweep", FakeSweep(error=KeyboardInterrupt()))
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep(error=KeyboardInterrupt()))
     server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/release"): [OK]})
     code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8")
     assert code == 130
@@ -630,7 +677,7 @@ def test_ctrl_c_mid_sweep_releases_and_exits_130(tmp_path, serve, monkeypatch):
 
 
 def test_sigterm_mid_sweep_releases_and_exits_143(tmp_path, serve, monkeypatch, capsys):
-    monkeypatch.setattr(icmp, "sweep", FakeSweep(error=ping_client.Terminated()))
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep(error=ping_client.Terminated()))
     server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/release"): [OK]})
     code, _ = run_client(server, tmp_path, "--allow", "127.0.0.0/8")
     assert code == 143 and len(server.calls("POST", "/release")) == 1
@@ -640,7 +687,7 @@ def test_sigterm_mid_sweep_releases_and_exits_143(tmp_path, serve, monkeypatch, 
 @pytest.mark.parametrize("once", [True, False])
 def test_no_icmp_permission_releases_and_exits_1(tmp_path, serve, monkeypatch, capsys, once):
     error = icmp.IcmpPermissionError("run me with sudo")
-    monkeypatch.setattr(icmp, "sweep", FakeSweep(error=error))
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep(error=error))
     server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/release"): [OK]})
     code, _ = run_client(server, tmp_path, *(["--once"] if once else []), "--allow", "127.0.0.0/8")
     assert code == 1 and len(server.calls("POST", "/release")) == 1
@@ -648,7 +695,7 @@ def test_no_icmp_permission_releases_and_exits_1(tmp_path, serve, monkeypatch, c
 
 
 def test_a_failing_sweep_is_retried_in_loop_mode(tmp_path, serve, monkeypatch, capsys):
-    monkeypatch.setattr(icmp, "sweep", FakeSweep(error=OSError(100, "Network is down")))
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep(error=OSError(100, "Network is down")))
     server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/release"): [OK]})
     sleep, waits = interrupt_after(3)
     code, _ = run_client(server, tmp_path, "--allow", "127.0.0.0/8", sleep=sleep)
@@ -676,7 +723,7 @@ class FakeClock:
 
 def test_once_gives_up_on_a_silent_server_and_keeps_the_result(tmp_path, serve, monkeypatch,
                                                                 capsys):
-    monkeypatch.setattr(icmp, "sweep", FakeSweep())
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep())
     server = serve({("GET", "/get_task"): [(200, task())],
                     ("POST", "/submit_result"): [(503, {"error": "down"})]})
     clock = FakeClock()
@@ -699,7 +746,7 @@ def test_once_gives_up_on_a_silent_server_and_keeps_the_result(tmp_path, serve, 
 ])
 def test_once_with_the_census_complete_exits_0(tmp_path, serve, monkeypatch, capsys, progress,
                                                waits):
-    monkeypatch.setattr(icmp, "sweep", FakeSweep())
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep())
     server = serve({("GET", "/get_task"): [(200, NO_TASK), (200, task())],
                     ("GET", "/get_progress"): [(200, progress)],
                     ("POST", "/submit_result"): [OK]})
@@ -712,7 +759,7 @@ def test_once_with_the_census_complete_exits_0(tmp_path, serve, monkeypatch, cap
 # --- standalone scan --------------------------------------------------------------------------
 
 def test_scan_writes_zmap_csv(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(icmp, "sweep", FakeSweep(replied=(1, 3)))
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep(replied=(1, 3)))
     out = tmp_path / "out.csv"
     assert ping_client.main(["--scan", "127.0.0.0/30", "--allow", "127.0.0.0/8",
                              "-o", str(out)]) == 0
@@ -761,7 +808,8 @@ def test_usage_errors_exit_2(argv):
 def test_defaults():
     args = ping_client.parse_args(["--server", "http://x"])
     assert (args.rate, args.probes, args.once, args.verbosity) == (10000, 1, False, 1)
-    assert "@" in args.name and args.allow == [] and args.exclude == []
+    assert args.name is None and args.allow == [] and args.exclude == []
+    assert args.cooldown == icmp.DEFAULT_COOLDOWN >= 5
     args = ping_client.parse_args(["--scan", LOOP, "--allow", "127.0.0.0/8,10.1.0.0/16",
                                    "10.2.0.0/16", "--allow", "10.3.0.0/16"])
     assert args.allow == [ipaddress.IPv4Network(n) for n in
