@@ -1,7 +1,8 @@
 """Unit tests of ping_client.py: fakes for the sweep and a tiny fake task server on 127.0.0.1.
 
-No test here sends a packet: icmp.sweep is replaced by a fake, or the real sweep is handed a
-RecordingSocket that keeps what it is given. The reserved block a "server" hands out here
+No test here sends a packet outside a lab: icmp.Sweeper is replaced by a fake, or the real one
+is handed a RecordingSocket that keeps what it is given; the one lab test (conftest.py) runs a
+server and a client inside a sealed namespace. The reserved block a "server" hands out here
 (10.0.0.0/16) only ever meets `no_packets`: a sweep, a socket opener and a socket.socket that
 record and fail on anything ICMP, to prove the client refuses it before anything is sent.
 """
@@ -12,7 +13,9 @@ import io
 import ipaddress
 import json
 import os
+import re
 import socket
+import sys
 import threading
 import time
 import zlib
@@ -756,6 +759,167 @@ def test_once_with_the_census_complete_exits_0(tmp_path, serve, monkeypatch, cap
     assert ("census on this server is complete" in capsys.readouterr().err) is (not waits)
 
 
+@pytest.mark.parametrize("progress, complete", [
+    ({"available_tasks": 0, "in_progress": 0, "error_tasks": 0, "done_tasks": 3}, True),
+    ({"available_tasks": 0, "in_progress": 0, "error_tasks": 2, "done_tasks": 1}, False),
+    ({"available_tasks": 0, "in_progress": 1, "error_tasks": 0, "done_tasks": 2}, False),
+], ids=["complete", "errored-tasks", "in-progress"])
+@pytest.mark.parametrize("once", [False, True], ids=["loop", "once"])
+def test_a_complete_census_ends_the_client_with_0_and_errored_tasks_are_not_done(
+        tmp_path, serve, no_packets, capsys, progress, complete, once):
+    server = serve({("GET", "/get_task"): [(200, NO_TASK)], ("GET", "/get_progress"): [(200, progress)]})
+    sleep, waits = interrupt_after(2)
+    code, _ = run_client(server, tmp_path, *(["--once"] if once else []), sleep=sleep)
+    err = capsys.readouterr().err
+    assert code == (0 if complete else 130) and no_packets == []
+    assert ("the census on this server is complete" in err) is complete
+    if not complete:
+        assert ("in error, waiting for the operator" in err) is bool(progress["error_tasks"])
+
+
+# --- first contact, checks before any lease, what the client tells the server -----------------
+
+def test_a_server_never_reached_fails_fast_and_says_what_to_check(tmp_path, serve, no_packets,
+                                                                capsys):
+    server = serve({})
+    server.shutdown()
+    server.server_close()                          # connection refused from the first try on
+    clock = FakeClock()
+    code, _ = run_client(server, tmp_path, sleep=clock.sleep, clock=clock)
+    assert code == 1 and no_packets == []
+    assert ping_client.FIRST_CONTACT_PATIENCE <= clock.now - 1000 <= ping_client.FIRST_CONTACT_PATIENCE + 1
+    err = capsys.readouterr().err
+    assert f"cannot reach {server.url}: " in err and "(is the server running? is the URL right?)" in err
+
+
+def test_a_server_that_answered_before_gets_the_patient_retry_and_the_spool(tmp_path, serve,
+                                                                          monkeypatch, capsys):
+    server = serve({("GET", "/get_task"): [(200, task())]})
+    sweep = FakeSweep()
+    real_start = sweep.start
+
+    def start_then_lose_the_server(targets, **kwargs):
+        server.shutdown()
+        server.server_close()
+        return real_start(targets, **kwargs)
+
+    sweep.start = start_then_lose_the_server
+    monkeypatch.setattr(icmp, "Sweeper", sweep)
+    clock = FakeClock()
+    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8", sleep=clock.sleep,
+                         clock=clock)
+    assert code == 1 and len(spooled(tmp_path)) == 1           # kept for the next start
+    assert clock.now - 1000 >= ping_client.ONCE_PATIENCE        # patient, not 30 s
+    err = capsys.readouterr().err
+    assert "cannot reach" not in err and "sent at the next start" in err
+
+
+@pytest.mark.parametrize("status", [404, 200])
+def test_a_web_server_that_is_not_a_census_server_fails_at_once(tmp_path, serve, no_packets,
+                                                                capsys, status):
+    server = serve({("GET", "/get_task"): [(status, b"<html><body>It works!</body></html>")]})
+    server.content_type = "text/html; charset=utf-8"
+    code, sleeps = run_client(server, tmp_path)
+    assert code == 1 and sleeps == [] and no_packets == []
+    err = capsys.readouterr().err
+    assert f"{server.url} does not look like a census server (HTTP {status}, text/html)" in err
+    assert "<html>" not in err
+
+
+def test_no_icmp_permission_is_found_before_any_task_is_leased(tmp_path, serve, monkeypatch,
+                                                                capsys):
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep(open_error=icmp.IcmpPermissionError("run me with sudo")))
+    server = serve({("GET", "/get_task"): [(200, task())]})
+    code, _ = run_client(server, tmp_path, "--allow", "127.0.0.0/8")
+    assert code == 1 and server.requests == []
+    assert "run me with sudo" in capsys.readouterr().err
+
+
+def test_an_unusable_spool_folder_is_found_before_any_request(tmp_path, serve, no_packets, capsys):
+    server = serve({("GET", "/get_task"): [(200, task())]})
+    (tmp_path / "spool").write_text("a file, not a folder")
+    code, _ = run_client(server, tmp_path)
+    assert code == 1 and server.requests == []
+    assert f"cannot use the spool folder {tmp_path / 'spool'}" in capsys.readouterr().err
+    assert ping_client.main(["--server", server.url, "--spool", "/proc/no/such/folder"]) == 1
+    assert "choose another with --spool DIR" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["missing-folder", "a-folder"])
+def test_scan_checks_its_output_file_before_any_probe(tmp_path, monkeypatch, capsys, where):
+    sweep = FakeSweep()
+    monkeypatch.setattr(icmp, "Sweeper", sweep)
+    target = tmp_path / "no" / "such" / "out.csv" if where == "missing-folder" else tmp_path
+    assert ping_client.main(["--scan", "127.0.0.0/30", "--allow", "127.0.0.0/8", "-o", str(target)]) == 1
+    assert sweep.calls == [] and f"cannot write {target}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("only, query", [
+    ([], "lease=required"),
+    (["--only", "127.0.0.0/9,127.128.0.0/9"], "lease=required&within=127.0.0.0/9,127.128.0.0/9"),
+])
+def test_get_task_says_what_the_client_accepts(tmp_path, serve, monkeypatch, only, query):
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep())
+    server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/submit_result"): [OK]})
+    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8", *only)
+    assert code == 0
+    assert [p for p in server.paths if p.startswith("/get_task")] == [f"/get_task?{query}"]
+
+
+def test_without_a_name_a_stable_pseudonym_not_user_at_host(tmp_path, serve, monkeypatch):
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep())
+    server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/submit_result"): [OK]})
+
+    def name_sent(spool):
+        ping_client.main(["--server", server.url, "--spool", str(spool), "--once",
+                          "--allow", "127.0.0.0/8", "-q"], sleep=lambda s: None)
+        return server.calls("POST", "/submit_result")[-1][2]["name"]
+
+    first = name_sent(tmp_path / "a")
+    assert re.fullmatch(r"volunteer-[0-9a-f]{8}", first)
+    assert name_sent(tmp_path / "a") == first                 # stable: the id stays in the spool
+    assert (tmp_path / "a" / ping_client.PSEUDONYM_FILE).exists()
+    assert name_sent(tmp_path / "b") != first                 # another volunteer, another name
+    assert socket.gethostname() not in first
+
+
+def test_print_systemd_unit(tmp_path, serve, capsys):
+    server = serve({})
+    argv = ["--server", server.url, "--name", "alice", "--rate", "5000", "--print-systemd-unit"]
+    assert ping_client.main(argv) == 0 and server.requests == []
+    unit = capsys.readouterr().out
+    assert "[Service]" in unit and "Restart=on-failure" in unit and "[Install]" in unit
+    [command] = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
+    assert command.endswith(f"ping_client.py --server {server.url} --name alice --rate 5000 "
+                            f"--spool {ping_client.UNIT_SPOOL}")
+    assert os.path.isabs(command.split("=", 1)[1].split()[0])
+    with pytest.raises(SystemExit):
+        ping_client.main(["--scan", "127.0.0.0/30", "--print-systemd-unit"])
+
+
+@pytest.mark.parametrize("sent, carried, warned", [
+    ("census@example.org", b"census@example.org ", False),
+    ("x" * 41, b"", True),                                   # too long: left out
+    ("caf\u00e9@example.org", b"", True),                    # not ASCII: left out
+    ("line\nbreak", b"", True),                              # not printable: left out
+])
+def test_probes_carry_the_servers_contact_after_the_tag(tmp_path, serve, monkeypatch, capsys,
+                                                         sent, carried, warned):
+    fake = RecordingSocket()
+    monkeypatch.setattr(icmp.IcmpSocket, "open", classmethod(lambda cls, *a, **kw: fake))
+    server = serve({("GET", "/get_task"): [(200, task(contact=sent))], ("POST", "/submit_result"): [OK]})
+    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8", "--only",
+                         "127.0.0.0/24", "--rate", "0", "--cooldown", "0")
+    assert code == 0 and len(fake.sent) == 256
+    prefix = icmp.TAG + carried
+    assert all(packet[8:].startswith(prefix) and len(packet) <= 8 + 66 for _, packet in fake.sent)
+    assert all(packet[8 + len(icmp.Signer(contact=carried.strip()).prefix):][:4] == addr.to_bytes(4, "big")
+               for addr, packet in fake.sent)
+    err = capsys.readouterr().err
+    assert ("probes carry the tag 'ipv4-census' and the contact 'census@example.org'" in err) is not warned
+    assert ("was left out" in err) is warned
+
+
 # --- standalone scan --------------------------------------------------------------------------
 
 def test_scan_writes_zmap_csv(tmp_path, monkeypatch, capsys):
@@ -854,3 +1018,38 @@ def test_quiet_shows_only_problems():
     console.info("hello")
     console.warn("careful")
     assert stream.getvalue() == "warning: careful\n"
+
+
+# --- in the lab: several tasks in a row with the default cooldown -----------------------------
+
+def test_lab_tasks_in_a_row_overlap_their_cooldowns_and_end_on_a_complete_census(tmp_path, lab):
+    """Four /16s at 40,000 probes/s (1.6 s of sending each) with the default 8 s cooldown,
+    which their silent addresses keep running to the end: one after the other that would be
+    ~39 s; overlapped, the sends follow each other closely and the whole census takes ~15 s."""
+    from test_e2e import FETCH, Proc             # the subprocess helpers of the end-to-end tests
+    net = lab(drop=True)
+    server = Proc([sys.executable, "-u", "ping_server.py", "--host", "127.0.0.1", "--port", "0",
+                   "--scope", "127.0.0.0/14", "--data", str(tmp_path / "data")], popen=net.popen)
+    url = server.wait_for("listening on http://").split("listening on ", 1)[1].strip().rstrip("/")
+    try:
+        client = Proc([sys.executable, "-u", "ping_client.py", "--server", url, "--allow", "127.0.0.0/8",
+                       "--only", "127.0.0.0/8", "--rate", "40000", "--spool", str(tmp_path / "spool"),
+                       "--name", "lab"], popen=net.popen)
+        assert client.wait() == 0, client.output()             # a loop that ends: the census is complete
+        output = client.output()
+        assert "the census on this server is complete" in output and "cooldown 8 s" in output
+        starts = [_stamp(line) for line in output.splitlines() if ": sweeping 127." in line]
+        assert len(starts) == 4 and output.count("result accepted") == 4
+        assert starts[-1] - starts[0] <= 3 * 1.64 * 2 + 3      # loose; one after the other: >= 29 s
+        for index in range(32512, 32516):
+            fetched = net.run([sys.executable, "-c", FETCH, f"{url}/result?id={index}"], check=True)
+            stored = json.loads(fetched.stdout)["result_data"]
+            base = index << 16
+            alive = net.alive(ping_client.task_network(index))
+            assert stored == "".join("1" if base + k in alive else "0" for k in range(65536))
+    finally:
+        server.stop()
+
+
+def _stamp(line: str) -> float:
+    return time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S"))
