@@ -72,6 +72,7 @@ SO_EE_ORIGIN_ICMP = 2    # linux/errqueue.h: the error came from an ICMP message
 EXTENDED_ERR = struct.Struct("=IBBBBII")   # struct sock_extended_err, then the offender's sockaddr
 
 SEND_CHUNK = 256         # packets per send call when not rate limited
+OUTBOX_PACKETS = 4096    # probes built at a time (~12 ms of signing), each block one Outbox
 # ZMap's default, and long on purpose: most echo replies come within a second, but a GEO
 # satellite link adds ~0.6 s before any queue, a cellular modem that must wake its radio 1-3 s,
 # a bloated buffer seconds more; a shorter wait biases the census against exactly those
@@ -316,7 +317,7 @@ def permutation(count: int, rng=secrets.SystemRandom()):
 
 @dataclass(frozen=True)
 class Outbox:
-    """The packets of one round, all `size` bytes long, back to back in send order."""
+    """A block of a round's packets, all `size` bytes long, back to back in send order."""
     data: bytes
     addrs: array.array   # 'I': the destination of each packet
     size: int = PACKET_SIZE
@@ -343,7 +344,7 @@ class IcmpSocket:
         # sockets keep the IPv4 header in front of it.
         self.has_ip_header = kind == "raw" or not sys.platform.startswith("linux")
         self._mmsg = _Mmsg.load()
-        self._vectors = []     # [(outbox, its sendmmsg vectors)], the newest first, built once per round
+        self._vectors = []     # [(outbox, its sendmmsg vectors)], the newest first, built once per outbox
         self._lock = threading.Lock()
         # wake() makes a recv() waiting in select return at once: a receiver can block for
         # long (no tick while nothing arrives) and still stop the moment it is told to
@@ -473,13 +474,13 @@ class IcmpSocket:
         return got
 
     def _vectors_for(self, outbox: Outbox):
-        # two sweeps may send at once (the next task starts while one cools down): keep both
+        # each send lane of each sweep sending at once has an outbox in use: keep a few
         with self._lock:
             for known, vectors in self._vectors:
                 if known is outbox:
                     return vectors
             vectors = self._mmsg.vectors(outbox)
-            self._vectors = [(outbox, vectors), *self._vectors[:1]]
+            self._vectors = [(outbox, vectors), *self._vectors[:3]]
             return vectors
 
 
@@ -753,9 +754,6 @@ class Sweep:
     def _send_round(self, sock, todo: list) -> None:
         """Send one probe to each of `todo`; flat out (or above LANE_RATE) split over the
         socket's send lanes, each paced at its share of the rate."""
-        request = self.signer.request
-        addrs = array.array("I", [self.addresses[k] for k in todo])
-        outbox = Outbox(b"".join(map(request, addrs)), addrs, self.signer.packet_size)
         lanes = sock.lanes if not self.rate or self.rate >= LANE_RATE else 1
         bounds = [len(todo) * n // lanes for n in range(lanes + 1)]
         self.round_sent = self.round_answered = 0
@@ -764,7 +762,7 @@ class Sweep:
         first = self.clock()
 
         def lane_args(n: int) -> tuple:
-            return sock, outbox, todo, bounds[n], bounds[n + 1], n, self.rate / lanes
+            return sock, todo[bounds[n]:bounds[n + 1]], n, self.rate / lanes
 
         helpers = [threading.Thread(target=self._helper_lane, args=lane_args(n), name=f"icmp-sender-{n}",
                                     daemon=True) for n in range(1, lanes)]
@@ -777,22 +775,28 @@ class Sweep:
                 helper.join()
         self.send_seconds += self.clock() - first
 
-    def _send_lane(self, sock, outbox: Outbox, todo: list, pos: int, stop: int, lane: int, rate: float) -> None:
-        """Send todo[pos:stop], `rate` a second, one send call per batch; lane 0 (the
-        worker's thread) reports progress."""
+    def _send_lane(self, sock, todo: list, lane: int, rate: float) -> None:
+        """Send to `todo`, `rate` a second, one send call per batch; lane 0 (the worker's
+        thread) reports progress. The probes are built OUTBOX_PACKETS at a time, so the first
+        goes out at once and the signing is spread over the sweep (the pacer makes the time up)."""
         begun = time.thread_time()
         pacer = _Pacer(rate, self.clock, self.sleep)
         chunk = pacer.bucket or SEND_CHUNK
-        while pos < stop and self.clock() < self.deadline and not self.stopping:
-            want = pacer.take(min(chunk, stop - pos))
-            if not want:
-                continue
-            now = self.clock()
-            for k in todo[pos:pos + want]:
-                self.sent_at[k] = now    # before the send: the receiver may see the reply first
-            pos += self._send_chunk(sock, outbox, pos, want, pacer, lane)
-            if not lane:
-                self._report()
+        for first in range(0, len(todo), OUTBOX_PACKETS):
+            part = todo[first:first + OUTBOX_PACKETS]
+            addrs = array.array("I", [self.addresses[k] for k in part])
+            outbox = Outbox(b"".join(map(self.signer.request, addrs)), addrs, self.signer.packet_size)
+            pos = 0
+            while pos < len(part) and self.clock() < self.deadline and not self.stopping:
+                want = pacer.take(min(chunk, len(part) - pos))
+                if not want:
+                    continue
+                now = self.clock()
+                for k in part[pos:pos + want]:
+                    self.sent_at[k] = now    # before the send: the receiver may see the reply first
+                pos += self._send_chunk(sock, outbox, pos, want, pacer, lane)
+                if not lane:
+                    self._report()
         if lane:                         # lane 0's time is the worker's own, counted in _run
             with self.lock:
                 self.send_cpu += time.thread_time() - begun
