@@ -723,6 +723,7 @@ class Sweep:
                 self.rounds += 1
                 self._send_round(sock, todo)
                 if round_number == self.probes:
+                    self._report(final=True)      # 100 %: from here on it only listens
                     self._sent.set()
                     self.sweeper._notify()
                 self._cool_down()

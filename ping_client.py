@@ -8,11 +8,17 @@ files, this one and icmp.py; it uses urllib for HTTP and nothing else of the pro
     sudo python3 ping_client.py --server http://HOST:8001
     sudo python3 ping_client.py --scan 127.0.0.0/16 --allow 127.0.0.0/8 -o out.csv
 
+A looping client starts its next task as soon as a sweep's last probe is out, while that sweep
+still listens for late replies (--cooldown, 8 s by default) on the same socket, so a long
+cooldown costs no throughput; each sweep has its own secret, so every reply is credited to the
+sweep that sent its probe. It stops with 0 when the census is complete.
+
 Nothing is lost: a finished result is written to a local spool (fsynced) before it is submitted,
 and removed only when the server has acknowledged or refused it; a restarted client submits its
 spool first (a looping client also before every new task). Server errors, timeouts and
 connection errors are retried with exponential backoff and jitter (with --once for at most ten
-minutes). Ctrl-C in the middle of a sweep gives the lease back and exits 130 (SIGTERM: 143).
+minutes); a server never reached at all is given up on after 30 s, and an answer that is not a
+census server's at once. Ctrl-C gives every lease in hand back and exits 130 (SIGTERM: 143).
 
 The client keeps its own rules whatever a server says: it refuses a block of which nothing may
 be probed (reserved space its own --allow does not open, or all excluded), sweeps at its own
