@@ -86,6 +86,8 @@ CATCH_UP_SECONDS = 0.5   # ... and no more than this much of it (a longer stall 
 PACER_NAP = 0.05         # the pacer's longest sleep, so a stop is seen soon even at a low rate
 LANE_RATE = 50_000       # below this a paced sweep sends on one lane: a core does it with ease
 RECV_IDLE = 1.0          # the receiver's longest wait in select(); packets or wake() end it sooner
+RECV_BATCH = 256         # packets taken per recv(); fewer means the socket's queue was emptied
+DRAIN_MAX = 5.0          # how long a cooldown's end waits for the receiver to catch up with the queue
 # A send that fails with these found the socket's buffer full (ENOBUFS: the interface queue,
 # which BSD and macOS report on a datagram socket): wait and send again, skip nothing.
 _BUSY = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.ENOBUFS})
@@ -403,7 +405,7 @@ class IcmpSocket:
         if self.sock not in ready:
             return []
         got = []
-        for _ in range(256):
+        for _ in range(RECV_BATCH):
             try:
                 if self.has_ip_header:
                     got.append((self.sock.recv(2048), None))
@@ -527,6 +529,8 @@ class Sweeper:
         self._lock = threading.Lock()     # held while a batch of replies is credited
         self._changed = threading.Condition()
         self._receiver, self._workers, self._closing = None, [], False
+        self._drained = threading.Condition()
+        self._drained_at = -math.inf      # when the receiver last found the socket's queue empty
 
     def open(self) -> "Sweeper":
         """Open the socket (IcmpPermissionError says how when it may not be) and start the
@@ -597,6 +601,10 @@ class Sweeper:
                 got = self.sock.recv(RECV_IDLE)
                 if got:
                     self._dispatch(got, begun)
+                if len(got) < RECV_BATCH:
+                    with self._drained:
+                        self._drained_at = self.clock()
+                        self._drained.notify_all()
         except BaseException as exc:    # a broken socket stops every sweep in flight
             with self._lock:
                 self.failure, active = exc, list(self._active)
@@ -630,6 +638,12 @@ class Sweeper:
                     blamed, verdict = job, said
         blamed._count(verdict)
         return blamed
+
+    def _caught_up(self, since: float, timeout: float) -> bool:
+        """Wait (up to `timeout` s) until the receiver has emptied the socket's queue after
+        `since`: what arrived by then is credited, even when a busy machine kept it waiting."""
+        with self._drained:
+            return self._drained.wait_for(lambda: self._drained_at > since or self._closing, timeout)
 
     def _finish(self, job: "Sweep") -> None:
         with self._lock:                  # after this no reply reaches the job
@@ -827,7 +841,7 @@ class Sweep:
 
     def _cool_down(self) -> None:
         """Wait for stragglers: up to `cooldown` s, but no longer than it takes every probe of
-        the round to be answered. After the last round only the final progress is reported:
+        the round to be answered; then until the receiver has caught up. After the last round only the final progress is reported:
         by then the next sweep may be the one on the user's screen."""
         end = min(self.clock() + self.cooldown, self.deadline)
         self.sending = False
@@ -835,6 +849,10 @@ class Sweep:
             self.quiet.wait(min(left, PROGRESS_EVERY))
             if not self.all_sent:
                 self._report()
+        if self.round_answered < self.round_sent and not self.stopping:
+            # replies that came in time may still wait in the socket's queue, behind a busy
+            # receiver (and on a shared lo, behind everyone else's): let it catch up first
+            self.sweeper._caught_up(self.clock(), DRAIN_MAX)
 
     # --- the receiver thread ----------------------------------------------------------------
 

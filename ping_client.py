@@ -671,21 +671,24 @@ class Client:
         return EXIT_OK
 
     def start(self, task: Task, exclude) -> Job | None:
-        self.console.info(f"task {task.index}: sweeping {task.network} {_pace(self.options.rate)}; "
-                          f"{contact_note(task)}")
-        if task.bad_contact:
-            self.console.warn(f"task {task.index}: the server's contact {task.bad_contact} was left out")
-        self.console.begin(str(task.network))
+        """Start the task's sweep; from here on the task is held (given back on the way out)."""
+        job = None
         try:
-            sweep = start_sweep(self.sweeper, task.network, self.options, self.console, exclude,
-                                task.contact)
+            self.console.info(f"task {task.index}: sweeping {task.network} "
+                              f"{_pace(self.options.rate)}; {contact_note(task)}")
+            if task.bad_contact:
+                self.console.warn(f"task {task.index}: the server's contact {task.bad_contact} "
+                                  f"was left out")
+            self.console.begin(str(task.network))
+            job = Job(task, start_sweep(self.sweeper, task.network, self.options, self.console,
+                                        exclude, task.contact))
+            self.held.append(job)
         except OSError as exc:
             return self._failed(task, exc)
-        except BaseException:
-            self.release(task)
+        except BaseException:          # Ctrl-C, SIGTERM: the lease goes back whenever it came
+            if job is None or job not in self.held:
+                self.release(task)
             raise
-        job = Job(task, sweep)
-        self.held.append(job)
         return job
 
     def until_sent(self, job: Job) -> None:
