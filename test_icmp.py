@@ -522,6 +522,26 @@ def test_overlapping_sweeps_on_one_socket_each_get_their_own_replies(kind):
         assert s.cpu_seconds > 0
 
 
+class BusyReceiver(FakeSocket):
+    """A receiver that lags: 10 ms per recv() call (a loaded machine, a shared lo), so the
+    replies wait in the queue well past a short cooldown."""
+
+    def recv(self, timeout):
+        time.sleep(0.01)
+        got = []
+        while self.queue and len(got) < icmp.RECV_BATCH:
+            got.append(self.queue.popleft())
+        return got
+
+
+def test_a_cooldown_ends_only_after_the_receiver_caught_up_with_the_queue():
+    fake = BusyReceiver(lambda target, request: [] if target & 0xFF == 7 else
+                        [ip_packet(target, LOOP + 1, echo_reply(request))])
+    result = icmp.sweep(range(LOOP, LOOP + 4096), cooldown=0.02, allow=ALLOW, sock=fake)
+    assert result.stats.replies == 4096 - 16                 # all in the queue by the deadline: all credited
+    assert result.stats.elapsed > 0.1                          # 16 lagging recv() calls, not 20 ms
+
+
 def test_sweep_stops_at_its_timeout():
     fake = FakeSocket(lambda target, request: [])
     result = icmp.sweep(range(LOOP, LOOP + 1000), rate=20, timeout=0.2, allow=ALLOW, sock=fake)
