@@ -777,6 +777,39 @@ def test_a_complete_census_ends_the_client_with_0_and_errored_tasks_are_not_done
         assert ("in error, waiting for the operator" in err) is bool(progress["error_tasks"])
 
 
+class CoolingSweep(FakeSweep):
+    """Sweeps whose last probe is out at once but whose cooldown never ends; a wait for one
+    to end is a Ctrl-C."""
+
+    def start(self, targets, **kwargs):
+        job = super().start(targets, **kwargs)
+        job.done = False
+        self.jobs = getattr(self, "jobs", []) + [job]
+        return job
+
+    def wait_for(self, predicate, timeout=None):
+        if not predicate():
+            raise KeyboardInterrupt
+        return True
+
+
+def test_the_next_task_starts_while_the_last_cools_down_and_ctrl_c_releases_both(
+        tmp_path, serve, monkeypatch, capsys):
+    sweep = CoolingSweep()
+    monkeypatch.setattr(icmp, "Sweeper", sweep)
+    server = serve({("GET", "/get_task"): [(200, task(LOOP_TASK)), (200, task(LOOP_TASK + 1, lease="L2")),
+                                           (200, NO_TASK)],
+                    ("POST", "/release"): [OK]})
+    code, _ = run_client(server, tmp_path, "--allow", "127.0.0.0/8")
+    assert code == 130
+    order = [(method, path) for method, path, _ in server.requests]
+    assert order[:3] == [("GET", "/get_task")] * 3          # leased again while the first listened on
+    assert server.calls("POST", "/submit_result") == []
+    released = sorted((b["task_index"], b["lease"]) for _, _, b in server.calls("POST", "/release"))
+    assert released == [(LOOP_TASK, "L1"), (LOOP_TASK + 1, "L2")]   # every lease in hand goes back
+    assert all(job.cancelled for job in sweep.jobs) and spooled(tmp_path) == []
+
+
 # --- first contact, checks before any lease, what the client tells the server -----------------
 
 def test_a_server_never_reached_fails_fast_and_says_what_to_check(tmp_path, serve, no_packets,
