@@ -776,6 +776,12 @@ class Store:
         self._expiry = [(lease.deadline, t, lease.token) for t, lease in self._leases.items()]
         heapq.heapify(self._expiry)
 
+    def finished_times(self) -> list:
+        """When each done block was finished (epoch seconds), oldest first: the progress
+        history is derived from these, so nothing more is kept."""
+        with self._lock:
+            return sorted(meta.finished_at for meta in self._results.values())
+
 
 # -- helpers --------------------------------------------------------------------------------------
 
