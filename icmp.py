@@ -647,6 +647,7 @@ class Sweeper:
     def _caught_up(self, since: float, timeout: float) -> bool:
         """Wait (up to `timeout` s) until the receiver has emptied the socket's queue after
         `since`: what arrived by then is credited, even when a busy machine kept it waiting."""
+        self.sock.wake()                  # a receiver idle in select() looks again now
         with self._drained:
             return self._drained.wait_for(lambda: self._drained_at > since or self._closing, timeout)
 

@@ -15,6 +15,7 @@ import socket
 import struct
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -540,6 +541,27 @@ def test_a_cooldown_ends_only_after_the_receiver_caught_up_with_the_queue():
     result = icmp.sweep(range(LOOP, LOOP + 4096), cooldown=0.02, allow=ALLOW, sock=fake)
     assert result.stats.replies == 4096 - 16                 # all in the queue by the deadline: all credited
     assert result.stats.elapsed > 0.1                          # 16 lagging recv() calls, not 20 ms
+
+
+class IdleSocket(FakeSocket):
+    """A silent socket whose recv() blocks for its whole timeout unless woken, like select()."""
+
+    def __init__(self):
+        super().__init__(lambda target, request: [])
+        self.woken = threading.Event()
+
+    def recv(self, timeout):
+        self.woken.wait(timeout)
+        self.woken.clear()
+        return []
+
+    def wake(self):
+        self.woken.set()
+
+
+def test_the_end_of_a_cooldown_does_not_wait_for_an_idle_receiver():
+    result = icmp.sweep(range(LOOP, LOOP + 64), cooldown=0.05, allow=ALLOW, sock=IdleSocket())
+    assert result.stats.replies == 0 and result.stats.elapsed < icmp.RECV_IDLE / 2   # woken, not timed out
 
 
 def test_sweep_stops_at_its_timeout():
