@@ -426,7 +426,15 @@ class Handler:
     # -- volunteers -------------------------------------------------------------------------------
 
     def get_task(self, req):
-        handout = self.server.store.get_task(req.client)
+        lease = req.query.get("lease")
+        if lease not in (None, "", "required"):
+            raise HttpError(HTTPStatus.BAD_REQUEST, "lease must be 'required' (or absent)")
+        options = {"within": _within(req.query), "lease_required": lease == "required"}
+        try:
+            handout = self.server.store.get_task(req.client,
+                                                 **{k: v for k, v in options.items() if v})
+        except Refused as exc:
+            raise _store_refusal(exc) from None
         if handout is None:
             return HTTPStatus.OK, {"error": "No tasks available"}
         lease_seconds = self.server.store.lease_seconds
@@ -456,7 +464,7 @@ class Handler:
                 task, result.get("result_data"), holder=req.client, token=fields["lease"],
                 name=name, rtt=fields["rtt_us"], stats=stats, failure=failure)
         except Refused as exc:
-            raise HttpError(exc.status, exc.message, success=False) from None
+            raise _store_refusal(exc, success=False) from None
         return HTTPStatus.OK, ({"success": True, "duplicate": True} if duplicate
                                else {"success": True})
 
@@ -466,7 +474,7 @@ class Handler:
         try:
             self.server.store.release(task, holder=req.client, token=_optional_str(data, "lease"))
         except Refused as exc:
-            raise HttpError(exc.status, exc.message, success=False) from None
+            raise _store_refusal(exc, success=False) from None
         return HTTPStatus.OK, {"success": True}
 
     def ping(self, req):
@@ -854,6 +862,24 @@ def _task_index(value, field="task_index", **extra) -> int:
     raise HttpError(HTTPStatus.BAD_REQUEST, f"{field} must be an integer", **extra)
 
 
+def _within(query: dict):
+    """``?within=CIDR,CIDR``: the networks a client takes blocks from (None: anywhere)."""
+    text = query.get("within")
+    if text is None:
+        return None
+    try:
+        return [ipaddress.IPv4Network(part.strip(), strict=False)
+                for part in text.split(",") if part.strip()] or None
+    except ValueError:
+        raise HttpError(HTTPStatus.BAD_REQUEST, f"within must be CIDR[,CIDR], not {text[:80]!r}")
+
+
+def _store_refusal(exc: Refused, **extra) -> HttpError:
+    """The store's refusal as an HttpError; a 429 or 503 says when to try again."""
+    headers = [("Retry-After", str(exc.retry_after))] if exc.retry_after else []
+    return HttpError(exc.status, exc.message, headers=headers, **extra)
+
+
 def _optional_str(data: dict, key: str):
     value = data.get(key)
     if value is not None and not isinstance(value, str):
@@ -866,8 +892,15 @@ def _prometheus(counters: dict, requests: dict, latency: dict) -> str:
     lines += [f'census_tasks{{state="{s}"}} {n}' for s, n in counters["states"].items()]
     for name, key, text in (("census_submissions_total", "submissions", "Results accepted."),
                             ("census_rejects_total", "rejects", "Requests the store refused."),
-                            ("census_leases_expired_total", "leases_expired", "Leases expired.")):
+                            ("census_leases_expired_total", "leases_expired", "Leases expired."),
+                            ("census_damaged_results_total", "damaged_results",
+                             "Stored results that failed their CRC when read (task re-queued).")):
         lines += [f"# HELP {name} {text}", f"# TYPE {name} counter", f"{name} {counters[key]}"]
+    for name, key, text in (("census_damaged_records", "damaged_records",
+                             "Log records found damaged at start (reported, tasks re-queued)."),
+                            ("census_store_degraded", "degraded", "1 while the disk refuses "
+                             "writes.")):
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge", f"{name} {counters[key]}"]
     lines += ["# HELP census_http_requests_total HTTP requests by endpoint and status.",
               "# TYPE census_http_requests_total counter"]
     lines += [f'census_http_requests_total{{endpoint="{e}",code="{c}"}} {n}'
@@ -886,7 +919,8 @@ def _parse_args(argv):
         description="The IPv4 census task server.",
         epilog="Environment: PING_HOST, PING_PORT, PING_DATA, PING_SCOPE, PING_EXCLUDE, "
                "PING_LEASE, PING_ADMIN_TOKEN, PING_WORKERS, PING_MAX_CONNECTIONS, "
-               "PING_MAX_PER_ADDRESS, PING_PROXY, PING_ABOUT, PING_CONTACT set the defaults of the matching options.")
+               "PING_MAX_PER_ADDRESS, PING_PROXY, PING_MAX_LEASES, PING_ABOUT, PING_CONTACT set "
+               "the defaults of the matching options.")
     parser.add_argument("--host", default=env("PING_HOST", "0.0.0.0"))
     parser.add_argument("--port", type=int, default=env("PING_PORT", "8001"))
     parser.add_argument("--data", default=env("PING_DATA", "."), help="folder for the state files")
@@ -900,6 +934,9 @@ def _parse_args(argv):
                         help="seconds a volunteer holds a block")
     parser.add_argument("--admin-token", default=env("PING_ADMIN_TOKEN"),
                         help="Bearer token for admin actions (else loopback only)")
+    parser.add_argument("--max-leases", type=int, default=env("PING_MAX_LEASES", "16"),
+                        help="live leases one client address may hold, beyond that 429 (0: no "
+                             "limit; default: %(default)s)")
     parser.add_argument("--workers", type=int, default=env("PING_WORKERS", http_front.WORKERS),
                         help="request worker threads (default: %(default)s)")
     parser.add_argument("--max-connections", type=int, default=env("PING_MAX_CONNECTIONS"),
@@ -921,6 +958,8 @@ def _parse_args(argv):
                              f"carried in every probe's payload by the clients")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
     args = parser.parse_args(argv)
+    if args.max_leases < 0:
+        parser.error("--max-leases must be 0 or more")
     try:
         args.scope = _parse_scope(args.scope)
         args.exclude = parse_blocklist(Path(args.exclude).read_text()) if args.exclude else ()
@@ -970,7 +1009,8 @@ def main(argv=None) -> int:
     scope, before = remembered_scope(args.data, args.scope)
     if args.scope is not None and before is not None and sorted(before) != sorted(scope):
         print(f"scope changed from {_describe(before)} to {_describe(scope)}", file=sys.stderr)
-    store = Store(args.data, scope=scope or None, exclude=args.exclude, lease_seconds=args.lease)
+    store = Store(args.data, scope=scope or None, exclude=args.exclude, lease_seconds=args.lease,
+                  max_leases=args.max_leases)
     try:
         fd_limit = http_front.raise_fd_limit()
         server = CensusServer((args.host, args.port), store, admin_token=args.admin_token,
