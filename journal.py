@@ -517,6 +517,7 @@ class _Rewrite:
             self._add(_frame(0, copy.tag, copy.make_line(self.size + HEADER.size), blob,
                              copy.blob_crc))
         self._write()
+        os.fsync(self.fd)                           # the bulk now, so finish's fsync is short
         return count
 
     def finish(self, copies, base_line, seq) -> None:
