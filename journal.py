@@ -28,14 +28,16 @@ again; nothing needs a restart.
 
 After a flush the flushing waiter also keeps the log small: a snapshot every ``snapshot_every``
 records or ``snapshot_seconds``, and a compaction when the log outgrows the live data (1.5 x
-``owner.live_bytes()`` + ``tail_bytes``): live blobs and a base record of the whole state are
-written to ``census.log.new``, fsynced, renamed over the log, the folder fsynced; a crash at
+``owner.live_bytes()`` + ``tail_bytes``): live blobs are copied to ``census.log.new`` in
+rounds with no lock held (requests go on), then, holding the locks, what changed since and a
+base record of the whole state; fsynced, renamed over the log, the folder fsynced; a crash at
 any step leaves either the old log or the new one, each complete. A snapshot or compaction that
 fails is reported on stderr and tried again later; it never fails a request whose record is
 durable, and leaves no temporary file.
 
 The owner (the census store) provides: ``reload()``, ``snapshot_state() -> dict``,
-``live_bytes() -> int`` and ``live_records() -> (copies, base_line)`` (see ``rewrite``).
+``live_bytes() -> int``, ``live_records() -> (copies, base_line)``, ``forget_line(tag)`` (a
+record saying a blob copied earlier is no longer live) and ``rewritten(moved, damaged)``.
 """
 
 import errno
