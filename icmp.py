@@ -835,7 +835,7 @@ class Sweep:
             addrs = array.array("I", [self.addresses[k] for k in part])
             requests = list(map(self.signer.request, addrs))
             if self.keyed:               # before the send: the reply may come back inside it
-                self.expected.update(zip(map(_echo_reply_key, addrs, requests), part))
+                self.expected.update(zip(_echo_reply_keys(addrs, requests), part))
             outbox = Outbox(b"".join(requests), addrs, self.signer.packet_size)
             pos = 0
             while pos < len(part) and self.clock() < self.deadline and not self.stopping:
@@ -960,12 +960,17 @@ def _ip_header(packet: bytes):
     return start, int.from_bytes(packet[12:16], "big"), int.from_bytes(packet[16:20], "big")
 
 
-def _echo_reply_key(addr: int, request: bytes) -> bytes:
-    """What a raw socket gets when `addr` answers `request` as RFC 792 says, less the IPv4
-    header's fields other than the source: the source, then the request with type 0 and the
-    checksum of that (RFC 1624: the same sum less the type's word, folded as checksum() does)."""
-    summed = (~int.from_bytes(request[2:4], "big") & 0xFFFF) + 0xFFFF - (IcmpType.ECHO_REQUEST << 8)
-    return ADDRESS.pack(addr) + b"\0\0" + _complement(summed).to_bytes(2, "big") + request[4:]
+def _echo_reply_keys(addrs, requests) -> list:
+    """For each probe, what a raw socket gets when its target answers it as RFC 792 says,
+    less the IPv4 header's fields other than the source: the source, then the request with
+    type 0 and the checksum of that. RFC 1624: the reply's sum is the request's less the type
+    word 0x0800, and the request's is ~checksum; folded as checksum() does (_complement)."""
+    pack, from_bytes, keys = ADDRESS.pack, int.from_bytes, []
+    for addr, request in zip(addrs, requests):
+        summed = 0xFFFF - from_bytes(request[2:4], "big") + 0xFFFF - (IcmpType.ECHO_REQUEST << 8)
+        # to_bytes(4): type 0 and code 0, then the checksum
+        keys.append(pack(addr) + (~((summed - 1) % 0xFFFF + 1) & 0xFFFF).to_bytes(4, "big") + request[4:])
+    return keys
 
 
 def _sums_to_ones(message: bytes) -> bool:

@@ -198,11 +198,11 @@ def test_echo_reply_key_is_the_reply_a_raw_socket_gets_for_every_checksum():
 
     for ident in range(0x10000):
         request = icmp.echo_request(ident, 0x0102, b"ipv4-census \x7f\x00\x01\x07")
-        assert icmp._echo_reply_key(LOOP + 7, request) == key_of(ip_packet(LOOP + 7, LOOP + 1, echo_reply(request)))
+        assert icmp._echo_reply_keys([LOOP + 7], [request])[0] == key_of(ip_packet(LOOP + 7, LOOP + 1, echo_reply(request)))
     signer = icmp.Signer(SECRET, contact=b"abuse@example.org")
     for target in range(LOOP, LOOP + 256):
         request = signer.request(target)
-        assert icmp._echo_reply_key(target, request) == key_of(ip_packet(target, LOOP + 1, echo_reply(request)))
+        assert icmp._echo_reply_keys([target], [request])[0] == key_of(ip_packet(target, LOOP + 1, echo_reply(request)))
 
 
 def test_plain_echo_replies_take_the_fast_path_and_the_rest_the_full_one(monkeypatch):
