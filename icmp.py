@@ -16,6 +16,11 @@ sends while the last one still listens for late replies:
     worker B                    |== send round ==|...... cooldown ......|
     receiver   select() ... credit each reply to the sweep whose secret it proves ...
 
+On a raw socket a sweep files, with each probe it builds, the exact echo reply it expects
+(source + ICMP message) as a dict key: a reply costs one slice, one concatenation and one
+lookup. Whatever is not byte-for-byte that key (errors, strays, IP options, a checksum folded
+the other way) goes through parse() and Signer.check(), as before.
+
 At a limited rate the sender wakes every BATCH_SECONDS and sends what its token bucket holds
 in one call, and the receiver sleeps in select() until packets come, so pacing costs a few
 hundred wake-ups a second, not thousands. `sweep()` is one sweep, start to end. Standard
