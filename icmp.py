@@ -590,11 +590,11 @@ class Sweeper:
         for job in list(self._active):
             job.cancel()
         for worker in self._workers:
-            worker.join()
+            _join(worker)
         self._closing = True
         if self._receiver is not None:
             self.sock.wake()
-            self._receiver.join()
+            _join(self._receiver)
         if self._own and self.sock is not None:
             self.sock.close()
 
@@ -1078,6 +1078,16 @@ def _span_holding(spans: list, addr: int) -> Optional[tuple]:
     """The span of the sorted, merged `spans` that holds `addr`, or None."""
     k = bisect.bisect_right(spans, (addr, 0xFFFFFFFF)) - 1
     return spans[k] if k >= 0 and addr <= spans[k][1] else None
+
+
+def _join(thread: threading.Thread) -> None:
+    """Join a thread whose start() a signal may have cut short: Ctrl-C or SIGTERM raised in the
+    main thread inside Thread.start() leaves a thread join() refuses ("cannot join thread before
+    it is started"); such a thread is a daemon whose sweep close() has already cancelled."""
+    try:
+        thread.join()
+    except RuntimeError:
+        pass
 
 
 def _addresses(targets) -> Sequence[int]:

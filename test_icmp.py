@@ -780,3 +780,19 @@ class _world_readable_copy:
 
     def __exit__(self, *exc):
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def test_a_signal_inside_a_sweeps_thread_start_leaves_close_quiet(monkeypatch):
+    """Ctrl-C or SIGTERM raised in the main thread while Thread.start() runs leaves a thread
+    that join() refuses; closing the sweeper must still end in the KeyboardInterrupt alone."""
+    real_start = threading.Thread.start
+
+    def interrupted(thread):
+        if thread.name == "icmp-sweep":
+            raise KeyboardInterrupt          # as the signal handler would, before it started
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with icmp.Sweeper(FakeSocket()) as sweeper:
+            sweeper.start(range(LOOP, LOOP + 256), cooldown=0.1, allow=ALLOW)
