@@ -2,10 +2,11 @@
 
 The codec (checksum, build, parse) does no I/O and never raises on what comes off the wire:
 anything truncated, corrupt or not an answer to an echo request parses to None. Every probe
-carries TAG and a keyed hash of its destination under a per-sweep secret (`Signer`), so a reply
-counts only when it proves it answers our probe to that very address; an unreachable or time
-exceeded is credited to the address its quote names. `IcmpSocket` is a raw ICMP socket, or the
-unprivileged datagram ICMP socket when raw ones are not allowed (Linux, macOS). `sweep()` sends
+carries TAG, and its identifier, sequence number and payload are a keyed hash of its destination
+under a per-sweep secret (`Signer`), so a reply counts only when it proves it answers our probe
+to that very address; an unreachable or time exceeded is credited to the address its quote
+names. `IcmpSocket` is a raw ICMP socket, or the unprivileged datagram ICMP socket when raw
+ones are not allowed (Linux, macOS). `sweep()` sends
 one round at a time in a random permutation (ZMap's cyclic group), under a token bucket, with
 sendmmsg(2) where ctypes finds it and on two cores, while a receiver thread drains and checks
 the replies. Standard library only: a volunteer copies this file with ping_client.py.
@@ -46,8 +47,10 @@ RESERVED = tuple(ipaddress.IPv4Network(n) for n in (
 IP_HEADER = struct.Struct("!BBHHHBBH4s4s")  # RFC 791: version/IHL ... source, destination
 ICMP_HEADER = struct.Struct("!BBHHH")       # RFC 792: type, code, checksum, identifier, sequence
 ADDRESS = struct.Struct("!I")
-DIGEST_SIZE = 10                            # 2 bytes of sequence number + an 8-byte MAC
-PAYLOAD_SIZE = len(TAG) + ADDRESS.size + DIGEST_SIZE - 2
+_IDENT_SEQ = struct.Struct("!HH")            # the probe's identifier and sequence number
+_TYPE_CODE_SUM = struct.Struct("!BBH")
+DIGEST_SIZE = 12                            # identifier, sequence number, an 8-byte MAC
+PAYLOAD_SIZE = len(TAG) + ADDRESS.size + DIGEST_SIZE - _IDENT_SEQ.size
 PACKET_SIZE = ICMP_HEADER.size + PAYLOAD_SIZE
 
 # Linux constants the socket module does not export
@@ -90,7 +93,7 @@ class Status(IntEnum):
 class Verdict(IntEnum):
     OK = 0
     STRAY = 1          # not one of our probes: another ping, garbage, a target we never had
-    BAD_PAYLOAD = 2    # carries our tag or identifier but not the keyed hash we sent
+    BAD_PAYLOAD = 2    # carries our tag but not the keyed hash we sent
     WRONG_SOURCE = 3   # a genuine echo reply of ours, but it came from another address
 
 
@@ -184,48 +187,66 @@ def parse(packet: bytes, source: Optional[int] = None) -> Optional[Reply]:
 
 
 class Signer:
-    """The per-sweep secret: it gives each destination its sequence number and payload MAC,
-    and checks that a reply carries exactly those for the address it claims to answer."""
+    """The per-sweep secret: a keyed hash of each destination gives its probe's identifier,
+    sequence number and payload MAC, and a reply counts only if it carries exactly those for
+    the address it claims to answer.
 
-    def __init__(self, secret: Optional[bytes] = None, ident: Optional[int] = None):
+    An unreachable or time exceeded may quote only the 8 bytes RFC 792 requires: type, code,
+    checksum, identifier and sequence number. Both come from the hash of the quoted target, so
+    a forged error must guess 32 keyed bits even when it knows the identifier of every other
+    probe (a fixed per-sweep identifier left only the 16-bit sequence); each byte quoted
+    beyond the 8 must match too. On a datagram socket the kernel chooses the identifier
+    (check_ident=False): there the sequence number and the quoted payload are what is left."""
+
+    def __init__(self, secret: Optional[bytes] = None):
         self.secret = secret if secret is not None else secrets.token_bytes(16)
-        self.ident = ident if ident is not None else secrets.randbelow(0x10000)
         self._keyed = hashlib.blake2b(key=self.secret, digest_size=DIGEST_SIZE)
-        # the words every request shares, summed once (type/code, identifier, TAG)
-        self._fixed_sum = (IcmpType.ECHO_REQUEST << 8) + self.ident + int.from_bytes(TAG, "big")
+        # the words every request shares, summed once (type/code, TAG)
+        self._fixed_sum = (IcmpType.ECHO_REQUEST << 8) + int.from_bytes(TAG, "big")
 
-    def sign(self, addr: int) -> tuple[int, bytes]:
-        """(sequence number, payload) of the probe to `addr`."""
+    def sign(self, addr: int) -> tuple[int, int, bytes]:
+        """(identifier, sequence number, payload) of the probe to `addr`."""
         dest, digest = self._digest(addr)
-        return int.from_bytes(digest[:2], "big"), TAG + dest + digest[2:]
+        ident, seq = _IDENT_SEQ.unpack_from(digest)
+        return ident, seq, TAG + dest + digest[_IDENT_SEQ.size:]
 
     def request(self, addr: int) -> bytes:
-        """echo_request(self.ident, *self.sign(addr)), built faster: it runs once per target.
-        The checksum adds the per-target words (destination, sequence, MAC) to the fixed sum,
-        the same big-integer-modulo-0xFFFF sum as checksum()."""
+        """echo_request(*self.sign(addr)), built faster: it runs once per target. The
+        checksum adds the per-target words (identifier, sequence, destination, MAC) to the
+        fixed sum, the same big-integer-modulo-0xFFFF sum as checksum()."""
         dest, digest = self._digest(addr)
         summed = _complement(self._fixed_sum + int.from_bytes(dest + digest, "big"))
-        seq = int.from_bytes(digest[:2], "big")
-        return ICMP_HEADER.pack(IcmpType.ECHO_REQUEST, 0, summed, self.ident, seq) + TAG + dest + digest[2:]
+        return (_TYPE_CODE_SUM.pack(IcmpType.ECHO_REQUEST, 0, summed) + digest[:_IDENT_SEQ.size]
+                + TAG + dest + digest[_IDENT_SEQ.size:])
 
     def check(self, reply: Reply, check_ident: bool = True) -> tuple[Verdict, int]:
         """(verdict, probed address). Datagram sockets pass check_ident=False: there the
         kernel chose the identifier and only delivers replies that carry it. An error
         (unreachable, time exceeded) may come from any router on the path, so only its quote
-        is checked; an echo reply must come from the address its payload names."""
-        if check_ident and reply.ident != self.ident:
-            return Verdict.STRAY, reply.target
+        is checked; an echo reply must come from the address its payload names. What shows
+        neither our tag nor our hash (another program's ping) is a stray."""
         if reply.icmp_type != IcmpType.ECHO_REPLY:
-            seq, payload = self.sign(reply.target)
-            quoted = reply.payload[:len(payload)]
-            good = reply.seq == seq and quoted == payload[:len(quoted)]
-            return (Verdict.OK if good else Verdict.BAD_PAYLOAD), reply.target
+            return self._check_quote(reply, check_ident), reply.target
         if len(reply.payload) != PAYLOAD_SIZE or not reply.payload.startswith(TAG):
             return Verdict.STRAY, reply.target
         (probed,) = ADDRESS.unpack_from(reply.payload, len(TAG))
-        if (reply.seq, reply.payload) != self.sign(probed):
+        if not self._carries(reply, probed, reply.payload, check_ident):
             return Verdict.BAD_PAYLOAD, probed
         return (Verdict.OK if probed == reply.source else Verdict.WRONG_SOURCE), probed
+
+    def _check_quote(self, reply: Reply, check_ident: bool) -> Verdict:
+        quoted = reply.payload[:PAYLOAD_SIZE]
+        if self._carries(reply, reply.target, quoted, check_ident):
+            return Verdict.OK
+        tagged = len(quoted) > 0 and quoted[:len(TAG)] == TAG[:len(quoted)]
+        return Verdict.BAD_PAYLOAD if tagged else Verdict.STRAY
+
+    def _carries(self, reply: Reply, addr: int, payload: bytes, check_ident: bool) -> bool:
+        """Do the reply's identifier (if checked), sequence number and `payload` (all of it,
+        a prefix for a quote) match our probe to `addr`?"""
+        ident, seq, expected = self.sign(addr)
+        return ((reply.ident == ident or not check_ident) and reply.seq == seq
+                and payload == expected[:len(payload)])
 
     def _digest(self, addr: int) -> tuple[bytes, bytes]:
         dest = ADDRESS.pack(addr)
