@@ -30,9 +30,11 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import socket
+import struct
 import sys
 import time
 import urllib.error
@@ -55,6 +57,10 @@ DEFAULT_SPOOL = os.path.join(os.path.expanduser("~"), ".cache", "ipv4-census", "
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
 _REPLIED = bytes(0x31 if s == icmp.Status.ECHO_REPLY else 0x30 for s in range(256))
+_ERROR_TYPES = {icmp.Status.UNREACHABLE: icmp.IcmpType.DEST_UNREACHABLE,
+                icmp.Status.TIME_EXCEEDED: icmp.IcmpType.TIME_EXCEEDED}
+_ERROR_ENTRY = struct.Struct("!HBB")   # offset in the block, ICMP type, ICMP code
+_EXCLUDED_RUN = re.compile(re.escape(bytes([icmp.Status.EXCLUDED])) + b"+")
 
 
 class ClientError(Exception):
@@ -179,19 +185,47 @@ def decode_rtt(text: str) -> array.array:
     return arr
 
 
-def submission_body(task: Task, result, name: str) -> dict:
-    """The /submit_result body: the original shape plus lease, name, rtt_us and stats."""
+def compact_bitmap(status) -> str:
+    """The compact form's "bitmap": base64 of zlib of one bit per address, address 0 the top
+    bit of the first byte (bit k is character k of result_string)."""
+    bits = int(result_string(status), 2).to_bytes(len(status) // 8, "big")
+    return base64.b64encode(zlib.compress(bits)).decode("ascii")
+
+
+def encode_icmp_errors(status, code) -> str:
+    """"icmp_errors": base64 of zlib of (offset uint16 big-endian, ICMP type, code) for each
+    unreachable or time exceeded answer, in address order ('' when there is none)."""
+    entries = b"".join(_ERROR_ENTRY.pack(k, _ERROR_TYPES[st], code[k])
+                       for k, st in enumerate(status) if st in _ERROR_TYPES)
+    return base64.b64encode(zlib.compress(entries)).decode("ascii") if entries else ""
+
+
+def skipped_networks(network: ipaddress.IPv4Network, status) -> list[str]:
+    """The CIDRs of `network` the sweep did not probe (its exclusions, --only, reserved space)."""
+    base = int(network.network_address)
+    return [str(net) for run in _EXCLUDED_RUN.finditer(bytes(status))
+            for net in _span(base + run.start(), base + run.end() - 1)]
+
+
+def submission_body(task: Task, result, name: str, compact: bool = False) -> dict:
+    """The /submit_result body: the original shape (or, `compact`, the bitmap in place of
+    result_data) plus lease, name, rtt_us, stats, icmp_errors and skipped."""
     status = result.status
     if len(status) != BLOCK or result.addresses[0] != int(task.network.network_address):
         raise ClientError(f"sweep result does not cover {task.network} in address order")
     replied = icmp.Status.ECHO_REPLY
     rtts = (rtt for st, rtt in zip(status, result.rtt_us) if st == replied)
     probed, excluded, _, unreachable = tally(result)
-    body = {"task_index": task.index,
-            "result": {"success": True, "result_data": result_string(status)},
+    data = {"bitmap": compact_bitmap(status)} if compact else {"result_data": result_string(status)}
+    body = {"task_index": task.index, "result": {"success": True, **data},
             "name": name, "rtt_us": encode_rtt(rtts),
             "stats": {"probed": probed, "excluded": excluded, "unreachable": unreachable,
                       "sent": result.stats.sent}}
+    errors, skipped = encode_icmp_errors(status, result.code), skipped_networks(task.network, status)
+    if errors:
+        body["icmp_errors"] = errors
+    if skipped:
+        body["skipped"] = skipped
     if task.lease is not None:
         body["lease"] = task.lease
     return body
