@@ -427,7 +427,14 @@ class Handler(BaseHTTPRequestHandler):
     # -- volunteers -------------------------------------------------------------------------------
 
     def get_task(self, req):
-        handout = self.server.store.get_task(req.client)
+        lease = req.query.get("lease")
+        if lease not in (None, "", "required"):
+            raise HttpError(HTTPStatus.BAD_REQUEST, "lease must be 'required' (or absent)")
+        try:
+            handout = self.server.store.get_task(req.client, within=_within(req.query),
+                                                 lease_required=lease == "required")
+        except Refused as exc:
+            raise _store_refusal(exc) from None
         if handout is None:
             return HTTPStatus.OK, {"error": "No tasks available"}
         lease_seconds = self.server.store.lease_seconds
@@ -456,7 +463,7 @@ class Handler(BaseHTTPRequestHandler):
                 task, result.get("result_data"), holder=req.client, token=fields["lease"],
                 name=name, rtt=fields["rtt_us"], stats=stats, failure=failure)
         except Refused as exc:
-            raise HttpError(exc.status, exc.message, success=False) from None
+            raise _store_refusal(exc, success=False) from None
         return HTTPStatus.OK, ({"success": True, "duplicate": True} if duplicate
                                else {"success": True})
 
@@ -466,7 +473,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             self.server.store.release(task, holder=req.client, token=_optional_str(data, "lease"))
         except Refused as exc:
-            raise HttpError(exc.status, exc.message, success=False) from None
+            raise _store_refusal(exc, success=False) from None
         return HTTPStatus.OK, {"success": True}
 
     def ping(self, req):
@@ -678,6 +685,24 @@ def _task_index(value, field="task_index", **extra) -> int:
     raise HttpError(HTTPStatus.BAD_REQUEST, f"{field} must be an integer", **extra)
 
 
+def _within(query: dict):
+    """``?within=CIDR,CIDR``: the networks a client takes blocks from (None: anywhere)."""
+    text = query.get("within")
+    if text is None:
+        return None
+    try:
+        return [ipaddress.IPv4Network(part.strip(), strict=False)
+                for part in text.split(",") if part.strip()] or None
+    except ValueError:
+        raise HttpError(HTTPStatus.BAD_REQUEST, f"within must be CIDR[,CIDR], not {text[:80]!r}")
+
+
+def _store_refusal(exc: Refused, **extra) -> HttpError:
+    """The store's refusal as an HttpError; a 429 or 503 says when to try again."""
+    headers = [("Retry-After", str(exc.retry_after))] if exc.retry_after else []
+    return HttpError(exc.status, exc.message, headers=headers, **extra)
+
+
 def _optional_str(data: dict, key: str):
     value = data.get(key)
     if value is not None and not isinstance(value, str):
@@ -718,7 +743,13 @@ def _prometheus(counters: dict, requests: dict, latency: dict) -> str:
     lines += [f'census_tasks{{state="{s}"}} {n}' for s, n in counters["states"].items()]
     for name, key, text in (("census_submissions_total", "submissions", "Results accepted."),
                             ("census_rejects_total", "rejects", "Requests the store refused."),
-                            ("census_leases_expired_total", "leases_expired", "Leases expired.")):
+                            ("census_leases_expired_total", "leases_expired", "Leases expired."),
+                            ("census_damaged_results_total", "damaged_results",
+                             "Stored results that failed their CRC when read (task re-queued)."),
+                            ("census_damaged_records", "damaged_records",
+                             "Log records found damaged at start (reported, tasks re-queued)."),
+                            ("census_store_degraded", "degraded", "1 while the disk refuses "
+                             "writes.")):
         lines += [f"# HELP {name} {text}", f"# TYPE {name} counter", f"{name} {counters[key]}"]
     lines += ["# HELP census_http_requests_total HTTP requests by endpoint and status.",
               "# TYPE census_http_requests_total counter"]
@@ -751,8 +782,12 @@ def _parse_args(argv):
                         help="seconds a volunteer holds a block")
     parser.add_argument("--admin-token", default=env("PING_ADMIN_TOKEN"),
                         help="Bearer token for admin actions (else loopback only)")
+    parser.add_argument("--max-leases", type=int, default=env("PING_MAX_LEASES", "16"),
+                        help="live leases one client address may hold (0: no limit)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
     args = parser.parse_args(argv)
+    if args.max_leases < 0:
+        parser.error("--max-leases must be 0 or more")
     try:
         args.scope = _parse_scope(args.scope)
         args.exclude = parse_blocklist(Path(args.exclude).read_text()) if args.exclude else ()
@@ -781,7 +816,8 @@ def main(argv=None) -> int:
     scope, before = remembered_scope(args.data, args.scope)
     if args.scope is not None and before is not None and sorted(before) != sorted(scope):
         print(f"scope changed from {_describe(before)} to {_describe(scope)}", file=sys.stderr)
-    store = Store(args.data, scope=scope or None, exclude=args.exclude, lease_seconds=args.lease)
+    store = Store(args.data, scope=scope or None, exclude=args.exclude, lease_seconds=args.lease,
+                  max_leases=args.max_leases)
     try:
         server = CensusServer((args.host, args.port), store, admin_token=args.admin_token,
                               verbose=args.verbose)

@@ -25,7 +25,6 @@ import ipaddress
 import json
 import os
 import secrets
-import struct
 import threading
 import time
 import zlib
@@ -34,11 +33,14 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import NamedTuple
 
+from journal import (HEADER, LOG_FILE, SNAPSHOT_EVERY, SNAPSHOT_FILE, SNAPSHOT_SECONDS, TAG_BASE,
+                     TAIL_BYTES, Copy, Journal, StoreError, WriteFailed, make_folder, say,
+                     write_atomic)
+
 TASKS = 65536                       # one task per /16
 RESULT_LEN = 65536                  # one '0'/'1' per address of the /16
 LEASE_SECONDS = 600.0
 ERROR_LIST_LIMIT = 1000             # /error shows at most this many
-SNAPSHOT_EVERY = 16384              # log records between snapshots (bounds the replay)
 OLD_LEASES_KEPT = 8                 # expired leases of a task still allowed to submit late
 
 # The same 16 special-purpose ranges as icmp.RESERVED; the server keeps its own copy on purpose
@@ -48,10 +50,8 @@ RESERVED = tuple(ipaddress.IPv4Network(n) for n in (
     "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15",
     "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4", "255.255.255.255/32"))
 
-SNAPSHOT_FILE = "census.json"
-LOG_FILE = "census.log"
 SCOPE_FILE = "census.scope"         # the --scope the data was made with, one CIDR a line
-_HEADER = struct.Struct("<III")     # result bytes length, JSON line length, CRC-32 of both
+_RECORD_SIZE = HEADER.size + 256    # a result record's size, less its bytes (about)
 
 
 class State(IntEnum):
@@ -66,6 +66,7 @@ class Lease(NamedTuple):
     token: str
     deadline: float       # epoch seconds
     holder: str           # remote address of the client it was handed to
+    bound: bool = False   # usable only with its token (the client asked: lease=required)
 
 
 class ResultMeta(NamedTuple):
@@ -79,6 +80,8 @@ class ResultMeta(NamedTuple):
     excluded: int
     token: str | None     # the lease token the accepted submission carried (for retries)
     holder: str
+    crc: int = 0          # CRC-32 of the bytes at offset, checked on every read
+    digest: str = ""      # of those bytes: a retry is a duplicate only with the same data
 
 
 class Contributor(NamedTuple):
@@ -96,6 +99,7 @@ class Packed(NamedTuple):
     rtt: bytes            # the client's zlib'd uint32 array, or b""
     responders: int
     crc: int              # CRC-32 of bitmap + rtt, computed outside the lock (see _commit)
+    digest: str           # BLAKE2b of bitmap + rtt
 
 
 class Handout(NamedTuple):
@@ -108,10 +112,18 @@ class Handout(NamedTuple):
 class Refused(Exception):
     """A request the store turns down; ``status`` is the HTTP status that says why."""
 
-    def __init__(self, status: HTTPStatus, message: str):
+    def __init__(self, status: HTTPStatus, message: str, *, retry_after: int | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after = retry_after      # seconds, for a Retry-After header (429, 503)
+
+
+class Unavailable(Refused):
+    """The disk refuses writes: nothing of the request was kept; try again later."""
+
+    def __init__(self, message: str):
+        super().__init__(HTTPStatus.SERVICE_UNAVAILABLE, message, retry_after=5)
 
 
 def network_of(task: int) -> str:
@@ -136,17 +148,30 @@ def parse_blocklist(text: str) -> list:
 def remembered_scope(directory, scope=None):
     """(scope to use, scope remembered before): a scope given is remembered in `directory` for
     the next start; none given means the remembered one, so a restart without --scope never
-    silently widens a census to the whole address space. [] remembered = the whole space."""
+    silently widens a census to the whole address space. [] remembered = the whole space.
+    StoreError if the folder is unusable, or the remembered scope unreadable and none given."""
     path = Path(directory) / SCOPE_FILE
     try:
         before = [ipaddress.IPv4Network(line) for line in path.read_text().split()]
     except FileNotFoundError:
         before = None
+    except NotADirectoryError:
+        raise StoreError(f"{directory} is a file, not a folder: give --data a folder") from None
+    except (OSError, ValueError) as exc:
+        if scope is None:
+            raise StoreError(f"{path} is unreadable ({exc}): fix or delete it, or start with "
+                             "--scope to replace it") from None
+        say(f"{path} is unreadable ({exc}): replaced by the --scope given")
+        before = None
     if scope is None:
         return before, before
     if before is None or sorted(before) != sorted(scope):
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, "".join(f"{net}\n" for net in scope).encode())
+        make_folder(Path(directory))
+        try:
+            write_atomic(path, "".join(f"{net}\n" for net in scope).encode())
+        except OSError as exc:
+            raise StoreError(f"cannot write {path}: {exc.strerror}: give --data a folder this "
+                             "user may write") from None
     return scope, before
 
 
@@ -178,15 +203,16 @@ def plan_scope(scope=None, exclude=()):
 
 
 class Store:
-    """The census state, persisted in ``directory``. Thread-safe; call ``close()`` at the end."""
+    """The census state, made durable by a Journal in ``directory``. Thread-safe; call
+    ``close()`` at the end. StoreError when the folder cannot be used (one line saying why)."""
 
     def __init__(self, directory, *, scope=None, exclude=(), lease_seconds=LEASE_SECONDS,
-                 clock=time.time, snapshot_every=SNAPSHOT_EVERY):
+                 clock=time.time, snapshot_every=SNAPSHOT_EVERY,
+                 snapshot_seconds=SNAPSHOT_SECONDS, tail_bytes=TAIL_BYTES, max_leases=None):
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.lease_seconds = float(lease_seconds)
         self.clock = clock
-        self.snapshot_every = snapshot_every
+        self.max_leases = max_leases
         self._inside, parts = plan_scope(scope, exclude)
         # Blocks an administrator may bring in later (/add_task): any block not wholly reserved
         # (unless the scope allowed it) nor wholly opted out; their opted-out parts go with them.
@@ -194,48 +220,61 @@ class Store:
         either = int.from_bytes(addable) | int.from_bytes(self._inside)     # bytes of 0/1
         self._addable = either.to_bytes(TASKS)
         self._parts = {**addable_parts, **parts}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()            # the journal flushes and reloads under it too
         self._changed = threading.Condition()
-        self._flush_lock = threading.Lock()       # held by the one caller writing the log
-        self._reset_memory()
-        self._load()
-        self._pending: list = []                  # log records not yet written, in order
-        self._durable = self._seq                 # records up to this number are on disk
         self._token_key = secrets.token_bytes(32)
         self._tokens = 0
         self._closing = False
-        self._log_error: Exception | None = None
+        self.rejects = self.leases_expired = self.damaged_results = self.damaged_records = 0
+        self._reset_memory()
+        self._journal = Journal(self.dir, self, self._lock, snapshot_every=snapshot_every,
+                                snapshot_seconds=snapshot_seconds, tail_bytes=tail_bytes)
+        try:
+            self._load()
+        except BaseException:
+            self._journal.release()
+            raise
 
     # -- volunteers -------------------------------------------------------------------------------
 
-    def get_task(self, holder: str) -> Handout | None:
-        """Lease the next available task (spread over the space) to ``holder``; None if none."""
+    def get_task(self, holder: str, *, within=None, lease_required=False) -> Handout | None:
+        """Lease the next available task (spread over the space) to ``holder``; None if none.
+
+        ``within``: a list of IPv4Networks; only a block whose /16 overlaps one of them (those
+        wholly inside first). ``lease_required``: the lease is usable only with its token.
+        Refused 429 (``retry_after`` set) when the holder has ``max_leases`` live leases."""
+        self._writable()
         with self._lock:
             now = self.clock()
             self._expire_due(now)
-            task = self._pop_available()
+            self._check_cap(holder)
+            task = self._pop_available() if within is None else self._find_within(within)
             if task is None:
                 return None
-            lease = self._new_lease(task, now, holder)
-            ticket = self._commit(task)
-        self._wait_durable(ticket)
+            lease, change = self._new_lease(task, now, holder, lease_required)
+            ticket = self._commit(task, change)
+        self._wait(ticket)
         return Handout(task, lease, network_of(task), self.exclude_of(task))
 
     def submit(self, task: int, result_data, *, holder: str, token=None, name=None, rtt=None,
                stats=None, failure=None) -> bool:
-        """Record a result; True when it is a retry of the submission that already completed it.
+        """Record a result; True when it repeats the submission that already completed it
+        (same sender, same data).
 
-        Raises Refused: 404 unknown task, 403 forged token, 409 done by another / leased to
-        another, 400 bad data (the task goes to error only if the sender holds the live lease).
+        Raises Refused: 404 unknown task, 403 forged token (or none for a lease that needs
+        one), 409 done by another / with other data / leased to another, 400 bad data (the
+        task goes to error only if the sender holds the live lease), 503 storage unavailable.
         ``failure``: the client's own error message when its result says success false.
         """
         problem, packed = _pack_result(result_data, rtt)      # the costly part, outside the lock
         if failure is not None:
-            problem = f"client reported: {failure}"[:200]
+            problem, packed = f"client reported: {failure}"[:200], None
+        token = token or None                               # an empty token is no token
+        self._writable()
         with self._lock:
             now = self.clock()
             self._expire_due(now)
-            duplicate, live = self._authorise_submit(task, token, holder)
+            duplicate, live = self._authorise_submit(task, token, holder, packed)
             if duplicate:
                 return True
             if problem is None:
@@ -244,13 +283,15 @@ class Store:
                 ticket = self._fail(task, problem)
             else:
                 raise self._refuse(HTTPStatus.BAD_REQUEST, problem)
-        self._wait_durable(ticket)
+        self._wait(ticket)
         if problem is not None:
             raise Refused(HTTPStatus.BAD_REQUEST, problem)
         return False
 
     def release(self, task: int, *, holder: str, token=None) -> None:
         """Give a leased task back to the pool; only the live lease holder may."""
+        token = token or None
+        self._writable()
         with self._lock:
             self._expire_due(self.clock())
             self._check_task(task)
@@ -258,12 +299,11 @@ class Store:
             if lease is None:
                 raise self._refuse(HTTPStatus.CONFLICT, "task is not leased")
             if not _matches(lease, token, holder):
-                raise self._refuse(HTTPStatus.FORBIDDEN if token else HTTPStatus.CONFLICT,
-                                   "wrong lease token" if token else "task is leased to another")
-            self._retire_lease(task)
-            self._make_available(task)
-            ticket = self._commit(task)
-        self._wait_durable(ticket)
+                raise self._not_yours(lease, token)
+            change = self._retire_lease(task)
+            change.update(self._make_available(task))
+            ticket = self._commit(task, change)
+        self._wait(ticket)
 
     # -- admin ------------------------------------------------------------------------------------
 
@@ -276,6 +316,7 @@ class Store:
         """
         if status not in (State.AVAILABLE, State.IN_PROGRESS):
             raise Refused(HTTPStatus.BAD_REQUEST, "task_status must be 0 or 1")
+        self._writable()
         with self._lock:
             if task is None:
                 task = self._first_addable()
@@ -285,9 +326,8 @@ class Store:
                     raise self._refuse(HTTPStatus.CONFLICT, "task is neither out of scope nor "
                                        "available")
             self._pinned.add(task)
-            self._set_to(task, status, holder)
-            ticket = self._commit(task)
-        self._wait_durable(ticket)
+            ticket = self._commit(task, {"p": 1, **self._set_to(task, status, holder)})
+        self._wait(ticket)
         return task
 
     def revise(self, task: int, code: int, *, force=False, holder="") -> None:
@@ -295,6 +335,7 @@ class Store:
         progress, or a done one (whose result this discards), only with ``force``."""
         if code not in tuple(State):
             raise Refused(HTTPStatus.BAD_REQUEST, "code must be 0..4")
+        self._writable()
         with self._lock:
             self._check_task(task)
             if self._states[task] == State.IN_PROGRESS and not force:
@@ -302,16 +343,16 @@ class Store:
             if self._states[task] == State.DONE and code != State.DONE and not force:
                 raise self._refuse(HTTPStatus.CONFLICT,
                                    "task is done: revising it discards its result (use force=1)")
-            self._retire_lease(task)
-            self._drop_result(task)
+            change = {**self._retire_lease(task), **self._drop_result(task), "e": None, "p": 1}
             self._errors.pop(task, None)
             self._pinned.add(task)
-            self._set_to(task, code, holder)
-            ticket = self._commit(task)
-        self._wait_durable(ticket)
+            change.update(self._set_to(task, code, holder))
+            ticket = self._commit(task, change)
+        self._wait(ticket)
 
     def reset_errors(self, task: int) -> int:
         """Put an errored task (or every one, task -1) back in the pool; returns how many."""
+        self._writable()
         with self._lock:
             if task != -1:
                 self._check_task(task)
@@ -319,9 +360,11 @@ class Store:
             ticket = None
             for t in tasks:
                 del self._errors[t]
-                self._make_available(t)
-                ticket = self._commit(t)
-        self._wait_durable(ticket)
+                change = {"e": None}
+                if self._states[t] == State.ERROR:
+                    change.update(self._make_available(t))
+                ticket = self._commit(t, change)
+        self._wait(ticket)
         return len(tasks)
 
     # -- reading ----------------------------------------------------------------------------------
@@ -329,6 +372,11 @@ class Store:
     @property
     def version(self) -> int:
         return self._version
+
+    @property
+    def degraded(self) -> str | None:
+        """None while writes work, else why not (one line); clears by itself."""
+        return self._journal.degraded
 
     def exclude_of(self, task: int) -> list:
         return [str(n) for n in self._parts.get(task, ())]
@@ -383,7 +431,9 @@ class Store:
 
     def state_of(self, task: int) -> State:
         self._check_task(task)
-        return State(self._states[task])
+        with self._lock:
+            self._expire_due(self.clock())
+            return State(self._states[task])
 
     def task_info(self, task: int) -> dict:
         """What the map shows when a block is hovered."""
@@ -400,24 +450,29 @@ class Store:
                 "probed": meta.probed if meta else None, "exclude": self.exclude_of(task)}
 
     def result(self, task: int) -> dict:
-        """The stored result of a done task, as /result serves it; Refused 404 if not done."""
+        """The stored result of a done task, as /result serves it; Refused 404 if not done
+        (or if its stored bytes fail their CRC: the task is then handed out again)."""
         with self._lock:
             self._check_task(task)
             meta = self._results.get(task)
-        if meta is None:
+        data = self._read_result(task, meta)
+        if data is None:
             raise Refused(HTTPStatus.NOT_FOUND, "task has no result")
-        bitmap, rtt_z = self._read_result(meta)
-        data = format(int.from_bytes(bitmap, "big"), f"0{RESULT_LEN}b")
-        return {"task_index": task, "result_data": data,
+        meta, bitmap, rtt_z = data
+        digits = format(int.from_bytes(bitmap, "big"), f"0{RESULT_LEN}b")
+        return {"task_index": task, "result_data": digits,
                 "rtt_us": base64.b64encode(rtt_z).decode() if rtt_z else None,
                 "contributor": meta.contributor, "finished_at": meta.finished_at}
 
     def bitmaps(self):
-        """(task, 8,192-byte bitmap) of every done task in index order, read lazily."""
+        """(task, 8,192-byte bitmap) of every done task in index order, read lazily (a result
+        whose bytes fail their CRC is left out, and its task handed out again)."""
         with self._lock:
             done = sorted(self._results.items())
         for task, meta in done:
-            yield task, self._read_result(meta)[0]
+            data = self._read_result(task, meta)
+            if data is not None:
+                yield task, data[1]
 
     def map_bytes(self) -> tuple[int, bytes]:
         """(version, 131,072 bytes): state then answer fraction (0..255) for each task."""
@@ -437,7 +492,9 @@ class Store:
         with self._lock:
             states = {s.name.lower(): self._states.count(s) for s in State}
         return {"states": states, "submissions": self._submissions, "rejects": self.rejects,
-                "leases_expired": self.leases_expired, "version": self._version}
+                "leases_expired": self.leases_expired, "version": self._version,
+                "damaged_results": self.damaged_results,
+                "damaged_records": self.damaged_records, "degraded": int(bool(self.degraded))}
 
     def wait_change(self, version: int, timeout: float) -> int:
         """Block until the version differs from ``version`` (or timeout); returns the version."""
@@ -446,12 +503,55 @@ class Store:
         return self._version
 
     def close(self) -> None:
-        """Flush and write a final snapshot."""
-        with self._flush_lock:
-            self._closing = True
-            if self._log_error is None:
-                self._snapshot()
-        os.close(self._log_fd)
+        """Flush, compact if worth it, write a final snapshot, let the folder go."""
+        self._closing = True
+        self._journal.close()
+
+    # -- the journal's owner (called by it, holding the lock) -------------------------------------
+
+    def snapshot_state(self, results=True) -> dict:
+        state = {"format": 2, "version": self._version, "submissions": self._submissions,
+                 "states": self._states.translate(_DIGITS).decode(),
+                 "leases": dict(self._leases), "old": dict(self._old),
+                 "errors": dict(self._errors),
+                 "contributors": list(self._contributors.values()),
+                 "pinned": sorted(self._pinned)}
+        if results:
+            state["results"] = dict(self._results)
+        return state
+
+    def live_bytes(self) -> int:
+        return self._result_bytes + 2 * TASKS + 160 * (
+            len(self._leases) + len(self._errors) + len(self._contributors)
+            + sum(len(old) for old in self._old.values()))
+
+    def live_records(self):
+        """What a compaction keeps: a copy of each result record, then the rest as one."""
+        copies = [Copy(task, meta.offset, meta.bitmap_len + meta.rtt_len, meta.crc,
+                       lambda offset, meta=meta: _JSON.encode(
+                           {"r": meta._replace(offset=offset)}).encode())
+                  for task, meta in self._results.items()]
+        return copies, _JSON.encode(self.snapshot_state(results=False)).encode()
+
+    def rewritten(self, moved: dict, damaged: list) -> None:
+        """After a compaction: results now lie at ``moved`` offsets; ``damaged`` failed their
+        CRC and were left out."""
+        for task, offset in moved.items():
+            self._results[task] = self._results[task]._replace(offset=offset)
+        for task in damaged:
+            self._requeue(task, "its stored result was damaged on disk", journal=True)
+
+    def reload(self) -> None:
+        """Forget what is not durable: the state again from the snapshot and the log."""
+        self._reset_memory()
+        snap = self._journal.read_snapshot()
+        if snap is not None:
+            self._apply_snapshot(snap)
+        for record in self._journal.replay(cut_torn=False):
+            self._apply_record(record)
+        self._rebuild()
+        with self._changed:
+            self._changed.notify_all()
 
     # -- private: state changes (call with self._lock held) ---------------------------------------
 
@@ -464,13 +564,46 @@ class Store:
         self._results: dict[int, ResultMeta] = {}
         self._contributors: dict[str, Contributor] = {}
         self._pinned: set[int] = set()            # tasks an administrator set: scope ignored
-        self._seq = self._version = self._submissions = 0
-        self._probed = self._responders = 0
-        self.rejects = self.leases_expired = 0
+        self._held: dict[str, int] = {}           # live leases per holder
+        self._version = self._submissions = 0
+        self._probed = self._responders = self._result_bytes = 0
+        self._pool, self._expiry, self._recent_t, self._recent_p = [], [], [], []
+
+    def _writable(self):
+        try:
+            self._journal.check_writable()
+        except WriteFailed as exc:
+            raise Unavailable(str(exc)) from None
+
+    def _wait(self, ticket):
+        try:
+            self._journal.wait(ticket)
+        except WriteFailed as exc:
+            raise Unavailable(str(exc)) from None
 
     def _check_task(self, task):
         if not isinstance(task, int) or not 0 <= task < TASKS:
             raise self._refuse(HTTPStatus.NOT_FOUND, "no such task")
+
+    def _check_cap(self, holder):
+        if self.max_leases and self._held.get(holder, 0) >= self.max_leases:
+            self.rejects += 1
+            retry = max(1, min(60, round(self.lease_seconds / 10)))
+            raise Refused(HTTPStatus.TOO_MANY_REQUESTS,
+                          f"{holder} already holds {self.max_leases} leases (the most one "
+                          f"address may): finish or release one first", retry_after=retry)
+
+    def _find_within(self, nets):
+        """The first available block inside one of ``nets``, else overlapping one."""
+        wide = [n for n in nets if n.prefixlen <= 16]
+        narrow = [n for n in nets if n.prefixlen > 16]
+        for net in wide + narrow:
+            first = int(net.network_address) >> 16
+            task = self._states.find(State.AVAILABLE, first,
+                                     (int(net.broadcast_address) >> 16) + 1)
+            if task >= 0:
+                return task
+        return None
 
     def _is_addable(self, task):
         return self._states[task] == State.EXCLUDED and self._addable[task]
@@ -487,7 +620,16 @@ class Store:
         self.rejects += 1
         return Refused(status, message)
 
-    def _authorise_submit(self, task, token, holder):
+    def _not_yours(self, lease, token):
+        if token:
+            return self._refuse(HTTPStatus.FORBIDDEN, "wrong lease token")
+        if lease is not None and lease.bound:
+            return self._refuse(HTTPStatus.FORBIDDEN, "this lease is usable only with its "
+                                "token: send it as \"lease\"")
+        return self._refuse(HTTPStatus.CONFLICT, "task is leased to another" if lease
+                            else "task is not leased to you")
+
+    def _authorise_submit(self, task, token, holder, packed):
         """(duplicate, live): a retry of the accepted one, or whether the sender holds the lease."""
         self._check_task(task)
         state = self._states[task]
@@ -495,7 +637,9 @@ class Store:
             meta = self._results.get(task)
             if meta and (_same(token, meta.token or "") if token
                          else meta.token is None and meta.holder == holder):
-                return True, False
+                if packed is not None and packed.digest == meta.digest:
+                    return True, False
+                raise self._refuse(HTTPStatus.CONFLICT, "task already done with different data")
             raise self._refuse(HTTPStatus.CONFLICT, "task already done")
         if state == State.EXCLUDED:
             raise self._refuse(HTTPStatus.CONFLICT, "task is excluded from the census")
@@ -504,87 +648,110 @@ class Store:
             return False, True
         if any(_matches(old, token, holder) for old in self._old.get(task, ())):
             return False, False                         # late, but nobody else finished it
-        if token:
-            raise self._refuse(HTTPStatus.FORBIDDEN, "wrong lease token")
-        raise self._refuse(HTTPStatus.CONFLICT, "task is leased to another" if lease
-                           else "task is not leased to you")
+        raise self._not_yours(lease, token)
 
     def _accept(self, task, packed, now, holder, token, name, stats):
-        offset = self._log_size + _HEADER.size       # where _commit below puts the bytes
+        offset = self._journal.next_blob_offset      # where _commit below puts the bytes
         excluded = sum(n.num_addresses for n in self._parts.get(task, ()))
         excluded = _stat(stats, "excluded", excluded)
         probed = _stat(stats, "probed", RESULT_LEN - excluded)
         meta = ResultMeta(offset, len(packed.bitmap), len(packed.rtt), name or holder, now,
-                          packed.responders, probed, excluded, token, holder)
-        self._retire_lease(task)
+                          packed.responders, probed, excluded, token, holder, packed.crc,
+                          packed.digest)
+        change = self._retire_lease(task)
         self._old.pop(task, None)
-        self._errors.pop(task, None)
+        if self._errors.pop(task, None) is not None:
+            change["e"] = None
         self._submissions += 1
         self._apply_result(task, meta, count=True)
-        self._set_state(task, State.DONE)
+        change.update(self._set_state(task, State.DONE))
         person = self._contributors.get(meta.contributor) or Contributor(
             meta.contributor, 0, 0, 0, now, now)
         person = person._replace(tasks_done=person.tasks_done + 1, last_seen=now,
                                  addresses_probed=person.addresses_probed + meta.probed,
                                  responders=person.responders + meta.responders)
         self._contributors[person.name] = person
-        return self._commit(task, person, packed.bitmap + packed.rtt, packed.crc)
+        change.update({"r": meta, "c": person, "n": self._submissions})
+        return self._commit(task, change, packed.bitmap + packed.rtt, packed.crc)
 
     def _fail(self, task, problem):
         self.rejects += 1
-        self._retire_lease(task)
+        change = self._retire_lease(task)
         self._errors[task] = problem[:200]
-        self._set_state(task, State.ERROR)
-        return self._commit(task)
+        change.update(self._set_state(task, State.ERROR), e=problem[:200])
+        return self._commit(task, change)
+
+    def _requeue(self, task, why, journal):
+        """A task whose record or result was lost: back to the pool, the loss noted."""
+        note = f"{why}; handed out again"
+        change = {**self._retire_lease(task), **self._drop_result(task), "e": note}
+        self._errors[task] = note
+        change.update(self._make_available(task))
+        say(f"task {task} ({network_of(task)}): {note}")
+        return self._commit(task, change) if journal else None
 
     def _apply_result(self, task, meta, count):
         """Keep a result's metadata and its share of the census totals."""
         self._results[task] = meta
         self._probed += meta.probed
         self._responders += meta.responders
+        self._result_bytes += _RECORD_SIZE + meta.bitmap_len + meta.rtt_len
         if count:
             self._recent_t.append(meta.finished_at)
             self._recent_p.append((self._recent_p[-1] if self._recent_p else 0) + meta.probed)
             if len(self._recent_t) > 2 * TASKS and self._recent_t[0] < meta.finished_at - 3600:
                 self._trim_recent(meta.finished_at - 3600)
 
-    def _drop_result(self, task):
+    def _drop_result(self, task) -> dict:
         meta = self._results.pop(task, None)
-        if meta is not None:
-            self._probed -= meta.probed
-            self._responders -= meta.responders
+        if meta is None:
+            return {}
+        self._probed -= meta.probed
+        self._responders -= meta.responders
+        self._result_bytes -= _RECORD_SIZE + meta.bitmap_len + meta.rtt_len
+        return {"r": None}
 
     def _trim_recent(self, since):
         first = bisect.bisect_left(self._recent_t, since)
         del self._recent_t[:first]
         del self._recent_p[:first]
 
-    def _set_to(self, task, code, holder):
+    def _set_to(self, task, code, holder) -> dict:
         if code == State.AVAILABLE:
-            self._make_available(task)
-        elif code == State.IN_PROGRESS:
-            self._new_lease(task, self.clock(), holder)
-        else:
-            if code == State.ERROR:
-                self._errors[task] = "set by an administrator"
-            self._set_state(task, code)
+            return self._make_available(task)
+        if code == State.IN_PROGRESS:
+            return self._new_lease(task, self.clock(), holder, False)[1]
+        change = {}
+        if code == State.ERROR:
+            self._errors[task] = change["e"] = "set by an administrator"
+        change.update(self._set_state(task, code))
+        return change
 
-    def _new_lease(self, task, now, holder):
-        lease = Lease(self._token(), now + self.lease_seconds, holder)
+    def _new_lease(self, task, now, holder, bound):
+        change = self._retire_lease(task)
+        lease = Lease(self._token(), now + self.lease_seconds, holder, bound)
         self._leases[task] = lease
+        self._held[holder] = self._held.get(holder, 0) + 1
         heapq.heappush(self._expiry, (lease.deadline, task, lease.token))
-        self._set_state(task, State.IN_PROGRESS)
-        return lease
+        change.update(self._set_state(task, State.IN_PROGRESS), l=lease)
+        return lease, change
 
-    def _retire_lease(self, task):
+    def _retire_lease(self, task) -> dict:
         """Drop the live lease, remembering it so that its holder may still submit late."""
         lease = self._leases.pop(task, None)
-        if lease is not None:
-            self._old[task] = (self._old.get(task, []) + [lease])[-OLD_LEASES_KEPT:]
+        if lease is None:
+            return {}
+        self._old[task] = (self._old.get(task, []) + [lease])[-OLD_LEASES_KEPT:]
+        left = self._held.get(lease.holder, 1) - 1
+        if left:
+            self._held[lease.holder] = left
+        else:
+            self._held.pop(lease.holder, None)
+        return {"l": None}
 
-    def _make_available(self, task):
-        self._set_state(task, State.AVAILABLE)
+    def _make_available(self, task) -> dict:
         heapq.heappush(self._pool, _rank(task))
+        return self._set_state(task, State.AVAILABLE)
 
     def _pop_available(self):
         while self._pool:
@@ -594,7 +761,8 @@ class Store:
         return None
 
     def _expire_due(self, now):
-        """Lazily expire leases whose deadline passed; stale heap entries are skipped."""
+        """Expire leases whose deadline passed, in memory only (no record: replay expires them
+        again at load); stale heap entries are skipped."""
         while self._expiry and self._expiry[0][0] <= now:
             _, task, token = heapq.heappop(self._expiry)
             lease = self._leases.get(task)
@@ -602,13 +770,13 @@ class Store:
                 self._retire_lease(task)
                 self._make_available(task)
                 self.leases_expired += 1
-                self._commit(task)
 
-    def _set_state(self, task, state):
+    def _set_state(self, task, state) -> dict:
         self._states[task] = state
         self._map[2 * task] = state
         meta = self._results.get(task) if state == State.DONE else None
         self._map[2 * task + 1] = _fraction(meta) if meta else 0
+        return {"s": state}
 
     def _token(self) -> str:
         """An unguessable lease token: a keyed hash of a counter (no system call per lease)."""
@@ -617,144 +785,137 @@ class Store:
                                  digest_size=16).digest()
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
-    def _read_result(self, meta):
-        self._wait_durable(self._seq)                 # its bytes may still be queued
-        data = os.pread(self._log_fd, meta.bitmap_len + meta.rtt_len, meta.offset)
-        return data[:meta.bitmap_len], data[meta.bitmap_len:]
+    def _read_result(self, task, meta):
+        """(meta, bitmap, rtt) of a done task, checked against its CRC; None if it has none.
+        A damaged one is counted, reported and its task handed out again."""
+        for _ in range(2):                          # a compaction may move it meanwhile
+            if meta is None:
+                return None
+            if not self._journal.durable_through(meta.offset + meta.bitmap_len + meta.rtt_len):
+                self._wait(self._journal.last_ticket())   # its bytes may still be queued
+            data = self._journal.read_blob(meta.offset, meta.bitmap_len + meta.rtt_len, meta.crc)
+            if data is not None:
+                return meta, data[:meta.bitmap_len], data[meta.bitmap_len:]
+            with self._lock:
+                current = self._results.get(task)
+                if current == meta:
+                    self.damaged_results += 1
+                    ticket = self._requeue(task, "its stored result failed its CRC check",
+                                           journal=True)
+                    break
+            meta = current
+        else:
+            return None
+        try:
+            self._wait(ticket)
+        except Refused:
+            pass                                    # kept in memory; the next write saves it
+        return None
 
-    # -- private: log, snapshot, load -------------------------------------------------------------
-
-    def _record(self, task, person=None) -> dict:
-        meta = self._results.get(task)
-        return {"q": self._seq, "v": self._version, "n": self._submissions, "t": task,
-                "s": self._states[task], "l": self._leases.get(task),
-                "o": self._old.get(task), "e": self._errors.get(task), "r": meta, "c": person,
-                "p": task in self._pinned}
-
-    def _commit(self, task, person=None, blob=b"", blob_crc=0) -> int:
-        """Queue the task's new record (and result bytes, whose CRC the caller computed before
-        taking the lock: zlib releases the GIL on big buffers, and a thread that waits to get
-        it back while holding the lock stalls every request); returns the record's number, the
-        ticket to wait on. Its place in the log is reserved here, in order."""
-        if self._log_error is not None:
-            raise OSError(f"the log could not be written: {self._log_error}")
-        self._seq += 1
+    def _commit(self, task, change, blob=b"", blob_crc=0):
+        """Queue the task's change as a record (its result bytes' CRC computed by the caller
+        before taking the lock: zlib releases the GIL on big buffers, and a thread that waits
+        to get it back while holding the lock stalls every request); returns the ticket."""
         self._version += 1
-        line = _JSON.encode(self._record(task, person)).encode() + b"\n"
-        crc = zlib.crc32(line, blob_crc)
-        record = _HEADER.pack(len(blob), len(line), crc) + blob + line
-        self._log_size += len(record)
-        self._pending.append(record)
+        change["v"] = self._version
+        ticket = self._journal.append(task, _JSON.encode(change).encode(), blob, blob_crc)
         with self._changed:
             self._changed.notify_all()
-        return self._seq
+        return ticket
 
-    def _wait_durable(self, ticket):
-        """Return once record ``ticket`` is on disk: the caller holding the flush lock writes
-        and fsyncs every queued record (its own and those queued meanwhile), the others wait
-        for the lock and usually find theirs written when they get it."""
-        if ticket is not None and self._durable < ticket:
-            with self._flush_lock:
-                if self._durable < ticket and self._log_error is None:
-                    try:
-                        self._flush()
-                    except Exception as exc:    # a full disk: fail requests, don't hang them
-                        self._log_error = exc       # (nor call a lost batch durable later)
-        if self._log_error is not None:
-            raise OSError(f"the log could not be written: {self._log_error}")
-
-    def _flush(self):
-        """Write and fsync the queued records (call holding the flush lock, not the lock)."""
-        with self._lock:
-            batch, self._pending = self._pending, []
-            last = self._seq
-        self._write_batch(batch, last)
-        if self._since_snapshot >= self.snapshot_every:
-            self._snapshot()
-
-    def _write_batch(self, batch, last):
-        _write_all(self._log_fd, b"".join(batch))
-        os.fsync(self._log_fd)
-        self._durable = last
-        self._since_snapshot += len(batch)
-
-    def _snapshot(self):
-        """Write the whole state and the log offset it covers, queued records written first
-        (call holding the flush lock)."""
-        with self._lock:
-            if self._pending:
-                self._write_batch(self._pending, self._seq)
-                self._pending = []
-            state = {"format": 1, "log_offset": self._log_size, "seq": self._seq,
-                     "version": self._version, "submissions": self._submissions,
-                     "states": self._states.translate(_DIGITS).decode(),
-                     "leases": dict(self._leases), "old": dict(self._old),
-                     "errors": dict(self._errors), "results": dict(self._results),
-                     "contributors": list(self._contributors.values()),
-                     "pinned": sorted(self._pinned)}
-        _write_atomic(self.dir / SNAPSHOT_FILE, _JSON.encode(state).encode())
-        self._since_snapshot = 0
+    # -- private: load ----------------------------------------------------------------------------
 
     def _load(self):
-        offset = 0
-        path = self.dir / SNAPSHOT_FILE
-        if path.exists():
-            offset = self._apply_snapshot(json.loads(path.read_bytes()))
-        self._log_fd = os.open(self.dir / LOG_FILE, _APPEND, 0o644)
-        self._since_snapshot = 0
-        for record in self._replay(offset):
-            self._since_snapshot += 1
+        snap = self._journal.read_snapshot()
+        if snap is not None:
+            try:
+                self._apply_snapshot(snap)
+            except (KeyError, ValueError, TypeError) as exc:
+                say(f"{SNAPSHOT_FILE} is unusable ({exc!r}): rebuilding the state from "
+                    f"{LOG_FILE} (nothing is lost)")
+                self._reset_memory()
+                self._journal.forget_snapshot()
+        for record in self._journal.replay():
             self._apply_record(record)
+        if self._journal.torn:
+            say(f"{LOG_FILE}: cut a record torn by a crash at its end ({self._journal.torn} "
+                "bytes, never acknowledged)")
         self._rebuild()
+        if self._journal.damage or self._journal.lost_records:
+            self._recover()
+        elif self._journal.worth_compacting():
+            self._journal.compact()
 
-    def _apply_snapshot(self, snap) -> int:
-        self._seq, self._version = snap["seq"], snap["version"]
-        self._submissions = snap["submissions"]
+    def _recover(self):
+        """Damage in the middle of the log: every intact record is kept, the tasks of the lost
+        ones handed out again, the log rewritten and the original kept aside."""
+        damage = self._journal.damage
+        lost = max(len(damage), self._journal.lost_records)
+        self.damaged_records = lost
+        aside = f"{LOG_FILE}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        tasks = sorted({d.tag for d in damage if d.tag is not None and d.tag < TASKS})
+        unknown = sum(d.tag is None for d in damage)
+        say(f"{self.dir / LOG_FILE} is damaged: {sum(d.length for d in damage)} bytes in "
+            f"{len(damage)} place(s) (offsets {', '.join(str(d.offset) for d in damage[:10])})"
+            f", {lost} record(s) lost; tasks of lost records: "
+            f"{', '.join(map(str, tasks)) or 'none known'}"
+            f"{f' (and {unknown} record(s) whose task is unknown)' if unknown else ''}. "
+            f"Rebuilt from every intact record; the original is kept as {aside}")
+        for task in tasks:
+            if not (self._states[task] == State.DONE and task in self._results):
+                self._requeue(task, "a record of it was lost to damage in the log",
+                              journal=False)
+        try:
+            self._journal.compact(keep_aside=aside)
+        except OSError as exc:
+            raise StoreError(f"cannot rewrite the damaged {self.dir / LOG_FILE}: {exc}: free "
+                             "some space and start again (nothing has been changed)") from None
+
+    def _apply_snapshot(self, snap):
+        self._apply_base(snap)
+        if len(self._states) != TASKS:
+            raise ValueError(f"{len(self._states)} task states")
+        self._results = {int(t): ResultMeta(*m) for t, m in snap["results"].items()}
+
+    def _apply_base(self, snap):
+        self._version, self._submissions = snap["version"], snap["submissions"]
         self._states = bytearray(snap["states"].encode()).translate(_UNDIGITS)
         self._leases = {int(t): Lease(*v) for t, v in snap["leases"].items()}
         self._old = {int(t): [Lease(*v) for v in old] for t, old in snap["old"].items()}
         self._errors = {int(t): e for t, e in snap["errors"].items()}
-        self._results = {int(t): ResultMeta(*m) for t, m in snap["results"].items()}
         self._contributors = {c[0]: Contributor(*c) for c in snap["contributors"]}
         self._pinned = set(snap.get("pinned", ()))
-        return snap["log_offset"]
 
-    def _replay(self, offset):
-        """The JSON records of the log from ``offset``; a torn or corrupt tail is cut off."""
-        size = os.fstat(self._log_fd).st_size
-        if offset > size:
-            raise ValueError(f"{LOG_FILE} is shorter than {SNAPSHOT_FILE} says: restore both")
-        while offset + _HEADER.size <= size:
-            blob_len, line_len, crc = _HEADER.unpack(os.pread(self._log_fd, _HEADER.size, offset))
-            end = offset + _HEADER.size + blob_len + line_len
-            body = os.pread(self._log_fd, blob_len + line_len, offset + _HEADER.size)
-            if end > size or zlib.crc32(body) != crc:
-                break
-            yield json.loads(body[blob_len:])
-            offset = end
-        if offset < size:
-            os.ftruncate(self._log_fd, offset)
-            os.fsync(self._log_fd)
-        self._log_size = offset
-
-    def _apply_record(self, rec):
-        task = rec["t"]
-        self._seq, self._version, self._submissions = rec["q"], rec["v"], rec["n"]
-        self._states[task] = rec["s"]
-        _put(self._leases, task, rec["l"] and Lease(*rec["l"]))
-        _put(self._old, task, rec["o"] and [Lease(*v) for v in rec["o"]])
-        _put(self._errors, task, rec["e"])
-        _put(self._results, task, rec["r"] and ResultMeta(*rec["r"]))
-        if rec["c"]:
+    def _apply_record(self, record):
+        rec = json.loads(record.line)
+        if record.tag == TAG_BASE:
+            return self._apply_base(rec)
+        task = record.tag
+        if "l" in rec:
+            lease = self._leases.pop(task, None)
+            if lease is not None:
+                self._old[task] = (self._old.get(task, []) + [lease])[-OLD_LEASES_KEPT:]
+            if rec["l"]:
+                self._leases[task] = Lease(*rec["l"])
+        if "r" in rec:
+            _put(self._results, task, rec["r"] and ResultMeta(*rec["r"]))
+            if rec["r"]:
+                self._old.pop(task, None)
+        if "e" in rec:
+            _put(self._errors, task, rec["e"])
+        if "s" in rec:
+            self._states[task] = rec["s"]
+        if rec.get("c"):
             self._contributors[rec["c"][0]] = Contributor(*rec["c"])
-        if rec.get("p"):
+        if "p" in rec:
             self._pinned.add(task)
-        else:
-            self._pinned.discard(task)
+        self._version = rec.get("v", self._version)
+        self._submissions = rec.get("n", self._submissions)
 
     def _rebuild(self):
         """Derived structures: scope (except where an administrator decided), map, hand-out
-        heap, expiry heap, totals, recent rate."""
+        heap, expiry heap, leases per holder, totals, recent rate; leases past their deadline
+        expire, done tasks whose result is missing go back to the pool."""
         for task in range(TASKS):
             state = self._states[task]
             if task in self._pinned:
@@ -766,6 +927,7 @@ class Store:
         self._map = bytearray(2 * TASKS)
         self._map[0::2] = self._states
         results, self._results = self._results, {}
+        self._probed = self._responders = self._result_bytes = 0
         self._recent_t, self._recent_p = [], []
         since = self.clock() - 3600
         for task, meta in sorted(results.items(), key=lambda item: item[1].finished_at):
@@ -775,11 +937,17 @@ class Store:
         heapq.heapify(self._pool)
         self._expiry = [(lease.deadline, t, lease.token) for t, lease in self._leases.items()]
         heapq.heapify(self._expiry)
+        self._held = {}
+        for lease in self._leases.values():
+            self._held[lease.holder] = self._held.get(lease.holder, 0) + 1
+        for task in [t for t in range(TASKS) if self._states[t] == State.DONE
+                     and t not in self._results]:
+            self._requeue(task, "its result record is missing", journal=False)
+        self._expire_due(self.clock())
 
 
 # -- helpers --------------------------------------------------------------------------------------
 
-_APPEND = os.O_RDWR | os.O_CREAT | os.O_APPEND
 _JSON = json.JSONEncoder(separators=(",", ":"))   # one encoder: json.dumps builds one a call
 _DIGITS = bytes.maketrans(bytes(range(5)), b"01234")
 _UNDIGITS = bytes.maketrans(b"01234", bytes(range(5)))
@@ -793,10 +961,11 @@ def _rank(task: int) -> int:
 
 
 def _matches(lease: Lease, token, holder) -> bool:
-    """Does the sender hold this lease: by token, or by address when it sent none."""
+    """Does the sender hold this lease: by token, or by address when it sent none and the
+    lease does not need its token."""
     if token:
         return _same(token, lease.token)
-    return lease.holder == holder
+    return not lease.bound and lease.holder == holder
 
 
 def _same(given: str, secret: str) -> bool:
@@ -823,7 +992,7 @@ def _pack_result(result_data, rtt):
     ones = bits.bit_count()
     bitmap = bits.to_bytes(RESULT_LEN // 8, "big")
     if not rtt:
-        return None, Packed(bitmap, b"", ones, zlib.crc32(bitmap))
+        return None, Packed(bitmap, b"", ones, zlib.crc32(bitmap), _digest(bitmap))
     try:
         rtt_z = base64.b64decode(rtt, validate=True)
         inflater = zlib.decompressobj()
@@ -832,7 +1001,14 @@ def _pack_result(result_data, rtt):
             raise ValueError("length")
     except (ValueError, TypeError, zlib.error):
         return "rtt_us must be base64 of zlib'd uint32s, one per '1' of result_data", None
-    return None, Packed(bitmap, rtt_z, ones, zlib.crc32(rtt_z, zlib.crc32(bitmap)))
+    return None, Packed(bitmap, rtt_z, ones, zlib.crc32(rtt_z, zlib.crc32(bitmap)),
+                        _digest(bitmap, rtt_z))
+
+
+def _digest(bitmap, rtt=b"") -> str:
+    digest = hashlib.blake2b(bitmap, digest_size=16)
+    digest.update(rtt)
+    return digest.hexdigest()
 
 
 def _stat(stats, key, default):
@@ -889,24 +1065,3 @@ def _finish_parts(inside, parts):
         else:
             done[block] = nets
     return done
-
-
-def _write_all(fd, data):
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _write_atomic(path: Path, data: bytes):
-    """Temp file, fsync, os.replace, fsync the directory: the file is old or new, never torn."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -1,16 +1,24 @@
 """Tests of store.py: scope, hand-out order, leases on a fake clock, submissions, persistence."""
 
+import errno
 import ipaddress
 import json
 import os
+import signal
+import struct
+import subprocess
+import sys
 import threading
+import zlib
 
 import pytest
 
 from conftest import Clock, result_string
 from ping_client import decode_rtt, encode_rtt
-from store import (LOG_FILE, remembered_scope, SNAPSHOT_FILE, TASKS, Refused, State, Store, network_of,
-                   parse_blocklist, plan_scope)
+from store import (LOG_FILE, remembered_scope, SNAPSHOT_FILE, TASKS, Refused, State, Store,
+                   StoreError, network_of, parse_blocklist, plan_scope)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 LOOP = 32512                                   # 127.0.0.0/16
 SCOPE8 = [ipaddress.IPv4Network("127.0.0.0/8")]
@@ -18,7 +26,7 @@ SCOPE8 = [ipaddress.IPv4Network("127.0.0.0/8")]
 
 def crash(store):
     """Leave `store` as kill -9 would: no final snapshot, the log as it stands."""
-    os.close(store._log_fd)
+    store._journal.release()
     store._closing = True
 
 
@@ -165,7 +173,11 @@ def test_done_task_is_never_overwritten_and_retries_land_once(open_store):
     token = handout.lease.token
     assert store.submit(handout.task, result_string([5]), holder="a", token=token) is False
     assert store.submit(handout.task, result_string([5]), holder="a", token=token) is True
-    assert store.submit(handout.task, "bad", holder="a", token=token) is True
+    for data in (result_string([6]), "bad"):                  # the holder, other data
+        with pytest.raises(Refused) as caught:
+            store.submit(handout.task, data, holder="a", token=token)
+        assert (caught.value.status, caught.value.message) == (
+            409, "task already done with different data")
     for data in (result_string([6]), "x" * 65536):
         with pytest.raises(Refused) as caught:
             store.submit(handout.task, data, holder="b", token=None)
@@ -360,8 +372,10 @@ def test_snapshot_then_journal_and_torn_tail(open_store, tmp_path):
     data[-5] ^= 1                                         # a flipped bit fails the CRC
     log.write_bytes(bytes(data))
     fourth = open_store()
-    assert fourth.progress()["done_tasks"] == 5           # that last result is dropped
-    assert fourth.state_of(handout.task) == State.IN_PROGRESS
+    assert fourth.progress()["done_tasks"] == 5           # that last result is dropped ...
+    assert fourth.state_of(handout.task) == State.AVAILABLE   # ... and its task handed out again
+    assert "lost to damage" in dict(fourth.errors())[handout.task]
+    assert [p.read_bytes() for p in log.parent.glob(LOG_FILE + ".damaged-*")] == [bytes(data)]
 
 
 def test_scope_change_on_restart(open_store):
@@ -381,3 +395,320 @@ def test_scope_is_remembered_so_a_restart_never_widens_the_census(tmp_path):
     assert remembered_scope(tmp_path, None) == (loop, loop)          # restart without --scope
     assert remembered_scope(tmp_path, []) == ([], loop)              # 'all', said explicitly
     assert remembered_scope(tmp_path, None) == ([], [])
+
+
+# -- one owner, start-up errors -------------------------------------------------------------------
+
+def test_a_second_store_on_the_folder_refuses_to_start(open_store, tmp_path):
+    open_store()
+    with pytest.raises(StoreError, match=f"in use by another server \\(PID {os.getpid()}\\)"):
+        Store(tmp_path / "data", scope=SCOPE8)
+
+
+def test_start_up_problems_are_one_line_store_errors(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for directory, message in ((tmp_path / "file", "is a file, not a folder"),
+                               (tmp_path / "file" / "sub", "a part of that path is a file")):
+        with pytest.raises(StoreError, match=message) as caught:
+            Store(directory, scope=SCOPE8)
+        assert "\n" not in str(caught.value)
+    (tmp_path / "scoped").mkdir()
+    (tmp_path / "scoped" / "census.scope").write_text("127.0.0.0/8\nnot-a-network\n")
+    with pytest.raises(StoreError, match="census.scope is unreadable .*start with --scope"):
+        remembered_scope(tmp_path / "scoped")
+    loop = [ipaddress.IPv4Network("127.0.0.0/16")]
+    assert remembered_scope(tmp_path / "scoped", loop) == (loop, None)   # an explicit one wins
+    assert remembered_scope(tmp_path / "scoped") == (loop, loop)
+    (tmp_path / "old").mkdir()                          # a log of the unframed format
+    line = b'{"q":1}\n'
+    (tmp_path / "old" / LOG_FILE).write_bytes(struct.pack("<III", 0, len(line),
+                                                          zlib.crc32(line)) + line)
+    with pytest.raises(StoreError, match="earlier version"):
+        Store(tmp_path / "old", scope=SCOPE8)
+
+
+@pytest.mark.needs_root
+def test_an_unwritable_folder_is_a_store_error(tmp_path):
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(readonly)],
+                   check=True)
+    try:
+        for directory in (readonly, readonly / "new"):
+            with pytest.raises(StoreError, match="not writable|cannot create") as caught:
+                Store(directory, scope=SCOPE8)
+            assert str(directory) in str(caught.value) and "\n" not in str(caught.value)
+    finally:
+        subprocess.run(["umount", str(readonly)], check=True)
+
+
+def test_a_corrupt_or_missing_snapshot_is_rebuilt_from_the_log(open_store, tmp_path, capsys):
+    store = open_store()
+    handout = store.get_task("h")
+    store.submit(handout.task, result_string([3]), holder="h")
+    store.close()
+    for damage in (b"{not json", None):
+        snapshot = tmp_path / "data" / SNAPSHOT_FILE
+        if damage is None:
+            snapshot.unlink()
+        else:
+            snapshot.write_bytes(damage)
+        again = open_store()
+        assert again.result(handout.task)["result_data"] == result_string([3])
+        assert "rebuilding the state from census.log" in capsys.readouterr().err
+        again.close()
+
+
+def test_files_are_private_and_a_new_folder_is_0700(open_store, tmp_path):
+    store = open_store()
+    store.get_task("h")
+    store.close()
+    assert (tmp_path / "data").stat().st_mode & 0o777 == 0o700
+    remembered_scope(tmp_path / "data", SCOPE8)
+    for path in (tmp_path / "data").iterdir():
+        assert path.stat().st_mode & 0o777 == 0o600, path.name
+
+
+# -- damage ---------------------------------------------------------------------------------------
+
+def test_a_result_failing_its_crc_is_never_served(open_store):
+    store = open_store()
+    handout = store.get_task("h")
+    store.submit(handout.task, result_string([1, 2, 3]), holder="h")
+    meta = store._results[handout.task]
+    with open(store.dir / LOG_FILE, "r+b") as log:            # one flipped byte in its bitmap
+        log.seek(meta.offset + 100)
+        byte = log.read(1)
+        log.seek(meta.offset + 100)
+        log.write(bytes([byte[0] ^ 0x10]))
+    with pytest.raises(Refused) as caught:
+        store.result(handout.task)
+    assert caught.value.status == 404
+    assert list(store.bitmaps()) == []
+    assert store.counters()["damaged_results"] == 1
+    assert store.state_of(handout.task) == State.AVAILABLE
+    assert "failed its CRC" in dict(store.errors())[handout.task]
+
+
+def test_mid_log_damage_keeps_every_intact_record_and_the_original(open_store, tmp_path,
+                                                                    capsys):
+    store = open_store(snapshot_every=10**6)
+    done = {}
+    for n in range(20):
+        handout = store.get_task("h")
+        store.submit(handout.task, result_string([n]), holder="h", name=f"v{n}")
+        done[handout.task] = n
+    victim = sorted(done)[7]
+    offset = store._results[victim].offset
+    crash(store)
+    log = tmp_path / "data" / LOG_FILE
+    data = bytearray(log.read_bytes())
+    data[offset + 4000] ^= 0xFF
+    log.write_bytes(bytes(data))
+    again = open_store()
+    err = capsys.readouterr().err
+    assert f"tasks of lost records: {victim}" in err and "kept as census.log.damaged-" in err
+    for task, n in done.items():
+        if task != victim:
+            assert again.result(task)["result_data"] == result_string([n])
+    assert again.state_of(victim) == State.AVAILABLE and victim in dict(again.errors())
+    assert again.progress()["done_tasks"] == 19
+    assert again.counters()["damaged_records"] == 1
+    assert [p.read_bytes() for p in log.parent.glob(LOG_FILE + ".damaged-*")] == [bytes(data)]
+    again.close()
+    third = open_store()                                    # the rebuilt log is clean
+    assert third.progress()["done_tasks"] == 19 and third.counters()["damaged_records"] == 0
+
+
+# -- a full disk ----------------------------------------------------------------------------------
+
+def no_space(fd, data):
+    os.write(fd, data[:len(data) // 2])
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_enospc_in_the_writer_leaves_no_phantom_state_and_recovers_by_itself(open_store):
+    store = open_store()
+    kept = store.get_task("h")
+    store.submit(kept.task, result_string([1]), holder="h", name="alice")
+    held = store.get_task("h")
+    before = (store.progress(), store.map_bytes(), store.contributors(), store.pending())
+    store._journal.write = no_space
+    with pytest.raises(Refused) as caught:
+        store.submit(held.task, result_string([2]), holder="h", name="bob")
+    assert caught.value.status == 503 and "disk full" in caught.value.message
+    assert store.degraded.startswith("disk full: ")
+    store._journal.check_writable = lambda: None        # the probe would pass: write for real
+    for call in (lambda: store.get_task("h"), lambda: store.release(held.task, holder="h"),
+                 lambda: store.revise(LOOP + 1, 4)):
+        with pytest.raises(Refused) as caught:
+            call()
+        assert caught.value.status == 503
+    assert (store.progress(), store.map_bytes(), store.contributors(), store.pending()) == before
+    del store._journal.write, store._journal.check_writable
+    assert store.submit(held.task, result_string([2]), holder="h", name="bob") is False
+    assert store.degraded is None
+    assert store.result(held.task)["result_data"] == result_string([2])
+    crash(store)
+    again = open_store()
+    assert again.progress()["done_tasks"] == 2 and len(again.contributors()) == 2
+
+
+def test_a_failed_snapshot_fails_no_request_and_leaves_no_temp_file(open_store, monkeypatch):
+    store = open_store(snapshot_every=2)
+    real = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    for _ in range(5):
+        handout = store.get_task("h")
+        assert store.submit(handout.task, result_string(), holder="h") is False
+    assert not list(store.dir.glob("*.tmp")) and store.degraded is None
+    monkeypatch.undo()
+    crash(store)
+    assert open_store().progress()["done_tasks"] == 5
+
+
+@pytest.mark.needs_root
+def test_a_real_full_disk_answers_503_and_recovers_once_space_is_freed(tmp_path, clock):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
+    opened = []
+    try:
+        store = Store(disk / "data", scope=SCOPE8, clock=clock, tail_bytes=1 << 30)
+        opened.append(store)
+        (disk / "ballast").write_bytes(b"\0" * (600 << 10))
+        acked, refused = [], 0
+        while refused < 3 and len(acked) < 100:
+            handout = store.get_task("h") if not refused else None
+            try:
+                handout = handout or store.get_task("h")
+                store.submit(handout.task, result_string([len(acked)]), holder="h")
+                acked.append(handout.task)
+            except Refused as exc:
+                assert exc.status == 503
+                refused += 1
+        assert refused == 3 and store.degraded.startswith("disk full")
+        got = store.progress()
+        assert got["done_tasks"] == len(acked)              # nothing shown that is not stored
+        (disk / "ballast").unlink()                         # space is back: no restart
+        handout = store.get_task("h")
+        store.submit(handout.task, result_string([999]), holder="h")
+        assert store.degraded is None and store.progress()["done_tasks"] == len(acked) + 1
+        crash(store)
+        again = Store(disk / "data", scope=SCOPE8, clock=clock)
+        opened.append(again)
+        assert again.progress()["done_tasks"] == len(acked) + 1
+        for n, task in enumerate(acked):
+            assert again.result(task)["result_data"] == result_string([n])
+    finally:
+        for store in opened:
+            store._journal.release()
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+# -- the log stays the size of the data -----------------------------------------------------------
+
+def test_churn_keeps_the_log_bounded(open_store, tmp_path):
+    store = open_store(tail_bytes=64 << 10)
+    handout = store.get_task("h")
+    store.submit(handout.task, result_string([1]), holder="h")
+    for _ in range(3000):
+        handout = store.get_task("h")
+        store.release(handout.task, holder="h", token=handout.lease.token)
+    files = sum(p.stat().st_size for p in (tmp_path / "data").iterdir())
+    assert files <= 1.5 * store.live_bytes() + (64 << 10) + store.live_bytes()  # + snapshot
+    assert store.result(LOOP)["result_data"] == result_string([1])
+    store.close()
+    assert open_store().result(LOOP)["result_data"] == result_string([1])
+
+
+COMPACT_CHILD = r"""
+import os, signal, sys
+import journal, store
+from conftest import result_string
+step = sys.argv[2]
+real_rewrite, real_replace = journal.Journal._write_copies, os.replace
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+def write_copies(self, fd, *args):
+    if step == "mid-copy":
+        os.write(fd, b"CNS1 half a record")
+        die()
+    return real_rewrite(self, fd, *args)
+def replace(src, dst):
+    if step == "before-rename" and str(src).endswith(".new"):
+        die()
+    real_replace(src, dst)
+    if step == "after-rename" and str(dst).endswith("census.log"):
+        die()
+journal.Journal._write_copies, os.replace = write_copies, replace
+import ipaddress
+s = store.Store(sys.argv[1], scope=[ipaddress.IPv4Network("127.0.0.0/8")], tail_bytes=1 << 14)
+while True:
+    h = s.get_task("h")
+    if h.task % 3 == 0:
+        s.submit(h.task, result_string([h.task]), holder="h")
+        print(h.task, flush=True)
+    else:
+        s.release(h.task, holder="h")
+"""
+
+
+@pytest.mark.parametrize("step", ["mid-copy", "before-rename", "after-rename"])
+def test_kill_9_during_compaction_loses_nothing_acknowledged(tmp_path, step):
+    child = subprocess.run([sys.executable, "-c", COMPACT_CHILD, str(tmp_path / "data"), step],
+                           cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    acked = [int(line) for line in child.stdout.split()]
+    store = Store(tmp_path / "data", scope=SCOPE8)
+    try:
+        for task in acked:
+            assert store.result(task)["result_data"] == result_string([task])
+        assert not (tmp_path / "data" / (LOG_FILE + ".new")).exists()
+        assert store.counters()["damaged_records"] == 0
+    finally:
+        store.close()
+
+
+# -- fair and honest hand-out ---------------------------------------------------------------------
+
+def test_lease_cap_per_holder(open_store):
+    store = open_store(max_leases=3)
+    got = [store.get_task("a") for _ in range(3)]
+    with pytest.raises(Refused) as caught:
+        store.get_task("a")
+    assert caught.value.status == 429 and caught.value.retry_after >= 1
+    assert "holds 3 leases" in caught.value.message
+    assert store.get_task("b") is not None                  # others are not held back
+    store.release(got[0].task, holder="a")
+    assert store.get_task("a") is not None
+
+
+def test_a_lease_required_is_usable_only_with_its_token(open_store):
+    store = open_store()
+    bound = store.get_task("h", lease_required=True)
+    for token in (None, ""):
+        for call in (lambda: store.submit(bound.task, result_string(), holder="h", token=token),
+                     lambda: store.release(bound.task, holder="h", token=token)):
+            with pytest.raises(Refused) as caught:
+                call()
+            assert caught.value.status == 403 and "only with its token" in caught.value.message
+    plain = store.get_task("h")                             # the original client's rule stays
+    assert store.submit(plain.task, result_string(), holder="h", token="") is False
+    assert store.submit(bound.task, result_string(), holder="h", token=bound.lease.token) is False
+
+
+def test_within_hands_out_only_overlapping_blocks(open_store):
+    store = open_store()
+    narrow = [ipaddress.IPv4Network("127.5.0.0/24")]
+    assert store.get_task("h", within=narrow).task == LOOP + 5
+    assert store.get_task("h", within=narrow) is None
+    wide = [ipaddress.IPv4Network("127.9.128.0/17"), ipaddress.IPv4Network("127.20.0.0/15")]
+    assert store.get_task("h", within=wide).task == LOOP + 20     # wholly inside first
+    assert store.get_task("h", within=[ipaddress.IPv4Network("10.0.0.0/8")]) is None

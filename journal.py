@@ -1,0 +1,606 @@
+"""The durable log under the census store: framed records, group commit, snapshots, compaction,
+the folder lock and recovery. It knows nothing of tasks: a record is an opaque JSON line with an
+optional binary blob, tagged with a number (the store's task index) and a sequence number.
+
+    census.lock   flock(LOCK_EX) held for the process's lifetime; holds the owner's PID
+    census.log    record, record, ...   (first record: the log's identity)
+    census.json   snapshot: the owner's state (a JSON object) with the log's identity, the
+                  offset it covers and the sequence number there added
+
+    record = header (32 bytes) | blob | JSON line
+    header = magic "CNS1" | seq u64 | tag u32 | blob length u32 | line length u32
+             | CRC-32 of the 24 bytes before | CRC-32 of blob + line
+
+The magic word and the header's own CRC let replay find the next intact record after damage
+(scan for the magic, check the header, then the body), so one bad byte costs one record, not
+the rest of the log. Only an incomplete last record (a write torn by a crash) is cut off;
+damage anywhere else is reported and left for the owner to rebuild from (``damage``), the
+original file kept aside. A blob is read back by offset and checked against the CRC the
+caller kept.
+
+Group commit without a writer thread: callers ``append`` under the owner's lock (which fixes the
+order and reserves each record's place), then ``wait``; whichever waiter holds the flush lock
+writes and fsyncs everything queued so far. A write that fails is never half-kept: the file is
+cut back to its durable size, every record not yet durable is failed, and the owner is asked to
+reload its state from disk (``owner.reload()``), so memory never shows what the disk lacks.
+The log is then ``degraded`` (a one-line reason) until a probe shows the disk takes writes
+again; nothing needs a restart.
+
+After a flush the flushing waiter also keeps the log small: a snapshot every ``snapshot_every``
+records or ``snapshot_seconds``, and a compaction when the log outgrows the live data (1.5 x
+``owner.live_bytes()`` + ``tail_bytes``): live blobs and a base record of the whole state are
+written to ``census.log.new``, fsynced, renamed over the log, the folder fsynced; a crash at
+any step leaves either the old log or the new one, each complete. A snapshot or compaction that
+fails is reported on stderr and tried again later; it never fails a request whose record is
+durable, and leaves no temporary file.
+
+The owner (the census store) provides: ``reload()``, ``snapshot_state() -> dict``,
+``live_bytes() -> int`` and ``live_records() -> (copies, base_line)`` (see ``rewrite``).
+"""
+
+import errno
+import fcntl
+import json
+import mmap
+import os
+import secrets
+import struct
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import NamedTuple
+
+LOG_FILE = "census.log"
+SNAPSHOT_FILE = "census.json"
+LOCK_FILE = "census.lock"
+NEW_SUFFIX = ".new"
+TMP_SUFFIX = ".tmp"
+SNAPSHOT_EVERY = 16384              # records between snapshots (bounds the replay) ...
+SNAPSHOT_SECONDS = 60.0             # ... or seconds, whichever comes first
+TAIL_BYTES = 16 << 20               # log growth over 1.5 x the live data before a compaction
+PROBE_BYTES = 64 << 10              # a degraded log writes again once this much fits
+
+MAGIC = b"CNS1"
+HEADER = struct.Struct("<4sQIIIII")  # magic, seq, tag, blob len, line len, header CRC, body CRC
+_HEAD_CHECKED = 24                   # the header CRC covers the bytes before it
+TAG_BASE = 0xFFFFFFFE                # the owner's whole-state record (written by a compaction)
+_TAG_START = 0xFFFFFFFF              # the log's own first record: its identity
+_FILE_MODE = 0o600
+_DIR_MODE = 0o700
+
+
+class StoreError(Exception):
+    """A reason the store cannot start: one line saying what is wrong and what to do."""
+
+
+class WriteFailed(OSError):
+    """A record that could not be made durable (the disk refused it); nothing of it was kept."""
+
+
+class Record(NamedTuple):
+    offset: int           # of the header in the log
+    seq: int              # 0 for records a compaction wrote
+    tag: int              # the owner's number (a task), or TAG_BASE
+    blob_len: int
+    line: bytes
+
+    @property
+    def blob_offset(self) -> int:
+        return self.offset + HEADER.size
+
+
+class Damage(NamedTuple):
+    """A stretch of the log that holds no intact record."""
+    offset: int
+    length: int
+    tag: int | None       # the record's tag when its header survived
+    had_blob: bool
+
+
+class Copy(NamedTuple):
+    """A live record for ``rewrite``: its blob is copied from the current log."""
+    tag: int
+    blob_offset: int
+    blob_len: int
+    blob_crc: int
+    make_line: object     # callable(new blob offset) -> the record's JSON line
+
+
+class Journal:
+    """The log of one folder, locked for this process. Thread-safe with the owner's lock."""
+
+    def __init__(self, directory, owner, lock, *, snapshot_every=SNAPSHOT_EVERY,
+                 snapshot_seconds=SNAPSHOT_SECONDS, tail_bytes=TAIL_BYTES, clock=time.monotonic):
+        self.dir = Path(directory)
+        self.owner, self._lock, self.clock = owner, lock, clock
+        self.snapshot_every, self.snapshot_seconds = snapshot_every, snapshot_seconds
+        self.tail_bytes = tail_bytes
+        self.degraded: str | None = None
+        self.damage: list[Damage] = []
+        self.torn = 0                               # bytes of torn tail cut at load
+        self.lost_records = 0                       # missing sequence numbers seen by replay
+        self._flush_lock = threading.Lock()
+        self._pending: list[bytes] = []
+        self._gen, self._failed_at = 0, {}          # tickets of a failed generation
+        self._seq = self._durable_seq = 0
+        self._since_snapshot, self._snapshot_time = 0, clock()
+        self._compact_after = 0
+        self._old_fd = None
+        self._lock_fd = _take_folder(self.dir)
+        self._fd = _open_log(self.dir / LOG_FILE)
+        self._size = self._durable_size = os.fstat(self._fd).st_size
+        self._cleanup()
+        self._log_id = self._identity()
+
+    # -- appending --------------------------------------------------------------------------------
+
+    @property
+    def next_blob_offset(self) -> int:
+        """Where the blob of the next ``append`` will lie (call holding the owner's lock)."""
+        return self._size + HEADER.size
+
+    def append(self, tag: int, line: bytes, blob=b"", blob_crc=0) -> tuple:
+        """Queue a record (holding the owner's lock); returns the ticket to ``wait`` on.
+        ``blob_crc`` is zlib.crc32(blob), computed by the caller before taking its lock."""
+        self._seq += 1
+        record = _frame(self._seq, tag, line, blob, blob_crc)
+        self._size += len(record)
+        self._pending.append(record)
+        self._since_snapshot += 1
+        return self._gen, self._seq
+
+    def wait(self, ticket) -> None:
+        """Return once the record is durable; WriteFailed if the disk refused it."""
+        if ticket is None or self._settled(ticket):
+            return self._check(ticket)
+        with self._flush_lock:
+            if not self._settled(ticket):
+                try:
+                    self._flush()
+                except OSError as exc:
+                    self._failed(exc)
+                else:
+                    self._maintain()
+        self._check(ticket)
+
+    def check_writable(self) -> None:
+        """Raise WriteFailed while the disk still refuses writes; a degraded log whose disk
+        takes ``PROBE_BYTES`` again is writable (the next write says for sure)."""
+        if self.degraded is None:
+            return
+        with self._flush_lock:
+            if self.degraded is not None:
+                try:
+                    self._probe()
+                except OSError as exc:
+                    raise WriteFailed(exc.errno, f"storage unavailable: {_reason(exc)}") from None
+                self.degraded = None
+
+    def durable_through(self, end: int) -> bool:
+        return end <= self._durable_size
+
+    def last_ticket(self) -> tuple:
+        """The ticket of the last record queued (a reader waits on it for a blob just queued)."""
+        return self._gen, self._seq
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def read_blob(self, offset: int, length: int, crc: int) -> bytes | None:
+        """The blob at ``offset``, or None when it fails its CRC (damaged on disk)."""
+        data = os.pread(self._fd, length, offset)
+        return data if len(data) == length and zlib.crc32(data) == crc else None
+
+    def read_snapshot(self) -> dict | None:
+        """The owner's state from the snapshot if it matches this log, else None (said why)."""
+        path = self.dir / SNAPSHOT_FILE
+        try:
+            state = json.loads(path.read_bytes())
+            offset, seq = state["log_offset"], state["seq"]
+            if state["log"] != self._log_id or not 0 <= offset <= self._size:
+                raise ValueError("it belongs to another log")
+        except FileNotFoundError:
+            if self._size > _start_size():
+                say(f"{path} is missing: rebuilding the state from {LOG_FILE}")
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            say(f"{path} is unusable ({exc}): rebuilding the state from {LOG_FILE} "
+                f"(nothing is lost)")
+            return None
+        self.snapshot_offset = offset
+        self._seq = self._durable_seq = seq
+        return state
+
+    snapshot_offset = 0
+
+    def forget_snapshot(self) -> None:
+        """The owner could not use the snapshot: replay the whole log instead."""
+        self.snapshot_offset = self._seq = self._durable_seq = 0
+
+    def replay(self, cut_torn=True):
+        """The intact records after the snapshot's offset; sets ``damage`` and
+        ``lost_records``; cuts an incomplete last record (``torn``: its length) if asked."""
+        start, end = self.snapshot_offset, self._durable_size
+        self.damage, self.lost_records = [], 0
+        if end <= start:
+            return
+        with mmap.mmap(self._fd, end, prot=mmap.PROT_READ) as view:
+            offset, last = start, self._seq
+            while offset < end:
+                record, problem = _record_at(view, offset, end)
+                if record is not None:
+                    if record.tag == _TAG_START:
+                        last = self._seq = record.seq
+                    else:
+                        if record.seq:
+                            self.lost_records += max(0, record.seq - last - 1)
+                            last = self._seq = record.seq
+                        yield record
+                    offset = record.blob_offset + record.blob_len + len(record.line)
+                    continue
+                resume = _resync(view, offset + 1, end)
+                if resume is None and problem.torn:
+                    break
+                resume = end if resume is None else resume
+                self.damage.append(Damage(offset, resume - offset, problem.tag, problem.had_blob))
+                offset = resume
+        self._durable_seq = self._seq
+        if cut_torn and offset < end and not self.damage:
+            self.torn = end - offset
+            os.ftruncate(self._fd, offset)
+            os.fsync(self._fd)
+            self._size = self._durable_size = offset
+
+    # -- keeping the log small ---------------------------------------------------------------------
+
+    def compact(self, keep_aside: str | None = None) -> None:
+        """Rewrite the log from the owner's live state now (see the module docstring); with
+        ``keep_aside`` the current log is first linked under that name, never shortened."""
+        with self._flush_lock:
+            self._compact(keep_aside)
+
+    def worth_compacting(self) -> bool:
+        live = self.owner.live_bytes()
+        return self._size > max(1.5 * live + self.tail_bytes, self._compact_after)
+
+    def close(self) -> None:
+        """Flush, compact if worth it, snapshot, and let the folder go."""
+        with self._flush_lock:
+            try:
+                self._flush()
+                if self.worth_compacting():
+                    self._compact()
+                elif self._size != self.snapshot_offset:
+                    self._snapshot()
+            except OSError as exc:
+                say(f"closing the store: {_reason(exc)} (the log keeps every answered change)")
+        self.release()
+
+    def release(self) -> None:
+        """Close the files and let the folder go (the flock goes with its file)."""
+        for fd in (self._fd, self._old_fd, self._lock_fd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._old_fd = self._lock_fd = None
+
+    # -- private: writing --------------------------------------------------------------------------
+
+    def _settled(self, ticket):
+        gen, seq = ticket
+        return gen < self._gen or seq <= self._durable_seq
+
+    def _check(self, ticket):
+        if ticket is None:
+            return
+        gen, seq = ticket
+        if gen < self._gen and seq > self._failed_at.get(gen, 0):
+            raise WriteFailed(errno.EIO, f"storage unavailable: {self.degraded or 'write failed'}")
+
+    def _flush(self):
+        """Write and fsync the queued records (holding the flush lock)."""
+        with self._lock:
+            batch, self._pending = self._pending, []
+            seq, size = self._seq, self._size
+        if not batch:
+            return
+        if os.fstat(self._fd).st_size != self._durable_size:      # a failed write's leftovers
+            os.ftruncate(self._fd, self._durable_size)
+        self.write(self._fd, b"".join(batch))
+        os.fsync(self._fd)
+        self._durable_seq, self._durable_size = seq, size
+
+    write = staticmethod(lambda fd, data: _write_all(fd, data))   # tests inject failures here
+
+    def _failed(self, exc):
+        """Nothing not yet durable is kept: the file cut back, waiters failed, owner reloaded."""
+        with self._lock:
+            self._pending = []
+            self._failed_at[self._gen] = self._durable_seq
+            self._gen += 1
+            self._seq, self._size = self._durable_seq, self._durable_size
+            self.degraded = _reason(exc)
+            say(f"{self.dir / LOG_FILE}: {self.degraded}; requests that change state are "
+                "refused until the disk takes writes again")
+            try:
+                os.ftruncate(self._fd, self._durable_size)
+            except OSError:
+                pass                                # _flush cuts it before the next write
+            self.owner.reload()
+
+    def _probe(self):
+        path = self.dir / (LOCK_FILE + ".probe")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
+        try:
+            os.posix_fallocate(fd, 0, PROBE_BYTES)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            _write_all(fd, bytes(PROBE_BYTES))        # no fallocate here: write it for real
+        finally:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+
+    def _maintain(self):
+        """After a successful flush: compact or snapshot when due; failures only reported."""
+        try:
+            if self.worth_compacting():
+                self._compact()
+            elif self._since_snapshot >= self.snapshot_every or (
+                    self._since_snapshot and
+                    self.clock() - self._snapshot_time >= self.snapshot_seconds):
+                self._snapshot()
+        except WriteFailed:
+            pass                                    # reported by _failed already
+        except OSError as exc:
+            say(f"{self.dir}: {_reason(exc)} while keeping the log small; tried again later")
+            self._since_snapshot, self._snapshot_time = 0, self.clock()
+            self._compact_after = self._size + self.tail_bytes
+
+    def _compact(self, keep_aside=None):
+        with self._lock:
+            self._flush()
+            self._rewrite(*self.owner.live_records(), keep_aside)
+        self._snapshot()
+
+    def _snapshot(self):
+        """Write the owner's state and the log offset it covers (holding the flush lock)."""
+        with self._lock:
+            state = self.owner.snapshot_state()
+            offset, seq = self._size, self._seq
+        try:
+            self._flush()
+        except OSError as exc:
+            self._failed(exc)
+            raise WriteFailed(exc.errno, _reason(exc)) from None
+        state.update(log=self._log_id, log_offset=offset, seq=seq)
+        data = json.dumps(state, separators=(",", ":")).encode()
+        write_atomic(self.dir / SNAPSHOT_FILE, data)
+        self.snapshot_offset = offset
+        self._since_snapshot, self._snapshot_time = 0, self.clock()
+
+    def _rewrite(self, copies, base_line, keep_aside):
+        """Write the live records to a new log and put it in place (holding both locks, the
+        queue empty). A blob failing its CRC is left out and reported to the owner."""
+        new_path = self.dir / (LOG_FILE + NEW_SUFFIX)
+        fd = os.open(new_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, _FILE_MODE)
+        try:
+            log_id = secrets.token_hex(8)
+            size, moved, damaged = self._write_copies(fd, log_id, copies, base_line)
+            os.fsync(fd)
+            if keep_aside:
+                os.link(self.dir / LOG_FILE, self.dir / keep_aside)
+            os.replace(new_path, self.dir / LOG_FILE)
+        except BaseException:
+            os.close(fd)
+            new_path.unlink(missing_ok=True)
+            raise
+        if self._old_fd is not None:                # a reader may still pread the one before
+            os.close(self._old_fd)
+        self._old_fd, self._fd, self._log_id = self._fd, fd, log_id
+        self._size = self._durable_size = size
+        self._durable_seq = self._seq
+        self._compact_after = 0
+        self.snapshot_offset = -1                   # the old snapshot covers nothing now
+        self.owner.rewritten(moved, damaged)
+        _fsync_dir(self.dir)
+
+    def _write_copies(self, fd, log_id, copies, base_line):
+        chunk, size, damaged = [], 0, []
+        moved = {}
+        for part in self._new_records(log_id, copies, base_line, damaged, moved):
+            chunk.append(part)
+            size += len(part)
+            if len(chunk) >= 64:
+                self.write(fd, b"".join(chunk))
+                chunk = []
+        self.write(fd, b"".join(chunk))
+        return size, moved, damaged
+
+    def _new_records(self, log_id, copies, base_line, damaged, moved):
+        start = _frame(self._seq, _TAG_START, json.dumps({"log": log_id}).encode(), b"", 0)
+        yield start
+        size = len(start)
+        for copy in copies:
+            blob = self.read_blob(copy.blob_offset, copy.blob_len, copy.blob_crc)
+            if blob is None:
+                damaged.append(copy.tag)
+                continue
+            moved[copy.tag] = size + HEADER.size
+            record = _frame(0, copy.tag, copy.make_line(size + HEADER.size), blob,
+                            copy.blob_crc)
+            size += len(record)
+            yield record
+        yield _frame(0, TAG_BASE, base_line, b"", 0)
+
+    # -- private: opening --------------------------------------------------------------------------
+
+    def _cleanup(self):
+        """Leftovers of a crash mid-compaction or mid-snapshot: never in use, always partial."""
+        for name in (LOG_FILE + NEW_SUFFIX, SNAPSHOT_FILE + TMP_SUFFIX, LOCK_FILE + ".probe"):
+            (self.dir / name).unlink(missing_ok=True)
+
+    def _identity(self) -> str:
+        """The log's identity from its first record; a new log gets one."""
+        if self._size == 0:
+            log_id = secrets.token_hex(8)
+            self.write(self._fd, _frame(0, _TAG_START, json.dumps({"log": log_id}).encode(),
+                                        b"", 0))
+            os.fsync(self._fd)
+            self._size = self._durable_size = os.fstat(self._fd).st_size
+            return log_id
+        with mmap.mmap(self._fd, self._size, prot=mmap.PROT_READ) as view:
+            record, _ = _record_at(view, 0, self._size)
+            if record is None and _old_format(view):
+                raise StoreError(f"{self.dir / LOG_FILE} was written by an earlier version of "
+                                 "the server (no record framing): run that version to export "
+                                 "it, or move the folder aside to start afresh")
+        if record is not None and record.tag == _TAG_START:
+            return json.loads(record.line).get("log", "")
+        return ""                                   # damaged: no snapshot can match
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+class _Problem(NamedTuple):
+    torn: bool            # an incomplete record at the end of the file
+    tag: int | None
+    had_blob: bool
+
+
+def say(message: str) -> None:
+    """Report to the operator on stderr (one line)."""
+    print(f"store: {message}", file=sys.stderr, flush=True)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Temp file, fsync, os.replace, fsync the folder: the file is old or new, never torn; a
+    failed write leaves no temp file behind."""
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def make_folder(directory: Path) -> None:
+    """The data folder, created 0700 if missing; StoreError if it cannot be."""
+    try:
+        directory.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+    except FileExistsError:
+        raise StoreError(f"{directory} is a file, not a folder: give --data a folder") from None
+    except NotADirectoryError:
+        raise StoreError(f"{directory}: a part of that path is a file: give --data a "
+                         "folder") from None
+    except OSError as exc:
+        raise StoreError(f"cannot create the data folder {directory}: {exc.strerror}: create "
+                         "it, or give --data a folder this user may write") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise StoreError(f"the data folder {directory} is not writable by this user: fix its "
+                         "permissions, or give --data another folder")
+
+
+def _frame(seq, tag, line, blob, blob_crc) -> bytes:
+    head = struct.pack("<4sQIII", MAGIC, seq, tag, len(blob), len(line))
+    body_crc = zlib.crc32(line, blob_crc)
+    return head + struct.pack("<II", zlib.crc32(head), body_crc) + blob + line
+
+
+def _record_at(view, offset, end):
+    """(Record, None) if an intact record starts at ``offset``, else (None, _Problem)."""
+    if offset + HEADER.size > end:
+        return None, _Problem(True, None, False)
+    magic, seq, tag, blob_len, line_len, head_crc, body_crc = HEADER.unpack_from(view, offset)
+    if magic != MAGIC or zlib.crc32(view[offset:offset + _HEAD_CHECKED]) != head_crc:
+        return None, _Problem(False, None, False)
+    body = offset + HEADER.size
+    if body + blob_len + line_len > end:
+        return None, _Problem(True, tag, blob_len > 0)
+    if zlib.crc32(view[body:body + blob_len + line_len]) != body_crc:
+        return None, _Problem(False, tag, blob_len > 0)
+    return Record(offset, seq, tag, blob_len, view[body + blob_len:body + blob_len + line_len]), None
+
+
+def _resync(view, offset, end):
+    """The offset of the next intact record at or after ``offset``, or None."""
+    while True:
+        offset = view.find(MAGIC, offset, end)
+        if offset < 0:
+            return None
+        if _record_at(view, offset, end)[0] is not None:
+            return offset
+        offset += 1
+
+
+def _old_format(view) -> bool:
+    """Does the log start with a record of the unframed format (lengths, CRC, no magic)?"""
+    if len(view) < 12:
+        return False
+    blob_len, line_len, crc = struct.unpack_from("<III", view, 0)
+    end = 12 + blob_len + line_len
+    return end <= len(view) and zlib.crc32(view[12:end]) == crc
+
+
+def _start_size() -> int:
+    return HEADER.size + len(json.dumps({"log": "0" * 16}))
+
+
+def _take_folder(directory: Path) -> int:
+    """Create the folder if needed and hold its lock file (with our PID in it) for good."""
+    make_folder(directory)
+    path = directory / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+    except OSError as exc:
+        raise StoreError(f"cannot open {path}: {exc.strerror}: give --data a folder this user "
+                         "may write") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StoreError(f"the data folder {directory} is in use by another server (PID "
+                         f"{holder}): stop that one, or give --data another folder") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _open_log(path: Path) -> int:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, _FILE_MODE)
+    except IsADirectoryError:
+        raise StoreError(f"{path} is a folder: move it away") from None
+    except OSError as exc:
+        raise StoreError(f"cannot open {path}: {exc.strerror}: fix the data folder's "
+                         "permissions") from None
+    os.fchmod(fd, _FILE_MODE)                       # files of older versions were 0644
+    return fd
+
+
+def _reason(exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full: {exc}"
+    return f"write failed: {exc}"
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _fsync_dir(directory: Path):
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
