@@ -46,13 +46,14 @@ class Invalid(ValueError):
     """A submission that cannot be stored; the message says why (answered 400)."""
 
 
-def pack(result: dict, *, block: ipaddress.IPv4Network, rtt=None, icmp_errors=None,
-         skipped=None) -> Packed:
-    """Check a result in either form and pack it; raises Invalid."""
-    if result.get("result_data") is not None:
-        bitmap = bitmap_of_string(result["result_data"])
-    elif result.get("bitmap") is not None:
-        bitmap = _bitmap(result["bitmap"])
+def pack(result_data=None, bitmap=None, *, block: ipaddress.IPv4Network, rtt=None,
+         icmp_errors=None, skipped=None) -> Packed:
+    """Check a result in either form (`result_data` or `bitmap`, as the body has them) and
+    the optional parts beside it, and pack it; raises Invalid."""
+    if result_data is not None:
+        bitmap = bitmap_of_string(result_data)
+    elif bitmap is not None:
+        bitmap = _bitmap(bitmap)
     else:
         raise Invalid("result needs result_data (65,536 '0'/'1') or bitmap (base64 of zlib)")
     value = int.from_bytes(bitmap, "big")

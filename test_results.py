@@ -47,7 +47,8 @@ def task():
 
 
 def packed(body):
-    return results.pack(body["result"], block=BLOCK, rtt=body.get("rtt_us"),
+    return results.pack(body["result"].get("result_data"), body["result"].get("bitmap"),
+                        block=BLOCK, rtt=body.get("rtt_us"),
                         icmp_errors=body.get("icmp_errors"), skipped=body.get("skipped"))
 
 
@@ -73,7 +74,7 @@ def test_compact_and_string_forms_of_one_sweep_pack_the_same():
 
 def test_a_seed_shaped_result_packs_as_before():
     data = "01" * 32768
-    result = results.pack({"success": True, "result_data": data}, block=BLOCK)
+    result = results.pack(data, block=BLOCK)
     assert result.responders == 32768 and result.errors == b"" and result.skipped == ()
     assert result.bitmap == b"\x55" * 8192
 
@@ -106,11 +107,12 @@ ONE = "1" + "0" * 65535
 ])
 def test_malformed_submissions_are_refused_with_a_reason(result, extra, reason):
     with pytest.raises(Invalid, match=reason):
-        results.pack(result, block=BLOCK, rtt=extra.get("rtt_us"),
+        results.pack(result.get("result_data"), result.get("bitmap"), block=BLOCK,
+                     rtt=extra.get("rtt_us"),
                      icmp_errors=extra.get("icmp_errors"), skipped=extra.get("skipped"))
 
 
 def test_a_bomb_is_cut_at_the_limit():
     bomb = b64z(bytes(8192 * 1000))
     with pytest.raises(Invalid, match="bitmap"):
-        results.pack({"bitmap": bomb}, block=BLOCK)
+        results.pack(bitmap=bomb, block=BLOCK)
