@@ -104,7 +104,7 @@ def test_a_disagreement_goes_to_a_third_holder_and_the_majority_is_kept():
     outcome = verifier.add(7, opinion("third"), [False, True])
     block = outcome.block
     assert block.status == Status.VERIFIED and outcome.kept_changed
-    assert block.opinions[block.kept].contributor == "honest"
+    assert block.opinions[block.kept].contributor == "third"        # the newest of the pair
     assert [o.contributor for o in outcome.debit] == ["liar"]       # a lost dispute takes it back
     assert verifier.standing("liar") == trust.Standing(disputed=1)
     assert verifier.standing("third").agreed == 1 == verifier.standing("honest").agreed

@@ -140,13 +140,15 @@ class Verifier:
         outcome = self._decide(task, block, old.kept)
         return outcome._replace(credit=credit + outcome.credit)
 
-    def next_check(self, name: str, address: str, busy=frozenset()) -> int | None:
+    def next_check(self, name: str, address: str, busy=frozenset(), wanted=None) -> int | None:
         """The oldest block wanting an opinion that this holder may give (none of its
-        opinions by this name or address) and that is not `busy` (leased); None if none."""
+        opinions by this name or address), not `busy` (leased) and `wanted(task)` if given;
+        None if none."""
         if not self.fraction or self.standing(name).flagged:
             return None
         for task in self._queue:
-            if task not in busy and not self.blocks[task].has_seen(name, address):
+            if (task not in busy and not self.blocks[task].has_seen(name, address)
+                    and (wanted is None or wanted(task))):
                 return task
         return None
 
@@ -205,8 +207,12 @@ class Verifier:
             block = block._replace(status=status)
             self.restore(task, block)
             return Outcome(block, False)
+        # the kept result stays if it is among the best; else the newest of them, whose bytes
+        # the store has in hand (it keeps only the bitmaps of the others, for comparing)
         best = max(partners)
-        kept = kept_before if partners[kept_before] == best else partners.index(best)
+        newest = len(partners) - 1
+        kept = (kept_before if partners[kept_before] == best
+                else newest if partners[newest] == best else partners.index(best))
         block = block._replace(kept=kept, status=Status.VERIFIED)
         block, credit, debit, flagged = self._judge(block)
         self.restore(task, block)
