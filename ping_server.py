@@ -34,6 +34,7 @@ from typing import Iterable, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
 from store import Refused, Store, network_of, parse_blocklist, remembered_scope
+from trust import FRACTION
 
 MAX_BODY = 4 << 20                  # 4 MiB: a result is 64 KiB of '0'/'1' plus a few fields
 MAX_URL = 8192
@@ -432,7 +433,8 @@ class Handler(BaseHTTPRequestHandler):
             raise HttpError(HTTPStatus.BAD_REQUEST, "lease must be 'required' (or absent)")
         try:
             handout = self.server.store.get_task(req.client, within=_within(req.query),
-                                                 lease_required=lease == "required")
+                                                 lease_required=lease == "required",
+                                                 name=(req.query.get("name") or "").strip()[:64] or None)
         except Refused as exc:
             raise _store_refusal(exc) from None
         if handout is None:
@@ -453,7 +455,8 @@ class Handler(BaseHTTPRequestHandler):
         failure = None
         if result.get("success") is not True:
             failure = str(result.get("error") or result.get("message") or "no result")
-        fields = {key: _optional_str(data, key) for key in ("lease", "name", "rtt_us")}
+        fields = {key: _optional_str(data, key)
+                  for key in ("lease", "name", "rtt_us", "icmp_errors")}
         stats = data.get("stats")
         if stats is not None and not isinstance(stats, dict):
             raise HttpError(HTTPStatus.BAD_REQUEST, "stats must be an object", success=False)
@@ -461,7 +464,9 @@ class Handler(BaseHTTPRequestHandler):
         try:
             duplicate = self.server.store.submit(
                 task, result.get("result_data"), holder=req.client, token=fields["lease"],
-                name=name, rtt=fields["rtt_us"], stats=stats, failure=failure)
+                name=name, rtt=fields["rtt_us"], stats=stats, failure=failure,
+                bitmap=result.get("bitmap"), icmp_errors=fields["icmp_errors"],
+                skipped=data.get("skipped"))
         except Refused as exc:
             raise _store_refusal(exc, success=False) from None
         return HTTPStatus.OK, ({"success": True, "duplicate": True} if duplicate
@@ -545,10 +550,11 @@ class Handler(BaseHTTPRequestHandler):
         return HTTPStatus.OK, self.server.store.task_info(_task_index(req.query.get("id"), "id"))
 
     def contributors(self, req):
+        store = self.server.store
         ranked = [{"rank": rank, "name": c.name, "tasks_done": c.tasks_done,
                    "addresses_probed": c.addresses_probed, "responders": c.responders,
-                   "first_seen": c.first_seen, "last_seen": c.last_seen}
-                  for rank, c in enumerate(self.server.store.contributors(), 1)]
+                   "first_seen": c.first_seen, "last_seen": c.last_seen, **store.standing(c.name)}
+                  for rank, c in enumerate(store.contributors(), 1)]
         name = req.query.get("name")
         if name is not None:
             ranked = [c for c in ranked if c["name"] == name]
@@ -749,8 +755,18 @@ def _prometheus(counters: dict, requests: dict, latency: dict) -> str:
                             ("census_damaged_records", "damaged_records",
                              "Log records found damaged at start (reported, tasks re-queued)."),
                             ("census_store_degraded", "degraded", "1 while the disk refuses "
-                             "writes.")):
+                             "writes."),
+                            ("census_verification_agreements_total", "agreements",
+                             "Results found to agree with the kept result of their block."),
+                            ("census_verification_disputes_total", "disputes",
+                             "Results found to disagree with the kept result of their block."),
+                            ("census_contributors_flagged", "flagged",
+                             "Contributors flagged for disagreeing too often.")):
         lines += [f"# HELP {name} {text}", f"# TYPE {name} counter", f"{name} {counters[key]}"]
+    lines += ["# HELP census_blocks_verification Done blocks by verification status.",
+              "# TYPE census_blocks_verification gauge"]
+    lines += [f'census_blocks_verification{{status="{s}"}} {n}'
+              for s, n in counters["verification"].items()]
     lines += ["# HELP census_http_requests_total HTTP requests by endpoint and status.",
               "# TYPE census_http_requests_total counter"]
     lines += [f'census_http_requests_total{{endpoint="{e}",code="{c}"}} {n}'
@@ -784,10 +800,17 @@ def _parse_args(argv):
                         help="Bearer token for admin actions (else loopback only)")
     parser.add_argument("--max-leases", type=int, default=env("PING_MAX_LEASES", "16"),
                         help="live leases one client address may hold (0: no limit)")
+    parser.add_argument("--verify", type=float, default=env("PING_VERIFY", str(FRACTION)),
+                        metavar="FRACTION",
+                        help="share of a trusted contributor's results sent to a second "
+                             "holder to check (a new or flagged one's: all of them); 0 = off "
+                             "(default: %(default)s)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
     args = parser.parse_args(argv)
     if args.max_leases < 0:
         parser.error("--max-leases must be 0 or more")
+    if not 0.0 <= args.verify <= 1.0:
+        parser.error("--verify is a fraction from 0 (off) to 1")
     try:
         args.scope = _parse_scope(args.scope)
         args.exclude = parse_blocklist(Path(args.exclude).read_text()) if args.exclude else ()
@@ -817,7 +840,7 @@ def main(argv=None) -> int:
     if args.scope is not None and before is not None and sorted(before) != sorted(scope):
         print(f"scope changed from {_describe(before)} to {_describe(scope)}", file=sys.stderr)
     store = Store(args.data, scope=scope or None, exclude=args.exclude, lease_seconds=args.lease,
-                  max_leases=args.max_leases)
+                  max_leases=args.max_leases, verify=args.verify)
     try:
         server = CensusServer((args.host, args.port), store, admin_token=args.admin_token,
                               verbose=args.verbose)

@@ -24,6 +24,7 @@ import hmac
 import ipaddress
 import json
 import os
+import random
 import secrets
 import threading
 import time
@@ -33,6 +34,8 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import NamedTuple
 
+import results
+import trust
 from journal import (HEADER, LOG_FILE, SNAPSHOT_EVERY, SNAPSHOT_FILE, SNAPSHOT_SECONDS, TAG_BASE,
                      TAIL_BYTES, Copy, Journal, StoreError, WriteFailed, make_folder, say,
                      write_atomic)
@@ -82,6 +85,12 @@ class ResultMeta(NamedTuple):
     holder: str
     crc: int = 0          # CRC-32 of the bytes at offset, checked on every read
     digest: str = ""      # of those bytes: a retry is a duplicate only with the same data
+    errors_len: int = 0   # after the rtt array: the ICMP error entries (results.ERROR_ENTRY)
+
+    @property
+    def size(self) -> int:
+        """Bytes at offset: bitmap, rtt array, ICMP error entries."""
+        return self.bitmap_len + self.rtt_len + self.errors_len
 
 
 class Contributor(NamedTuple):
@@ -98,8 +107,13 @@ class Packed(NamedTuple):
     bitmap: bytes         # 8,192 bytes, one bit per address, address 0 the top bit
     rtt: bytes            # the client's zlib'd uint32 array, or b""
     responders: int
-    crc: int              # CRC-32 of bitmap + rtt, computed outside the lock (see _commit)
-    digest: str           # BLAKE2b of bitmap + rtt
+    crc: int              # CRC-32 of the blob, computed outside the lock (see _commit)
+    digest: str           # BLAKE2b of the blob
+    errors: bytes = b""   # ICMP error entries, raw
+
+    @property
+    def blob(self) -> bytes:
+        return self.bitmap + self.rtt + self.errors
 
 
 class Handout(NamedTuple):
@@ -208,11 +222,13 @@ class Store:
 
     def __init__(self, directory, *, scope=None, exclude=(), lease_seconds=LEASE_SECONDS,
                  clock=time.time, snapshot_every=SNAPSHOT_EVERY,
-                 snapshot_seconds=SNAPSHOT_SECONDS, tail_bytes=TAIL_BYTES, max_leases=None):
+                 snapshot_seconds=SNAPSHOT_SECONDS, tail_bytes=TAIL_BYTES, max_leases=None,
+                 verify=trust.FRACTION, rng=random.random):
         self.dir = Path(directory)
         self.lease_seconds = float(lease_seconds)
         self.clock = clock
         self.max_leases = max_leases
+        self._verify, self._rng = verify, rng     # trust.Verifier's fraction and random source
         self._inside, parts = plan_scope(scope, exclude)
         # Blocks an administrator may bring in later (/add_task): any block not wholly reserved
         # (unless the scope allowed it) nor wholly opted out; their opted-out parts go with them.
@@ -237,8 +253,12 @@ class Store:
 
     # -- volunteers -------------------------------------------------------------------------------
 
-    def get_task(self, holder: str, *, within=None, lease_required=False) -> Handout | None:
+    def get_task(self, holder: str, *, within=None, lease_required=False,
+                 name=None) -> Handout | None:
         """Lease the next available task (spread over the space) to ``holder``; None if none.
+        A done block owed a check (trust.Verifier) that this holder may give comes first: its
+        result is already kept, so checks never hold up the census; ``name``, if the client
+        says it, keeps a contributor from checking its own results from another address.
 
         ``within``: a list of IPv4Networks; only a block whose /16 overlaps one of them (those
         wholly inside first). ``lease_required``: the lease is usable only with its token.
@@ -248,16 +268,20 @@ class Store:
             now = self.clock()
             self._expire_due(now)
             self._check_cap(holder)
-            task = self._pop_available() if within is None else self._find_within(within)
-            if task is None:
-                return None
-            lease, change = self._new_lease(task, now, holder, lease_required)
+            task = self._next_check(name or holder, holder, within)
+            if task is not None:
+                lease, change = self._new_check(task, now, holder, lease_required)
+            else:
+                task = self._pop_available() if within is None else self._find_within(within)
+                if task is None:
+                    return None
+                lease, change = self._new_lease(task, now, holder, lease_required)
             ticket = self._commit(task, change)
         self._wait(ticket)
         return Handout(task, lease, network_of(task), self.exclude_of(task))
 
     def submit(self, task: int, result_data, *, holder: str, token=None, name=None, rtt=None,
-               stats=None, failure=None) -> bool:
+               stats=None, failure=None, bitmap=None, icmp_errors=None, skipped=None) -> bool:
         """Record a result; True when it repeats the submission that already completed it
         (same sender, same data).
 
@@ -265,15 +289,29 @@ class Store:
         one), 409 done by another / with other data / leased to another, 400 bad data (the
         task goes to error only if the sender holds the live lease), 503 storage unavailable.
         ``failure``: the client's own error message when its result says success false.
+        The result is ``result_data`` (the original string) or ``bitmap`` (the compact form),
+        with ``rtt``, ``icmp_errors`` and ``skipped`` beside it (see results.py). A submission
+        for a check lease is compared with the block's kept result instead (trust.py).
         """
-        problem, packed = _pack_result(result_data, rtt)      # the costly part, outside the lock
+        problem, packed = _pack_result(task, result_data, bitmap=bitmap, rtt=rtt,  # outside
+                                       icmp_errors=icmp_errors, skipped=skipped)  # the lock
         if failure is not None:
             problem, packed = f"client reported: {failure}"[:200], None
         token = token or None                               # an empty token is no token
         self._writable()
+        prior = self._prior_bitmaps(task)       # what a check is compared with: read unlocked
         with self._lock:
             now = self.clock()
             self._expire_due(now)
+            check = self._checks.get(task) if isinstance(task, int) else None
+            if check is not None and _matches(check, token, holder):
+                ticket, problem = self._accept_check(task, packed, problem, prior, now, holder,
+                                                     token, name, stats)
+                live = False
+                self._wait(ticket)
+                if problem:
+                    raise Refused(*problem)
+                return False
             duplicate, live = self._authorise_submit(task, token, holder, packed)
             if duplicate:
                 return True
@@ -343,7 +381,7 @@ class Store:
             if self._states[task] == State.DONE and code != State.DONE and not force:
                 raise self._refuse(HTTPStatus.CONFLICT,
                                    "task is done: revising it discards its result (use force=1)")
-            change = {**self._retire_lease(task), **self._drop_result(task), "e": None, "p": 1}
+            change = {**self._retire_lease(task), **self._discard_result(task), "e": None, "p": 1}
             self._errors.pop(task, None)
             self._pinned.add(task)
             change.update(self._set_to(task, code, holder))
@@ -399,6 +437,7 @@ class Store:
                    "responders": self._responders, "tasks_per_min": round(recent / 5, 2),
                    "probes_per_min": round(probes / 5, 2), "eta_seconds": None,
                    "contributors": len(self._contributors), "version": self._version}
+            out.update(self._verification_progress(counts[State.DONE]))
         if out["total_tasks"]:
             out["progress"] = round(100 * out["done_tasks"] / out["total_tasks"], 3)
         left = out["total_tasks"] - out["done_tasks"]
@@ -447,7 +486,8 @@ class Store:
                 "contributor": meta.contributor if meta else None,
                 "finished_at": meta.finished_at if meta else None,
                 "responders": meta.responders if meta else None,
-                "probed": meta.probed if meta else None, "exclude": self.exclude_of(task)}
+                "probed": meta.probed if meta else None, "exclude": self.exclude_of(task),
+                "verification": self._verification_of(task)}
 
     def result(self, task: int) -> dict:
         """The stored result of a done task, as /result serves it; Refused 404 if not done
@@ -458,21 +498,25 @@ class Store:
         data = self._read_result(task, meta)
         if data is None:
             raise Refused(HTTPStatus.NOT_FOUND, "task has no result")
-        meta, bitmap, rtt_z = data
+        meta, bitmap, rtt_z, errors = data
         digits = format(int.from_bytes(bitmap, "big"), f"0{RESULT_LEN}b")
         return {"task_index": task, "result_data": digits,
                 "rtt_us": base64.b64encode(rtt_z).decode() if rtt_z else None,
-                "contributor": meta.contributor, "finished_at": meta.finished_at}
+                "icmp_errors": [[k, kind, icmp_type, code] for k, kind, icmp_type, code
+                                in results.icmp_error_rows(errors)],
+                "contributor": meta.contributor, "finished_at": meta.finished_at,
+                "verification": self._verification_of(task)}
 
-    def bitmaps(self):
+    def bitmaps(self, with_errors=False):
         """(task, 8,192-byte bitmap) of every done task in index order, read lazily (a result
-        whose bytes fail their CRC is left out, and its task handed out again)."""
+        whose bytes fail their CRC is left out, and its task handed out again); with_errors:
+        (task, bitmap, ICMP error entries) (see results.icmp_error_rows)."""
         with self._lock:
             done = sorted(self._results.items())
         for task, meta in done:
             data = self._read_result(task, meta)
             if data is not None:
-                yield task, data[1]
+                yield (task, data[1], data[3]) if with_errors else (task, data[1])
 
     def map_bytes(self) -> tuple[int, bytes]:
         """(version, 131,072 bytes): state then answer fraction (0..255) for each task."""
@@ -487,6 +531,16 @@ class Store:
         people.sort(key=lambda c: (-c.tasks_done, -c.responders, c.name))
         return people
 
+    def standing(self, name: str) -> dict:
+        """A contributor's verification: results verified (agreed with), disputed (lost),
+        the rest unverified; flagged: every result checked, credit only once verified."""
+        with self._lock:
+            standing = self._verifier.standing(name)
+            person = self._contributors.get(name)
+        done = person.tasks_done if person else 0
+        return {"verified": standing.agreed, "disputed": standing.disputed,
+                "unverified": max(0, done - standing.agreed), "flagged": standing.flagged}
+
     def counters(self) -> dict:
         """Numbers for /metrics."""
         with self._lock:
@@ -494,7 +548,10 @@ class Store:
         return {"states": states, "submissions": self._submissions, "rejects": self.rejects,
                 "leases_expired": self.leases_expired, "version": self._version,
                 "damaged_results": self.damaged_results,
-                "damaged_records": self.damaged_records, "degraded": int(bool(self.degraded))}
+                "damaged_records": self.damaged_records, "degraded": int(bool(self.degraded)),
+                "agreements": self._verifier.agreements, "disputes": self._verifier.disputes,
+                "flagged": sum(w.flagged for w in self._verifier.standings.values()),
+                "verification": self._verifier.counts()}
 
     def wait_change(self, version: int, timeout: float) -> int:
         """Block until the version differs from ``version`` (or timeout); returns the version."""
@@ -515,7 +572,9 @@ class Store:
                  "leases": dict(self._leases), "old": dict(self._old),
                  "errors": dict(self._errors),
                  "contributors": list(self._contributors.values()),
-                 "pinned": sorted(self._pinned)}
+                 "pinned": sorted(self._pinned), "checks": dict(self._checks),
+                 "trust": {t: _block_record(b) for t, b in self._verifier.blocks.items()},
+                 "standings": dict(self._verifier.standings)}
         if results:
             state["results"] = dict(self._results)
         return state
@@ -527,7 +586,7 @@ class Store:
 
     def live_records(self):
         """What a compaction keeps: a copy of each result record, then the rest as one."""
-        copies = [Copy(task, meta.offset, meta.bitmap_len + meta.rtt_len, meta.crc,
+        copies = [Copy(task, meta.offset, meta.size, meta.crc,
                        lambda offset, meta=meta: _JSON.encode(
                            {"r": meta._replace(offset=offset)}).encode())
                   for task, meta in self._results.items()]
@@ -565,6 +624,8 @@ class Store:
         self._contributors: dict[str, Contributor] = {}
         self._pinned: set[int] = set()            # tasks an administrator set: scope ignored
         self._held: dict[str, int] = {}           # live leases per holder
+        self._checks: dict[int, Lease] = {}       # done tasks leased for a second opinion
+        self._verifier = trust.Verifier(self._verify, rng=self._rng)
         self._version = self._submissions = 0
         self._probed = self._responders = self._result_bytes = 0
         self._pool, self._expiry, self._recent_t, self._recent_p = [], [], [], []
@@ -651,13 +712,7 @@ class Store:
         raise self._not_yours(lease, token)
 
     def _accept(self, task, packed, now, holder, token, name, stats):
-        offset = self._journal.next_blob_offset      # where _commit below puts the bytes
-        excluded = sum(n.num_addresses for n in self._parts.get(task, ()))
-        excluded = _stat(stats, "excluded", excluded)
-        probed = _stat(stats, "probed", RESULT_LEN - excluded)
-        meta = ResultMeta(offset, len(packed.bitmap), len(packed.rtt), name or holder, now,
-                          packed.responders, probed, excluded, token, holder, packed.crc,
-                          packed.digest)
+        meta = self._result_meta(task, packed, now, holder, token, name, stats)
         change = self._retire_lease(task)
         self._old.pop(task, None)
         if self._errors.pop(task, None) is not None:
@@ -665,14 +720,20 @@ class Store:
         self._submissions += 1
         self._apply_result(task, meta, count=True)
         change.update(self._set_state(task, State.DONE))
-        person = self._contributors.get(meta.contributor) or Contributor(
-            meta.contributor, 0, 0, 0, now, now)
-        person = person._replace(tasks_done=person.tasks_done + 1, last_seen=now,
-                                 addresses_probed=person.addresses_probed + meta.probed,
-                                 responders=person.responders + meta.responders)
-        self._contributors[person.name] = person
-        change.update({"r": meta, "c": person, "n": self._submissions})
-        return self._commit(task, change, packed.bitmap + packed.rtt, packed.crc)
+        opinion = trust.Opinion(meta.contributor, holder, meta.responders, meta.probed)
+        outcome = self._verifier.add(task, opinion)
+        change.update(self._settled(task, outcome, now), r=meta, n=self._submissions)
+        return self._commit(task, change, packed.blob, packed.crc)
+
+    def _result_meta(self, task, packed, now, holder, token, name, stats):
+        """The metadata of a result about to be committed (its bytes go where the next
+        record's blob will: commit it before any other record)."""
+        excluded = sum(n.num_addresses for n in self._parts.get(task, ()))
+        excluded = _stat(stats, "excluded", excluded)
+        probed = _stat(stats, "probed", RESULT_LEN - excluded)
+        return ResultMeta(self._journal.next_blob_offset, len(packed.bitmap), len(packed.rtt),
+                          name or holder, now, packed.responders, probed, excluded, token,
+                          holder, packed.crc, packed.digest, len(packed.errors))
 
     def _fail(self, task, problem):
         self.rejects += 1
@@ -684,7 +745,7 @@ class Store:
     def _requeue(self, task, why, journal):
         """A task whose record or result was lost: back to the pool, the loss noted."""
         note = f"{why}; handed out again"
-        change = {**self._retire_lease(task), **self._drop_result(task), "e": note}
+        change = {**self._retire_lease(task), **self._discard_result(task), "e": note}
         self._errors[task] = note
         change.update(self._make_available(task))
         say(f"task {task} ({network_of(task)}): {note}")
@@ -695,7 +756,7 @@ class Store:
         self._results[task] = meta
         self._probed += meta.probed
         self._responders += meta.responders
-        self._result_bytes += _RECORD_SIZE + meta.bitmap_len + meta.rtt_len
+        self._result_bytes += _RECORD_SIZE + meta.size
         if count:
             self._recent_t.append(meta.finished_at)
             self._recent_p.append((self._recent_p[-1] if self._recent_p else 0) + meta.probed)
@@ -708,8 +769,13 @@ class Store:
             return {}
         self._probed -= meta.probed
         self._responders -= meta.responders
-        self._result_bytes -= _RECORD_SIZE + meta.bitmap_len + meta.rtt_len
+        self._result_bytes -= _RECORD_SIZE + meta.size
         return {"r": None}
+
+    def _discard_result(self, task) -> dict:
+        """The result goes, and with it every opinion of the block and any check of it."""
+        self._verifier.forget(task)
+        return {**self._drop_result(task), **self._retire_check(task), "t": None}
 
     def _trim_recent(self, since):
         first = bisect.bisect_left(self._recent_t, since)
@@ -770,6 +836,10 @@ class Store:
                 self._retire_lease(task)
                 self._make_available(task)
                 self.leases_expired += 1
+            check = self._checks.get(task)
+            if check is not None and check.token == token:
+                self._retire_check(task)          # the block stays queued for a check
+                self.leases_expired += 1
 
     def _set_state(self, task, state) -> dict:
         self._states[task] = state
@@ -791,11 +861,12 @@ class Store:
         for _ in range(2):                          # a compaction may move it meanwhile
             if meta is None:
                 return None
-            if not self._journal.durable_through(meta.offset + meta.bitmap_len + meta.rtt_len):
+            if not self._journal.durable_through(meta.offset + meta.size):
                 self._wait(self._journal.last_ticket())   # its bytes may still be queued
-            data = self._journal.read_blob(meta.offset, meta.bitmap_len + meta.rtt_len, meta.crc)
+            data = self._journal.read_blob(meta.offset, meta.size, meta.crc)
             if data is not None:
-                return meta, data[:meta.bitmap_len], data[meta.bitmap_len:]
+                rtt_end = meta.bitmap_len + meta.rtt_len
+                return meta, data[:meta.bitmap_len], data[meta.bitmap_len:rtt_end], data[rtt_end:]
             with self._lock:
                 current = self._results.get(task)
                 if current == meta:
@@ -822,6 +893,119 @@ class Store:
         with self._changed:
             self._changed.notify_all()
         return ticket
+
+    # -- private: verification (call with self._lock held, unless said) --------------------------
+
+    def _next_check(self, name, holder, within):
+        wanted = None if within is None else (
+            lambda task: any(_block_net(task).overlaps(net) for net in within))
+        return self._verifier.next_check(name, holder, busy=self._checks, wanted=wanted)
+
+    def _new_check(self, task, now, holder, bound):
+        lease = Lease(self._token(), now + self.lease_seconds, holder, bound)
+        self._checks[task] = lease
+        self._held[holder] = self._held.get(holder, 0) + 1
+        heapq.heappush(self._expiry, (lease.deadline, task, lease.token))
+        return lease, {"k": lease}
+
+    def _retire_check(self, task) -> dict:
+        lease = self._checks.pop(task, None)
+        if lease is None:
+            return {}
+        left = self._held.get(lease.holder, 1) - 1
+        if left:
+            self._held[lease.holder] = left
+        else:
+            self._held.pop(lease.holder, None)
+        return {"k": None}
+
+    def _prior_bitmaps(self, task):
+        """The bitmaps of a block's opinions, if it wants another (call unlocked: it reads)."""
+        with self._lock:
+            block = self._verifier.blocks.get(task) if isinstance(task, int) else None
+            meta = self._results.get(task)
+        if block is None or not block.wants_opinion or meta is None:
+            return []
+        data = self._read_result(task, meta)
+        kept = data[1] if data else bytes(RESULT_LEN // 8)
+        return [kept if i == block.kept else base64.b64decode(o.ref or "")
+                for i, o in enumerate(block.opinions)]
+
+    def _accept_check(self, task, packed, problem, prior, now, holder, token, name, stats):
+        """A check's result: (ticket, None) or (ticket, (status, why)) to refuse it with."""
+        change = self._retire_check(task)
+        block = self._verifier.blocks.get(task)
+        if problem is None and not self._verifier.may_check(task, name or holder, holder):
+            problem = "this contributor or address already gave this block a result"
+            return self._commit(task, change), (HTTPStatus.CONFLICT, problem)
+        if problem is not None or len(prior) != len(block.opinions):
+            problem = problem or "the block changed meanwhile: sweep it again"
+            return self._commit(task, change), (HTTPStatus.BAD_REQUEST, problem)
+        meta = self._result_meta(task, packed, now, holder, token, name, stats)
+        opinion = trust.Opinion(meta.contributor, holder, meta.responders, meta.probed)
+        agrees = [trust.agreement(packed.bitmap, other).agrees for other in prior]
+        outcome = self._verifier.add(task, opinion, agrees)
+        self._submissions += 1
+        if not outcome.block.wants_opinion:      # settled: the bitmaps kept for comparing go
+            block = outcome.block._replace(opinions=tuple(
+                o._replace(ref=None) for o in outcome.block.opinions))
+        elif outcome.block.kept != len(prior):   # unsettled: keep the newcomer's for the next
+            newest = outcome.block.opinions[-1]._replace(
+                ref=base64.b64encode(packed.bitmap).decode())
+            block = outcome.block._replace(opinions=outcome.block.opinions[:-1] + (newest,))
+        self._verifier.restore(task, block)
+        change.update(self._settled(task, outcome._replace(block=block), now),
+                      n=self._submissions)
+        for again in outcome.requeued:           # a flagged contributor's unverified results
+            self._commit(again, {"t": _block_record(self._verifier.blocks[again])})
+        if not outcome.kept_changed:
+            return self._commit(task, change), None
+        change.update(self._drop_result(task))
+        meta = meta._replace(offset=self._journal.next_blob_offset)
+        self._apply_result(task, meta, count=False)
+        change.update(self._set_state(task, State.DONE), r=meta)
+        return self._commit(task, change, packed.blob, packed.crc), None
+
+    def _settled(self, task, outcome, now) -> dict:
+        """The record of a verifier outcome: the block, its contributors' standing and
+        credit (a credit counts a result for its contributor, a debit takes it back)."""
+        people = {}
+        for opinions, sign in ((outcome.credit, 1), (outcome.debit, -1)):
+            for opinion in opinions:
+                people[opinion.contributor] = self._credit(opinion, sign, now)
+        standings = {o.contributor: self._verifier.standing(o.contributor)
+                     for o in outcome.block.opinions}
+        return {"t": _block_record(outcome.block), "w": standings, "cs": list(people.values())}
+
+    def _credit(self, opinion, sign, now):
+        person = self._contributors.get(opinion.contributor) or Contributor(
+            opinion.contributor, 0, 0, 0, now, now)
+        person = person._replace(tasks_done=person.tasks_done + sign,
+                                 addresses_probed=person.addresses_probed + sign * opinion.probed,
+                                 responders=person.responders + sign * opinion.responders,
+                                 last_seen=max(person.last_seen, now) if sign > 0 else person.last_seen)
+        self._contributors[person.name] = person
+        return person
+
+    def _verification_progress(self, done) -> dict:
+        counts = self._verifier.counts()
+        verified = counts["verified"]
+        return {"verified_tasks": verified, "unverified_tasks": counts["unverified"],
+                "checks_waiting": counts["waiting"] + counts["disputed"],
+                "disputed_tasks": counts["disputed"] + counts["unresolved"],
+                "verified_share": round(verified / done, 4) if done else 0.0,
+                "verify_fraction": self._verify}
+
+    def _verification_of(self, task) -> dict | None:
+        """/task and /result: how far the block's kept result is verified."""
+        with self._lock:
+            block = self._verifier.blocks.get(task)
+            checking = task in self._checks
+        if block is None:
+            return None
+        return {"status": block.status.name.lower(), "opinions": len(block.opinions),
+                "contributors": [o.contributor for o in block.opinions],
+                "kept": block.opinions[block.kept].contributor, "checking": checking}
 
     # -- private: load ----------------------------------------------------------------------------
 
@@ -885,6 +1069,11 @@ class Store:
         self._errors = {int(t): e for t, e in snap["errors"].items()}
         self._contributors = {c[0]: Contributor(*c) for c in snap["contributors"]}
         self._pinned = set(snap.get("pinned", ()))
+        self._checks = {int(t): Lease(*v) for t, v in snap.get("checks", {}).items()}
+        self._verifier = trust.Verifier(self._verify, rng=self._rng)
+        for task, record in snap.get("trust", {}).items():
+            self._verifier.restore(int(task), _block_from(record))
+        self._verifier.standings = {n: trust.Standing(*w) for n, w in snap.get("standings", {}).items()}
 
     def _apply_record(self, record):
         rec = json.loads(record.line)
@@ -905,8 +1094,14 @@ class Store:
             _put(self._errors, task, rec["e"])
         if "s" in rec:
             self._states[task] = rec["s"]
-        if rec.get("c"):
-            self._contributors[rec["c"][0]] = Contributor(*rec["c"])
+        for person in ([rec["c"]] if rec.get("c") else []) + rec.get("cs", []):
+            self._contributors[person[0]] = Contributor(*person)
+        if "k" in rec:
+            _put(self._checks, task, rec["k"] and Lease(*rec["k"]))
+        if "t" in rec:
+            self._verifier.restore(task, rec["t"] and _block_from(rec["t"]))
+        for name, standing in rec.get("w", {}).items():
+            self._verifier.standings[name] = trust.Standing(*standing)
         if "p" in rec:
             self._pinned.add(task)
         self._version = rec.get("v", self._version)
@@ -935,10 +1130,11 @@ class Store:
             self._map[2 * task + 1] = _fraction(meta)
         self._pool = [_rank(t) for t in range(TASKS) if self._states[t] == State.AVAILABLE]
         heapq.heapify(self._pool)
-        self._expiry = [(lease.deadline, t, lease.token) for t, lease in self._leases.items()]
+        leases = [*self._leases.items(), *self._checks.items()]
+        self._expiry = [(lease.deadline, t, lease.token) for t, lease in leases]
         heapq.heapify(self._expiry)
         self._held = {}
-        for lease in self._leases.values():
+        for _, lease in leases:
             self._held[lease.holder] = self._held.get(lease.holder, 0) + 1
         for task in [t for t in range(TASKS) if self._states[t] == State.DONE
                      and t not in self._results]:
@@ -952,6 +1148,18 @@ _JSON = json.JSONEncoder(separators=(",", ":"))   # one encoder: json.dumps buil
 _DIGITS = bytes.maketrans(bytes(range(5)), b"01234")
 _UNDIGITS = bytes.maketrans(b"01234", bytes(range(5)))
 _REV8 = bytes(int(f"{b:08b}"[::-1], 2) for b in range(256))
+
+
+def _block_record(block: trust.Block) -> list:
+    """A trust.Block as plain JSON values (its opinions as lists)."""
+    return [[list(o) for o in block.opinions], [list(p) for p in block.agreeing], block.kept,
+            int(block.status)]
+
+
+def _block_from(record) -> trust.Block:
+    opinions, agreeing, kept, status = record
+    return trust.Block(tuple(trust.Opinion(*o) for o in opinions),
+                       tuple(tuple(p) for p in agreeing), kept, trust.Status(status))
 
 
 def _rank(task: int) -> int:
@@ -973,36 +1181,17 @@ def _same(given: str, secret: str) -> bool:
     return hmac.compare_digest(given.encode(), secret.encode())
 
 
-def _pack_result(result_data, rtt):
-    """(problem, None) or (None, Packed): the result checked and bit-packed, rtt_us checked."""
+def _pack_result(task, result_data, *, bitmap=None, rtt=None, icmp_errors=None, skipped=None):
+    """(problem, None) or (None, Packed): the result checked (results.pack) and hashed."""
+    block = _block_net(task) if isinstance(task, int) and 0 <= task < TASKS else _block_net(0)
     try:
-        digits = result_data if isinstance(result_data, bytes) else result_data.encode("ascii")
-    except (AttributeError, UnicodeEncodeError):
-        digits = b""
-    if len(digits) != RESULT_LEN:
-        return f"result_data must be a string of {RESULT_LEN} characters", None
-    # int() checks the digits as it converts (a separate pass would cost 16 us more), but it
-    # also takes blanks around, a sign, a 0b prefix and '_' between digits: refuse those first.
-    try:
-        if digits[:2].strip(b"01") or digits[-1:].strip(b"01") or b"_" in digits:
-            raise ValueError
-        bits = int(digits, 2)                   # character k is bit k from the top
-    except ValueError:
-        return "result_data may hold only '0' and '1'", None
-    ones = bits.bit_count()
-    bitmap = bits.to_bytes(RESULT_LEN // 8, "big")
-    if not rtt:
-        return None, Packed(bitmap, b"", ones, zlib.crc32(bitmap), _digest(bitmap))
-    try:
-        rtt_z = base64.b64decode(rtt, validate=True)
-        inflater = zlib.decompressobj()
-        raw = inflater.decompress(rtt_z, 4 * RESULT_LEN + 1)
-        if not inflater.eof or len(raw) != 4 * ones:
-            raise ValueError("length")
-    except (ValueError, TypeError, zlib.error):
-        return "rtt_us must be base64 of zlib'd uint32s, one per '1' of result_data", None
-    return None, Packed(bitmap, rtt_z, ones, zlib.crc32(rtt_z, zlib.crc32(bitmap)),
-                        _digest(bitmap, rtt_z))
+        checked = results.pack(result_data, bitmap, block=block, rtt=rtt,
+                               icmp_errors=icmp_errors, skipped=skipped)
+    except results.Invalid as exc:
+        return str(exc), None
+    blob = checked.bitmap + checked.rtt + checked.errors
+    return None, Packed(checked.bitmap, checked.rtt, checked.responders, zlib.crc32(blob),
+                        _digest(blob), checked.errors)
 
 
 def _digest(bitmap, rtt=b"") -> str:
