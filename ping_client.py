@@ -512,7 +512,9 @@ class Client:
         """Ask until the server hands out a task, waiting longer each time it has none; None
         with --once when the census is complete."""
         while True:
-            status, answer = self._retrying("/get_task", lambda: self.api.get("/get_task"))
+            # the name keeps the server from handing us a check of our own results
+            path = "/get_task?" + urllib.parse.urlencode({"name": self.name})
+            status, answer = self._retrying("/get_task", lambda: self.api.get(path))
             if status != 200:
                 raise ClientError(f"/get_task refused: HTTP {status} {answer.get('error')}")
             task = parse_task(answer)

@@ -936,7 +936,9 @@ class Store:
         change = self._retire_check(task)
         block = self._verifier.blocks.get(task)
         if problem is None and not self._verifier.may_check(task, name or holder, holder):
-            problem = "this contributor or address already gave this block a result"
+            problem = ("your results disagree with others too often: you are given no checks"
+                       if self._verifier.standing(name or holder).flagged
+                       else "this contributor or address already gave this block a result")
             return self._commit(task, change), (HTTPStatus.CONFLICT, problem)
         if problem is not None or len(prior) != len(block.opinions):
             problem = problem or "the block changed meanwhile: sweep it again"

@@ -30,6 +30,7 @@ are given no checks to do, and they earn credit only for results verified (`Outc
 Pure logic: no I/O, no clock, the random source injected. The store persists `Block` and
 `Standing` records (tuples of plain values) and compares bitmaps with `agreement()`.
 """
+import itertools
 import random
 from enum import IntEnum
 from typing import NamedTuple, Sequence
@@ -40,7 +41,7 @@ TRUST_AFTER = 10        # agreements before a contributor is checked only at ran
 FRACTION = 0.05         # share of a trusted contributor's results checked
 DISPUTE_LIMIT = 2       # lost disputes before a contributor can be flagged ...
 DISPUTE_SHARE = 0.1     # ... and the share of their judged results these must exceed
-MAX_OPINIONS = 5        # results of one block before it is left to the operator
+MAX_OPINIONS = 8        # results of one block before it is left to the operator
 TELLING = 16            # an agreement proves something if the kept result has this many
                         # responders and this many silent addresses
 
@@ -122,7 +123,9 @@ class Verifier:
         self.fraction, self.trust_after, self.rng = fraction, trust_after, rng
         self.blocks: dict[int, Block] = {}
         self.standings: dict[str, Standing] = {}
-        self._queue: dict[int, None] = {}       # tasks wanting an opinion, oldest first
+        # tasks wanting an opinion, oldest first: disputes before first checks, since settling
+        # one is what flags a liar and puts an honest result in its place
+        self._queues = {Status.DISPUTED: {}, Status.WAITING: {}}
         self.agreements = self.disputes = 0    # judged opinions, for /metrics
 
     def add(self, task: int, opinion: Opinion, agrees: Sequence[bool] = ()) -> Outcome:
@@ -141,12 +144,12 @@ class Verifier:
         return outcome._replace(credit=credit + outcome.credit)
 
     def next_check(self, name: str, address: str, busy=frozenset(), wanted=None) -> int | None:
-        """The oldest block wanting an opinion that this holder may give (none of its
-        opinions by this name or address), not `busy` (leased) and `wanted(task)` if given;
-        None if none."""
+        """The oldest disputed block, else the oldest waiting one, that this holder may give an
+        opinion on (none of its opinions by this name or address), not `busy` (leased) and
+        `wanted(task)` if given; None if none."""
         if not self.fraction or self.standing(name).flagged:
             return None
-        for task in self._queue:
+        for task in itertools.chain(*self._queues.values()):
             if (task not in busy and not self.blocks[task].has_seen(name, address)
                     and (wanted is None or wanted(task))):
                 return task
@@ -163,7 +166,8 @@ class Verifier:
     def forget(self, task: int) -> None:
         """The block's result was discarded (an operator's revise): its opinions go too."""
         self.blocks.pop(task, None)
-        self._queue.pop(task, None)
+        for queue in self._queues.values():
+            queue.pop(task, None)
 
     def restore(self, task: int, block: Block | None) -> None:
         """Put back a block's record as the store persisted it."""
@@ -255,10 +259,11 @@ class Verifier:
         return again
 
     def _enqueue(self, task: int, block: Block) -> None:
-        if block.wants_opinion:
-            self._queue.setdefault(task, None)
-        else:
-            self._queue.pop(task, None)
+        for status, queue in self._queues.items():
+            if block.status == status:
+                queue.setdefault(task, None)
+            else:
+                queue.pop(task, None)
 
 
 _NOBODY = Standing()
