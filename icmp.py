@@ -880,7 +880,8 @@ class _Sweep:
             return
         if echo:
             self.status[k] = Status.ECHO_REPLY
-            self.rtt_us[k] = min(int((now - self.sent_at[k]) * 1e6), 0xFFFFFFFF)
+            # a late answer to an earlier round can beat the re-probe's send time: never < 0
+            self.rtt_us[k] = min(max(int((now - self.sent_at[k]) * 1e6), 0), 0xFFFFFFFF)
         else:
             unreachable = reply.icmp_type == IcmpType.DEST_UNREACHABLE
             self.status[k] = Status.UNREACHABLE if unreachable else Status.TIME_EXCEEDED

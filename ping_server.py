@@ -1,17 +1,25 @@
 """The census task server: hands out /16 blocks to volunteers and keeps what they find.
 
-An ``http.server.ThreadingHTTPServer`` speaking HTTP/1.1 keep-alive, with one handler class and
-a route table keyed on (method, path). Route functions return ``(HTTPStatus, body)``; a dict or
-list body is serialised as JSON in one place, and every refusal is an ``HttpError`` turned into
-``{"error": ...}`` there too. State lives in ``store.Store`` (crash-safe, answers only once a change
-is durable). Also serves the dashboard (``dashboard.html`` beside this file), its data endpoints,
-Prometheus metrics and the client download ``/ping.zip``.
+HTTP/1.0 and 1.1 with keep-alive, served by ``http_front`` (one selectors loop owns every socket,
+a fixed pool of worker threads runs the requests, one broadcaster feeds every /events stream).
+One handler class and a route table keyed on (method, path): route functions return
+``(HTTPStatus, body)``; a dict or list body is serialised as JSON in one place, and every refusal
+is an ``HttpError`` turned into ``{"error": ...}`` there too. State lives in ``store.Store``
+(crash-safe, answers only once a change is durable). Also serves the dashboard
+(``dashboard.html`` beside this file), its data endpoints, Prometheus metrics and the client
+download ``/ping.zip``.
 
     python3 ping_server.py [--host H] [--port P] [--data DIR] [--scope CIDR[,CIDR]]
                            [--exclude FILE] [--lease SECONDS] [--admin-token T]
+                           [--workers N] [--max-connections N] [--max-per-address N]
+                           [--proxy ADDR[,ADDR]]
 """
 
 import argparse
+import base64
+import email.utils
+import functools
+import hashlib
 import hmac
 import html
 import io
@@ -20,33 +28,27 @@ import json
 import os
 import re
 import signal
-import socket
-import struct
 import sys
 import threading
 import time
 import traceback
 import zipfile
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterable, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
+import http_front
+from http_front import CLOSE, KEEP, SUBSCRIBE, Headers
 from store import Refused, Store, network_of, parse_blocklist, remembered_scope
 from trust import FRACTION
 
-MAX_BODY = 4 << 20                  # 4 MiB: a result is 64 KiB of '0'/'1' plus a few fields
-MAX_URL = 8192
-MAX_HEADER_LINE = 65536             # the same limits as http.client
-MAX_HEADERS = 100
-IDLE_TIMEOUT = 30.0                 # seconds a connection may sit silent before it is dropped
+IDLE_TIMEOUT = http_front.IDLE_TIMEOUT      # seconds a connection may sit silent before it is dropped
 KEEPALIVE_EVERY = 15.0              # SSE comment interval
 EVENTS_MIN_GAP = 1.0                # an SSE stream sends at most one update a second
+WARN_EVERY = 10.0                   # seconds between two operator warnings of one kind
 JSON_TYPE = "application/json"
 HERE = Path(__file__).resolve().parent
-# The peer went away, or stalled past the idle timeout (BlockingIOError: see Handler.setup).
-_GONE = (ConnectionError, TimeoutError, BlockingIOError)
 
 
 class HttpError(Exception):
@@ -63,35 +65,12 @@ class HttpError(Exception):
         return {**self.extra, "error": self.message}
 
 
-class Headers(dict):
-    """Request headers by lower-cased name; a repeated one has its values joined with ", "
-    (RFC 9110 5.3), so that a second Content-Length cannot hide behind the first. (The stdlib's
-    email.message.Message scans every header on each lookup.)"""
-
-    def add(self, name: str, value: str) -> None:
-        key = name.lower()
-        super().__setitem__(key, f"{self[key]}, {value}" if key in self else value)
-
-    def get(self, name, default=None):
-        return super().get(name.lower(), default)
-
-    def tokens(self, name) -> set:
-        """The lower-cased items of a comma-separated header (Connection: keep-alive, TE)."""
-        return {item.strip(" \t") for item in self.get(name, "").lower().split(",")}
-
-    def __getitem__(self, name):
-        return super().__getitem__(name.lower())
-
-    def __contains__(self, name):
-        return super().__contains__(name.lower())
-
-
 class Request(NamedTuple):
     method: str
     path: str
     query: dict             # first value of each parameter
     body: bytes
-    client: str             # remote address
+    client: str             # remote address (the forwarded one from a --proxy peer)
     headers: Headers
 
 
@@ -103,9 +82,16 @@ class Raw(NamedTuple):
 
 
 class Stream(NamedTuple):
-    """A body written as it is produced; the connection closes at its end."""
+    """A body written as it is produced (by the worker); the connection closes at its end."""
     content_type: str
     chunks: Iterable[bytes]
+    headers: tuple = ()
+
+
+class Subscription(NamedTuple):
+    """An event stream: the head and the latest update are sent, then the connection joins the
+    broadcaster (no thread of its own)."""
+    content_type: str = "text/event-stream"
 
 
 def is_loopback(client: str) -> bool:
@@ -117,15 +103,33 @@ def is_loopback(client: str) -> bool:
     return (mapped or address).is_loopback
 
 
+def is_loopback_host(host: str | None) -> bool:
+    """A Host header naming this machine: localhost or a loopback address, any port."""
+    name = (host or "").strip().lower()
+    if name.startswith("["):
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    return name in ("localhost", "localhost.") or is_loopback(name)
+
+
+FORWARDING_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
+
+
 def check_admin(token: str | None, authorization: str | None, client: str,
-                fetch_site: str | None = None) -> None:
+                fetch_site: str | None = None, *, host: str | None = None,
+                forwarded: bool = False) -> None:
     """Raise HttpError unless the request may use admin actions.
 
     With a token configured it must come as ``Authorization: Bearer <token>``, from anywhere,
-    loopback included; with none configured only loopback clients are admitted. The admin
-    actions are GETs (as in the original system), so a web page open in the operator's browser
-    could fire them at a loopback server: a request a browser marks as coming from another site
-    (``Sec-Fetch-Site``) is refused whatever else it carries.
+    loopback included. With none configured only a loopback client is admitted, and only when
+    the request names this machine (``Host`` is localhost or a loopback address: a page on
+    another name that resolves to 127.0.0.1, DNS rebinding, is refused; a request without Host
+    comes from no browser) and was not relayed (``forwarded``: a Forwarded, X-Forwarded-For or
+    X-Real-IP header, as a same-host reverse proxy adds). The admin actions are GETs (as in the
+    original system), so a web page open in the operator's browser could fire them: a request a
+    browser marks as coming from another site (``Sec-Fetch-Site``) is refused whatever else it
+    carries.
     """
     if (fetch_site or "").strip().lower() in ("cross-site", "same-site"):
         raise HttpError(HTTPStatus.FORBIDDEN, "admin actions are refused from other web sites")
@@ -139,6 +143,56 @@ def check_admin(token: str | None, authorization: str | None, client: str,
     elif not is_loopback(client):
         raise HttpError(HTTPStatus.FORBIDDEN,
                         "admin actions need a token (none is set: loopback only)")
+    elif forwarded or (host is not None and not is_loopback_host(host)):
+        raise HttpError(HTTPStatus.FORBIDDEN, "admin actions without a token need a direct "
+                        "request to localhost (no proxy, Host naming a loopback address)")
+
+
+def check_same_site(headers: Headers) -> None:
+    """Refuse what a browser sends on behalf of another web site: ``Sec-Fetch-Site`` cross-site
+    or same-site, or an ``Origin`` that is not this server (``Host``). Programs send neither."""
+    site = (headers.get("Sec-Fetch-Site") or "").strip().lower()
+    origin = headers.get("Origin")
+    if site in ("cross-site", "same-site") or (
+            origin is not None and not _same_origin(origin, headers.get("Host"))):
+        raise HttpError(HTTPStatus.FORBIDDEN, "refused: a request from another web site")
+
+
+def client_address(peer: str, headers: Headers, proxies: frozenset) -> str:
+    """The client a request is from: the peer, or from a --proxy peer the nearest address in
+    X-Forwarded-For that is not itself a trusted proxy (each proxy appends its own peer)."""
+    if peer not in proxies:
+        return peer
+    for hop in reversed(headers.get("X-Forwarded-For", "").split(",")):
+        hop = hop.strip()
+        if hop and hop not in proxies:
+            try:
+                return ipaddress.ip_address(hop).compressed
+            except ValueError:
+                return peer                     # garbage from the proxy: it is the client
+    return peer
+
+
+class Warnings:
+    """What the operator must see on stderr, -v or not: storage failures, internal errors,
+    refusals by a cap. Each kind at most once every ``every`` seconds, with a count of the ones
+    held back (a flood must not become a flood of log lines)."""
+
+    def __init__(self, every=WARN_EVERY, clock=time.monotonic, stream=None):
+        self.every, self.clock, self.stream = every, clock, stream
+        self._lock = threading.Lock()
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, kind: str, text: str) -> None:
+        with self._lock:
+            now = self.clock()
+            last, held = self._seen.get(kind, (None, 0))
+            if last is not None and now - last < self.every:
+                self._seen[kind] = (last, held + 1)
+                return
+            self._seen[kind] = (now, 0)
+        more = f" ({held} more like it held back)" if held else ""
+        print(f"ping_server: {text}{more}", file=self.stream or sys.stderr, flush=True)
 
 
 class Metrics:
@@ -162,148 +216,89 @@ class Metrics:
             return dict(self.requests), {k: tuple(v) for k, v in self.latency.items()}
 
 
-class CensusServer(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-    request_queue_size = 1024       # listen backlog: a burst of volunteers must not be refused
+class EventFeed:
+    """Store changes as /events messages, each formatted once for every subscriber: an update
+    on a change (at most one a second), a keepalive comment when idle. One thread; the front
+    writes what it publishes to every open stream."""
+
+    def __init__(self, store: Store, front: http_front.Front, stopping: threading.Event):
+        self.store, self.front, self.stopping = store, front, stopping
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self._feed()
+            except Exception:
+                self.front.warn("internal", "the /events feed failed:\n" + traceback.format_exc())
+                self.stopping.wait(EVENTS_MIN_GAP)
+
+    def _feed(self) -> None:
+        version = None
+        while not self.stopping.is_set():
+            if self.store.version != version:
+                version = self.store.version
+                self.front.publish(b"event: update\ndata: " + _json(self.store.progress())
+                                   + b"\n\n", latest=True)
+                self.stopping.wait(EVENTS_MIN_GAP)
+            elif self.store.wait_change(version, KEEPALIVE_EVERY) == version:
+                self.front.publish(b": keepalive\n\n")
+
+
+class CensusServer:
+    """The census over HTTP: ROUTES behind an ``http_front.Front`` (see its docstring for the
+    connection limits). ``serve_forever`` / ``shutdown`` / ``server_close`` as socketserver's."""
 
     def __init__(self, address, store: Store, *, admin_token=None, idle_timeout=IDLE_TIMEOUT,
-                 static_dir=HERE, verbose=False):
+                 static_dir=HERE, verbose=False, workers=http_front.WORKERS,
+                 max_connections=None, max_per_address=http_front.MAX_PER_ADDRESS, proxies=(),
+                 head_timeout=http_front.HEAD_TIMEOUT, warn=None):
         self.store = store
         self.admin_token = admin_token or None
-        self.idle_timeout = idle_timeout
         self.static_dir = Path(static_dir)
         self.verbose = verbose
+        self.proxies = frozenset(ipaddress.ip_address(p).compressed for p in proxies)
+        self.warn = Warnings() if warn is None else warn
         self.metrics = Metrics()
         self.stopping = threading.Event()
-        super().__init__(address, Handler)
+        limits = http_front.Limits(workers, max_connections, max_per_address, head_timeout,
+                                   idle_timeout)
+        self.front = http_front.Front(address, self._handle, _refusal_bytes, self.warn, limits,
+                                      self.proxies)
+        self.server_address = self.front.address
+        self.events = EventFeed(store, self.front, self.stopping)
+
+    def serve_forever(self, poll_interval=0.5):
+        threading.Thread(target=self.events.run, name="events", daemon=True).start()
+        self.front.serve_forever(poll_interval)
+
+    def shutdown(self):
+        self.stopping.set()
+        self.front.shutdown()
 
     def server_close(self):
         self.stopping.set()
-        super().server_close()
+        self.front.close()
 
-    def handle_error(self, request, client_address):
-        if not isinstance(sys.exception(), _GONE):     # a peer that left is no error
-            super().handle_error(request, client_address)
+    def _handle(self, channel, message):
+        return Handler(self, channel, message).run()
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "ipv4-census/1"
-    disable_nagle_algorithm = True  # Nagle + delayed ACK costs 40 ms a request on keep-alive
-    wbufsize = 1 << 16              # headers and body leave in one send, at the flush
-    _date = (None, "")              # (second, Date header) of the latest answer
+class Handler:
+    """One request, in a worker thread: routed through ROUTES, answered on its channel. The
+    route methods below take a Request and return (HTTPStatus, body)."""
 
-    def setup(self):
-        super().setup()
-        # The idle timeout as kernel socket options, not socket.settimeout(): that costs a
-        # poll() before every recv and send, each one more hand-off of the GIL between busy
-        # threads. A recv that times out reads as the end of the stream (the connection is
-        # closed); a send that times out raises BlockingIOError.
-        if self.server.idle_timeout:
-            seconds, fraction = divmod(self.server.idle_timeout, 1)
-            limit = struct.pack("ll", int(seconds), int(fraction * 1e6))
-            for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
-                self.connection.setsockopt(socket.SOL_SOCKET, option, limit)
+    def __init__(self, server: CensusServer, channel: http_front.Channel,
+                 message: http_front.Message):
+        self.server, self.channel, self.message = server, channel, message
+        self.command, self.path, self.headers = message.method, message.target, message.headers
+        self.close_connection = not message.keep_alive
+        self.client = client_address(message.peer, message.headers, server.proxies)
+        self.after = None                       # SUBSCRIBE once an event stream is open
 
-    def do_GET(self):
+    def run(self) -> str:
+        """Route and answer; what the connection does next (http_front KEEP, CLOSE, SUBSCRIBE)."""
         self._dispatch()
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_GET
-
-    def parse_request(self):
-        """BaseHTTPRequestHandler.parse_request, but the header block is read by _read_headers
-        (2 us) instead of the email package (http.client.parse_headers: 13 us, and each lookup
-        scans every header): a volunteer's get/submit cycle costs about 150 us of the GIL."""
-        self.command = None
-        self.request_version = self.default_request_version
-        self.close_connection = True
-        line = self.raw_requestline
-        if line in (b"\r\n", b"\n"):          # RFC 9112 2.2: ignore an empty line first
-            line = self.raw_requestline = self.rfile.readline(65537)
-        if not line.endswith(b"\n"):          # cut short: the peer left or stalled
-            return False
-        self.requestline = str(line, "iso-8859-1").rstrip("\r\n")
-        words = self.requestline.split()
-        version = _HTTP_VERSION.fullmatch(words[-1]) if len(words) == 3 else None
-        if version is None:
-            self.send_error(HTTPStatus.BAD_REQUEST, f"bad request line {self.requestline[:80]!r}")
-            return False
-        if int(version[1]) != 1:
-            self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, f"{words[-1]} not supported")
-            return False
-        self.command, self.path = words[:2]
-        self.request_version = "HTTP/1.0" if int(version[2]) == 0 else "HTTP/1.1"
-        if self.path.startswith("//"):      # as the stdlib: no //host paths (open redirects)
-            self.path = "/" + self.path.lstrip("/")
-        self.headers = self._read_headers()
-        if self.headers is None:
-            return False
-        connection = self.headers.tokens("Connection")
-        self.close_connection = "close" in connection or (
-            self.request_version == "HTTP/1.0" and "keep-alive" not in connection)
-        if "100-continue" in self.headers.tokens("Expect") and self.request_version == "HTTP/1.1":
-            return self.handle_expect_100()
-        return True
-
-    def handle_expect_100(self):
-        """Refuse a body the client has not sent yet (too long, chunked, ...), else 100."""
-        try:
-            self._check_url()
-            self._body_length()
-        except HttpError as exc:
-            self._send(exc.status, _refusal(exc))
-            return False
-        super().handle_expect_100()
-        self.wfile.flush()                  # the client waits for this before it sends the body
-        return True
-
-    def send_error(self, code, message=None, explain=None):
-        """Protocol errors (bad request line, headers, URL over 64 KiB) as JSON too."""
-        self.close_connection = True
-        if self.request_version == "HTTP/0.9":  # a garbled request line: answer in HTTP/1.x
-            self.request_version = "HTTP/1.0"
-        try:
-            message = message or HTTPStatus(code).phrase
-        except ValueError:
-            message = message or "error"
-        self.log_error("code %d, message %s", code, message)
-        self._send(code, {"error": message})
-
-    def log_message(self, format, *args):
-        if self.server.verbose:
-            super().log_message(format, *args)
-
-    def date_time_string(self, timestamp=None):
-        # formatdate() costs 3 us a response; the Date header changes once a second
-        second = int(time.time() if timestamp is None else timestamp)
-        cached = Handler._date
-        if cached[0] != second:
-            cached = Handler._date = (second, super().date_time_string(second))
-        return cached[1]
-
-    def _read_headers(self):
-        """The header block as Headers; None once a 4xx is answered, or when the block is cut
-        short (never act on half a request). Folded lines, names that are not tokens and stray
-        CR or NUL are refused, as RFC 9112 2.2 and 5 allow."""
-        headers = Headers()
-        for _ in range(MAX_HEADERS + 1):
-            line = self.rfile.readline(MAX_HEADER_LINE + 1)
-            if len(line) > MAX_HEADER_LINE:
-                self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "header line too long")
-                return None
-            if line in (b"\r\n", b"\n"):
-                return headers
-            if not line.endswith(b"\n"):
-                return None
-            text = line.decode("iso-8859-1")[:-1].removesuffix("\r")
-            name, colon, value = text.partition(":")
-            if not colon or not _TOKEN.fullmatch(name) or "\r" in value or "\0" in value:
-                self.send_error(HTTPStatus.BAD_REQUEST, f"bad header line {line[:80]!r}")
-                return None
-            headers.add(name, value.strip(" \t"))
-        self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too many headers")
-        return None
+        return self.after or (CLOSE if self.close_connection else KEEP)
 
     # -- dispatch ---------------------------------------------------------------------------------
 
@@ -317,113 +312,111 @@ class Handler(BaseHTTPRequestHandler):
             status, body = exc.status, _refusal(exc)
         except Refused as exc:
             status, body = exc.status, {"error": exc.message}
-        except _GONE:
-            self.close_connection = True        # the client went away mid-request
-            return
         except OSError as exc:                  # the store cannot write: try again later
-            self.log_error("storage error: %s", exc)
+            self.server.warn("storage", f"storage error on {self.command} {path}: {exc}")
             status, body = HTTPStatus.SERVICE_UNAVAILABLE, {"error": "storage unavailable"}
         except Exception:                       # a bug, not the client's fault: still JSON
-            self.log_error("internal error:\n%s", traceback.format_exc())
+            self.server.warn("internal", f"internal error on {self.command} {path}:\n"
+                                         f"{traceback.format_exc().rstrip()}")
             self.close_connection = True
             status, body = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"}
-        try:
-            self._send(status, body)
-        except _GONE:
-            self.close_connection = True
-            return
+        status, body = self._cached(path, status, body)
+        self._send(status, body)
         self.server.metrics.observe(endpoint, status, time.perf_counter() - started)
+        if self.server.verbose:
+            print(f'{self.client} - - [{_http_date()}] "{self.command} {self.path[:200]} '
+                  f'{self.message.version}" {int(status)} -', file=sys.stderr, flush=True)
 
     def _route(self):
-        self._check_url()
-        body = self._read_body()
         try:
             url = urlsplit(self.path)
         except ValueError:
             raise HttpError(HTTPStatus.BAD_REQUEST, "bad URL") from None
-        method = "GET" if self.command == "HEAD" else self.command
+        reads = self.command == "HEAD" and url.path not in CHANGES_STATE
+        method = "GET" if reads else self.command
         route = ROUTES.get((method, url.path))
         if route is None:
             allowed = sorted(m for m, p in ROUTES if p == url.path)
+            if "GET" in allowed and url.path not in CHANGES_STATE:
+                allowed.append("HEAD")
             if allowed:
                 raise HttpError(HTTPStatus.METHOD_NOT_ALLOWED, f"use {' or '.join(allowed)}",
                                 headers=[("Allow", ", ".join(allowed))])
             raise HttpError(HTTPStatus.NOT_FOUND, "no such path")
+        if url.path in CHANGES_STATE:
+            check_same_site(self.headers)
         try:
             query = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True,
                                                   max_num_fields=32).items()}
         except ValueError:
             raise HttpError(HTTPStatus.BAD_REQUEST, "bad query string") from None
-        return route(self, Request(method, url.path, query, body, self.client_address[0],
+        return route(self, Request(method, url.path, query, self.message.body, self.client,
                                    self.headers))
 
-    def _check_url(self):
-        if len(self.path) > MAX_URL:
-            self.close_connection = True
-            raise HttpError(HTTPStatus.REQUEST_URI_TOO_LONG, "URL too long")
-
-    def _body_length(self) -> int:
-        """Content-Length, checked: decimal, at most MAX_BODY, and no Transfer-Encoding (this
-        server decodes none: RFC 9112 6.1)."""
-        length = self.headers.get("Content-Length", "0")
-        digits = length.lstrip("0")                 # int() refuses over 4,300 digits
-        if "Transfer-Encoding" in self.headers:
-            problem = HTTPStatus.LENGTH_REQUIRED, "send a Content-Length, not a Transfer-Encoding"
-        elif not (length.isascii() and length.isdigit()):
-            problem = HTTPStatus.BAD_REQUEST, "bad Content-Length"
-        elif len(digits) > 9 or int(digits or "0") > MAX_BODY:
-            problem = HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY} bytes"
-        else:
-            return int(digits or "0")
-        self.close_connection = True                # the body is not read: the stream is lost
-        raise HttpError(*problem)
-
-    def _read_body(self) -> bytes:
-        length = self._body_length()
-        data = self.rfile.read(length) if length else b""  # None: the idle timeout struck
-        if data is None or len(data) < length:
-            self.close_connection = True
-            raise HttpError(HTTPStatus.BAD_REQUEST, "body shorter than Content-Length")
-        return data
+    def _cached(self, path, status, body):
+        """Read endpoints: Cache-Control beside an ETag (the body's digest), and 304 for a
+        client or proxy that holds this body already. Routes that change state: no-store."""
+        if path in CHANGES_STATE:
+            return status, _with_headers(body, ("Cache-Control", "no-store"))
+        policy = CACHE_CONTROL.get(path)
+        if policy is None or status not in (HTTPStatus.OK, HTTPStatus.NOT_MODIFIED):
+            return status, body
+        if not isinstance(body, (Raw, Stream)):
+            body = Raw(JSON_TYPE, _json(body))
+        headers = [(k, v) for k, v in body.headers if k.lower() != "cache-control"]
+        etag = dict((k.lower(), v) for k, v in headers).get("etag")
+        if etag is None and status == HTTPStatus.OK:
+            etag = (f'W/"v{self.server.store.version}"' if isinstance(body, Stream) else
+                    '"' + hashlib.blake2b(body.data, digest_size=12).hexdigest() + '"')
+            headers.append(("ETag", etag))
+        headers.append(("Cache-Control", policy))
+        if etag and self.headers.get("If-None-Match", "").strip() == etag:
+            close = getattr(body, "chunks", None) and getattr(body.chunks, "close", None)
+            if close:
+                close()                         # a stream not begun: nothing to send
+            status, body = HTTPStatus.NOT_MODIFIED, Raw(body.content_type, b"")
+        return status, body._replace(headers=tuple(headers))
 
     def _send(self, status, body):
         """The one place answers are written; dict/list bodies become JSON here."""
         if isinstance(body, Stream):
             return self._send_stream(status, body)
+        if isinstance(body, Subscription):
+            return self._subscribe(status, body)
         if not isinstance(body, Raw):
             body = Raw(JSON_TYPE, _json(body))
-        self.send_response(status)
-        self.send_header("Content-Type", body.content_type)
-        if status != HTTPStatus.NOT_MODIFIED:
-            self.send_header("Content-Length", str(len(body.data)))
-        for name, value in body.headers:
-            self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD" and status != HTTPStatus.NOT_MODIFIED:
-            self.wfile.write(body.data)
+        head_only = self.command == "HEAD" or status == HTTPStatus.NOT_MODIFIED
+        self.channel.send(_answer(status, body, self.close_connection, self.message.version,
+                                  head_only))
 
     def _send_stream(self, status, body):
         self.close_connection = True
-        self.send_response(status)
-        self.send_header("Content-Type", body.content_type)
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
+        headers = body.headers or (("Cache-Control", "no-cache"),)
+        head = _answer(status, Raw(body.content_type, b"", tuple(headers)), True,
+                       self.message.version, head_only=True, length=False)
         try:
-            self.wfile.flush()
-            if self.command == "HEAD":
-                return
-            for chunk in body.chunks:
-                self.wfile.write(chunk)
-                self.wfile.flush()
-        except _GONE:
-            pass                                # the reader went away
+            self.channel.send_all(head, self.server.front.limits.idle_timeout)
+            if self.command != "HEAD":
+                for chunk in body.chunks:
+                    self.channel.send_all(chunk, self.server.front.limits.idle_timeout)
+        except OSError:
+            pass                                # the reader went away or stalled
         finally:
             close = getattr(body.chunks, "close", None)
             if close:
                 close()
+
+    def _subscribe(self, status, body):
+        head = _answer(status, Raw(body.content_type, b"", (("Cache-Control", "no-cache"),
+                                                            ("X-Accel-Buffering", "no"))),
+                       True, self.message.version, head_only=True, length=False)
+        if self.command == "HEAD" or status != HTTPStatus.OK:
+            self.close_connection = True
+            return self.channel.send(head)
+        seen, latest = self.server.front.latest
+        self.channel.seen = seen
+        self.channel.send(head + b"retry: 3000\n\n" + latest)
+        self.after = SUBSCRIBE
 
     # -- volunteers -------------------------------------------------------------------------------
 
@@ -488,7 +481,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _admin(self, req):
         check_admin(self.server.admin_token, req.headers.get("Authorization"), req.client,
-                    req.headers.get("Sec-Fetch-Site"))
+                    req.headers.get("Sec-Fetch-Site"), host=req.headers.get("Host"),
+                    forwarded=any(name in req.headers for name in FORWARDING_HEADERS))
 
     def add_task(self, req):
         self._admin(req)
@@ -574,13 +568,17 @@ class Handler(BaseHTTPRequestHandler):
         return HTTPStatus.OK, Stream("text/csv; charset=utf-8", _csv_chunks(self.server.store))
 
     def events(self, req):
-        return HTTPStatus.OK, Stream("text/event-stream", _event_chunks(self.server))
+        return HTTPStatus.OK, Subscription()
 
     def metrics(self, req):
         text = _prometheus(self.server.store.counters(), *self.server.metrics.copy())
         return HTTPStatus.OK, Raw("text/plain; version=0.0.4; charset=utf-8", text.encode())
 
     def healthz(self, req):
+        degraded = getattr(self.server.store, "degraded", None)
+        reason = degraded() if callable(degraded) else degraded
+        if isinstance(reason, str) and reason:
+            return HTTPStatus.SERVICE_UNAVAILABLE, {"status": "degraded", "error": reason}
         return HTTPStatus.OK, {"status": "ok"}
 
     def ping_zip(self, req):
@@ -627,9 +625,19 @@ ROUTES = {
     ("GET", "/dashboard.html"): Handler.dashboard,
 }
 PATHS = frozenset(path for _, path in ROUTES)
+# /get_task and every route that changes state: no HEAD, no browser requests from other sites,
+# never cached
+CHANGES_STATE = frozenset({"/get_task", "/submit_result", "/release", "/add_task", "/revise",
+                           "/error/reset"})
+# Read endpoints a proxy may serve from its cache for that long (each has an ETag too)
+CACHE_CONTROL = {"/": "public, max-age=60", "/dashboard.html": "public, max-age=60",
+                 "/get_progress": "public, max-age=2", "/map": "public, max-age=2",
+                 "/contributors": "public, max-age=10", "/export.csv": "public, max-age=60"}
+SECURITY_HEADERS = (("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"),
+                    ("Referrer-Policy", "no-referrer"))
+CSP_DATA = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+SERVER_NAME = "ipv4-census/1"
 _JSON = json.JSONEncoder(separators=(",", ":"))   # one encoder: json.dumps builds one a call
-_TOKEN = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")         # RFC 9110 5.6.2
-_HTTP_VERSION = re.compile(r"HTTP/([0-9]{1,10})\.([0-9]{1,10})")
 
 _FALLBACK_PAGE = (b"<!doctype html><html><head><meta charset='utf-8'><title>IPv4 census</title>"
                   b"</head><body><h1>IPv4 census</h1><p>The dashboard page is missing; the data: "
@@ -647,6 +655,74 @@ def _refusal(exc: HttpError) -> Raw:
 
 def _json(body) -> bytes:
     return _JSON.encode(body).encode()
+
+
+def _answer(status, body: Raw, close: bool, version: str, head_only=False, length=True) -> bytes:
+    """The bytes of an answer: status line, headers (the security ones on every answer), body."""
+    status = HTTPStatus(status)
+    lines = [f"HTTP/1.1 {status.value} {status.phrase}", f"Server: {SERVER_NAME}",
+             f"Date: {_http_date()}", f"Content-Type: {body.content_type}"]
+    if length and status != HTTPStatus.NOT_MODIFIED:
+        lines.append(f"Content-Length: {len(body.data)}")
+    lines += [f"{name}: {value}" for name, value in body.headers + SECURITY_HEADERS]
+    lines.append("Content-Security-Policy: " + (_page_policy(body.data)
+                 if body.content_type.startswith("text/html") else CSP_DATA))
+    if close:
+        lines.append("Connection: close")
+    elif version == "HTTP/1.0":
+        lines.append("Connection: keep-alive")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + body.data
+
+
+def _refusal_bytes(status, message: str, headers=()) -> bytes:
+    """An answer the front gives by itself (a bad head, a full server): JSON, then close."""
+    return _answer(status, Raw(JSON_TYPE, _json({"error": message}), tuple(headers)), True,
+                   "HTTP/1.1")
+
+
+_INLINE = re.compile(rb"<script\b([^>]*)>(.*?)</script\s*>", re.S | re.I)
+
+
+@functools.lru_cache(maxsize=16)
+def _page_policy(page: bytes) -> str:
+    """The CSP of an HTML page: its own inline scripts allowed by their SHA-256 (nothing else
+    inline runs), styles from the page itself ('unsafe-inline': the page uses style attributes,
+    and CSS runs no script), everything else from this server only, never framed."""
+    hashes = " ".join("'sha256-" + base64.b64encode(hashlib.sha256(m[2]).digest()).decode() + "'"
+                      for m in _INLINE.finditer(page) if b"src=" not in m[1].lower())
+    return (f"default-src 'none'; script-src 'self' {hashes}; style-src 'self' 'unsafe-inline'; "
+            "img-src 'self' data: blob:; connect-src 'self'; font-src 'self'; "
+            "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+_DATE = [None, ""]                  # (second, Date header) of the latest answer
+
+
+def _http_date() -> str:
+    second = int(time.time())       # formatdate() costs 3 us; the Date changes once a second
+    if _DATE[0] != second:
+        _DATE[:] = second, email.utils.formatdate(second, usegmt=True)
+    return _DATE[1]
+
+
+def _same_origin(origin: str, host: str | None) -> bool:
+    """An Origin header naming the host the request was sent to (default ports aside)."""
+    try:
+        url = urlsplit(origin.strip())
+    except ValueError:
+        return False
+    default = {"http": ":80", "https": ":443"}.get(url.scheme, "")
+    given = url.netloc.lower().removesuffix(default)
+    return bool(url.netloc) and given == (host or "").strip().lower().removesuffix(default)
+
+
+def _with_headers(body, *headers):
+    if isinstance(body, (dict, list)):
+        body = Raw(JSON_TYPE, _json(body))
+    if isinstance(body, (Raw, Stream)):
+        return body._replace(headers=tuple(body.headers) + headers)
+    return body
 
 
 def _json_object(raw: bytes, **extra) -> dict:
@@ -730,20 +806,6 @@ def _csv_chunks(store: Store):
             yield "".join(lines).encode()
 
 
-def _event_chunks(server: CensusServer):
-    """An update on every change (at most one a second), a keepalive comment when idle."""
-    store = server.store
-    version = None
-    yield b"retry: 3000\n\n"
-    while not server.stopping.is_set():
-        if store.version != version:
-            version = store.version
-            yield b"event: update\ndata: " + _json(store.progress()) + b"\n\n"
-            server.stopping.wait(EVENTS_MIN_GAP)
-        elif store.wait_change(version, KEEPALIVE_EVERY) == version:
-            yield b": keepalive\n\n"
-
-
 def _prometheus(counters: dict, requests: dict, latency: dict) -> str:
     lines = ["# HELP census_tasks Tasks by state.", "# TYPE census_tasks gauge"]
     lines += [f'census_tasks{{state="{s}"}} {n}' for s, n in counters["states"].items()]
@@ -784,7 +846,8 @@ def _parse_args(argv):
     parser = argparse.ArgumentParser(
         description="The IPv4 census task server.",
         epilog="Environment: PING_HOST, PING_PORT, PING_DATA, PING_SCOPE, PING_EXCLUDE, "
-               "PING_LEASE, PING_ADMIN_TOKEN set the defaults of the matching options.")
+               "PING_LEASE, PING_ADMIN_TOKEN, PING_WORKERS, PING_MAX_CONNECTIONS, "
+               "PING_MAX_PER_ADDRESS, PING_PROXY set the defaults of the matching options.")
     parser.add_argument("--host", default=env("PING_HOST", "0.0.0.0"))
     parser.add_argument("--port", type=int, default=env("PING_PORT", "8001"))
     parser.add_argument("--data", default=env("PING_DATA", "."), help="folder for the state files")
@@ -805,6 +868,18 @@ def _parse_args(argv):
                         help="share of a trusted contributor's results sent to a second "
                              "holder to check (a new or flagged one's: all of them); 0 = off "
                              "(default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=env("PING_WORKERS", http_front.WORKERS),
+                        help="request worker threads (default: %(default)s)")
+    parser.add_argument("--max-connections", type=int, default=env("PING_MAX_CONNECTIONS"),
+                        help="connections held at once, beyond that 503 (default: what the fd "
+                             f"limit allows, less {http_front.RESERVED_FDS})")
+    parser.add_argument("--max-per-address", type=int,
+                        default=env("PING_MAX_PER_ADDRESS", http_front.MAX_PER_ADDRESS),
+                        help="connections from one remote address, beyond that 503 "
+                             "(default: %(default)s; --proxy peers are not counted)")
+    parser.add_argument("--proxy", default=env("PING_PROXY", ""),
+                        help="ADDR[,ADDR]: reverse proxies whose X-Forwarded-For is trusted for "
+                             "the client address (default: none)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
     args = parser.parse_args(argv)
     if args.max_leases < 0:
@@ -818,6 +893,13 @@ def _parse_args(argv):
         parser.error(str(exc))
     if args.lease <= 0:
         parser.error("--lease must be positive")
+    try:
+        args.proxy = [ipaddress.ip_address(p.strip()).compressed
+                      for p in args.proxy.split(",") if p.strip()]
+    except ValueError as exc:
+        parser.error(f"--proxy: {exc}")
+    if args.workers < 1 or (args.max_connections or 1) < 1 or args.max_per_address < 1:
+        parser.error("--workers, --max-connections and --max-per-address must be positive")
     return args
 
 
@@ -842,14 +924,19 @@ def main(argv=None) -> int:
     store = Store(args.data, scope=scope or None, exclude=args.exclude, lease_seconds=args.lease,
                   max_leases=args.max_leases, verify=args.verify)
     try:
+        fd_limit = http_front.raise_fd_limit()
         server = CensusServer((args.host, args.port), store, admin_token=args.admin_token,
-                              verbose=args.verbose)
+                              verbose=args.verbose, workers=args.workers,
+                              max_connections=args.max_connections,
+                              max_per_address=args.max_per_address, proxies=args.proxy)
     except OSError as exc:
         store.close()
         print(f"ping_server.py: cannot listen on {args.host}:{args.port}: {exc.strerror}",
               file=sys.stderr)
         return 1
     print(f"census scope: {_describe(scope)}", file=sys.stderr)
+    print(f"capacity: {server.front.capacity} connections (fd limit {fd_limit}), "
+          f"{args.workers} workers", file=sys.stderr)
     signal.signal(signal.SIGTERM,
                   lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     host, port = server.server_address[:2]

@@ -9,11 +9,16 @@
 2. Census: all 65,536 tasks handed out and completed through HTTP by 64 simulated clients, timed.
 3. Restart: the server killed with SIGKILL after the census, restarted, timed until it answers
    (then once more after a clean SIGTERM).
+4. Hostile: (a) the plain load alone; (b) the same load while 10,000 /events streams, 2,000 idle
+   keep-alive connections and 200 slow heads (a byte a second, reopened when dropped) are open;
+   (c) 8,000 connections closed at once: time until /get_task answers. Prints cycles/s, p99 and
+   server RSS, and (b) as a share of (a). The hostile sockets live in a process of their own.
 
 The clients run in their own processes (the machine may have only 2 cores; clients and server
 share them). Servers bind to 127.0.0.1 only.
 
     python3 bench/server_load.py [--clients 8] [--procs 2] [--seconds 10] [--census-clients 64]
+                                 [--streams 10000] [--idle 2000] [--slow 200] [--mass-close 8000]
 """
 
 import argparse
@@ -22,7 +27,9 @@ import json
 import multiprocessing
 import os
 import random
+import resource
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -82,10 +89,10 @@ def start(argv, **kw):
     return process, int(line.rsplit(":", 1)[1].strip(" /\n"))
 
 
-def census_server(data_dir, scope="0.0.0.0/0"):
+def census_server(data_dir, scope="0.0.0.0/0", *extra):
     return start([sys.executable, str(ROOT / "ping_server.py"), "--host", HOST, "--port", "0",
-                  "--data", str(data_dir), "--scope", scope],
-                 env={**os.environ, "PING_ADMIN_TOKEN": ""})
+                  "--data", str(data_dir), "--scope", scope, *extra],
+                 env={**os.environ, "PING_ADMIN_TOKEN": ""}, stderr=subprocess.DEVNULL)
 
 
 def rss_mb(pid) -> tuple[float, float]:
@@ -255,6 +262,90 @@ def census_phase(args, tmp):
             server.wait()
 
 
+def hostile_phase(args, tmp):
+    """(a) plain load, (b) the same under hostile connections, (c) a mass close."""
+    print(f"hostile: (b) {args.streams} /events + {args.idle} idle + {args.slow} slow heads; "
+          f"(c) {args.mass_close} closed at once", flush=True)
+    server, port = census_server(tmp / "hostile", "0.0.0.0/0", "--max-per-address", "100000")
+    try:
+        drive(port, args.clients, args.procs, 1.0)
+        plain = summary("(a) plain", *measured(server.pid, port, args.clients, args.procs,
+                                               args.seconds), server.pid)
+        with Holder(port, args.streams, args.idle, args.slow):
+            latencies = measured(server.pid, port, args.clients, args.procs, args.seconds)
+            hostile = summary("(b) hostile", *latencies, server.pid)
+            whole = sorted(t[2] for t in latencies[0])
+            print(f"         (b): {hostile / plain:.0%} of (a); get+submit p99 "
+                  f"{pct(whole, 99):.1f} ms (goals: >= 80 %, <= 50 ms, RSS <= 400 MB)", flush=True)
+        with Holder(port, 0, args.mass_close, 0) as holder:
+            closed_at = holder.close_all()
+            get_json(port, "/get_task")
+            print(f"         (c): /get_task answered {time.monotonic() - closed_at:.3f} s after "
+                  f"{args.mass_close} connections closed at once (goal <= 1 s); "
+                  f"RSS {rss_mb(server.pid)[0]:.0f} MB", flush=True)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait()
+
+
+class Holder:
+    """A process holding hostile connections open: /events streams it never reads, idle
+    keep-alive connections, slow heads (a byte a second, reopened when the server drops them)."""
+
+    def __init__(self, port, streams, idle, slow):
+        ctx = multiprocessing.get_context("fork")
+        self.pipe, child = ctx.Pipe()
+        self.process = ctx.Process(target=_hold, args=(port, streams, idle, slow, child))
+
+    def __enter__(self):
+        self.process.start()
+        assert self.pipe.recv() == "ready"
+        return self
+
+    def close_all(self) -> float:
+        """Close every connection at once; the monotonic time at which it began."""
+        self.pipe.send("close")
+        return self.pipe.recv()
+
+    def __exit__(self, *exc):
+        self.pipe.send("stop")
+        self.process.join(30)
+
+
+def _hold(port, streams, idle, slow, pipe):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    held = []
+    for _ in range(streams):
+        sock = socket.create_connection((HOST, port))
+        sock.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        held.append(sock)
+    held += [socket.create_connection((HOST, port)) for _ in range(idle)]
+    heads = [_slow_head(port) for _ in range(slow)]
+    pipe.send("ready")
+    while not pipe.poll(1.0):                       # a byte a second on each slow head
+        for n, sock in enumerate(heads):
+            try:
+                sock.send(b"X")
+            except OSError:                         # dropped at its deadline: open another
+                sock.close()
+                heads[n] = _slow_head(port)
+    command = pipe.recv()
+    started = time.monotonic()
+    for sock in held + heads:
+        sock.close()
+    if command == "close":
+        pipe.send(started)
+        pipe.recv()
+
+
+def _slow_head(port):
+    sock = socket.create_connection((HOST, port))
+    sock.setblocking(False)
+    sock.send(b"GET /ping HTTP/1.1\r\n")
+    return sock
+
+
 def dashboard(port, stop):
     """An open dashboard: one /events stream, read until told to stop."""
     conn = http.client.HTTPConnection(HOST, port, timeout=30)
@@ -282,6 +373,12 @@ def main(argv=None):
     parser.add_argument("--dashboards", type=int, default=50, help="SSE streams in a 2nd run")
     parser.add_argument("--skip-load", action="store_true")
     parser.add_argument("--skip-census", action="store_true")
+    parser.add_argument("--skip-hostile", action="store_true")
+    parser.add_argument("--streams", type=int, default=10000, help="hostile (b): /events streams")
+    parser.add_argument("--idle", type=int, default=2000, help="hostile (b): idle connections")
+    parser.add_argument("--slow", type=int, default=200, help="hostile (b): slow heads")
+    parser.add_argument("--mass-close", type=int, default=8000,
+                        help="hostile (c): connections closed at once")
     parser.add_argument("--bare-server", choices=("http", "json"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.bare_server:
@@ -289,6 +386,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="census-bench-") as tmp:
         if not args.skip_load:
             load_phase(args, Path(tmp))
+        if not args.skip_hostile:
+            hostile_phase(args, Path(tmp))
         if not args.skip_census:
             census_phase(args, Path(tmp))
     return 0
