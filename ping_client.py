@@ -207,7 +207,15 @@ def skipped_networks(network: ipaddress.IPv4Network, status) -> list[str]:
             for net in _span(base + run.start(), base + run.end() - 1)]
 
 
-def submission_body(task: Task, result, name: str, compact: bool = False) -> dict:
+def string_form(body: dict) -> dict:
+    """A compact /submit_result body in the original form: result_data in place of bitmap."""
+    bits = zlib.decompress(base64.b64decode(body["result"]["bitmap"]))
+    result = {key: value for key, value in body["result"].items() if key != "bitmap"}
+    result["result_data"] = format(int.from_bytes(bits, "big"), f"0{8 * len(bits)}b")
+    return {**body, "result": result}
+
+
+def submission_body(task: Task, result, name: str, compact: bool = True) -> dict:
     """The /submit_result body: the original shape (or, `compact`, the bitmap in place of
     result_data) plus lease, name, rtt_us, stats, icmp_errors and skipped."""
     status = result.status
@@ -584,6 +592,11 @@ class Client:
             self.spool.drop(spooled.path)
             return True
         reason = f"HTTP {status}: {answer.get('error') or answer}"
+        if status == 400 and "bitmap" in spooled.body.get("result", {}):
+            # a server that knows only the original form gets the same result as a string
+            self.console.warn(f"task {index}: the server refused the compact form ({reason}); "
+                              f"sending it as a string")
+            return self.submit(spooled._replace(body=string_form(spooled.body)))
         if status == 200 or status in DROP_STATUSES:
             self.console.error(f"task {index}: the server refused the result ({reason}); dropped")
             self.spool.drop(spooled.path)

@@ -54,8 +54,8 @@ def packed(body):
 
 def test_compact_and_string_forms_of_one_sweep_pack_the_same():
     sweep = sweep_like()
-    string = ping_client.submission_body(task(), sweep, "me")
-    compact = ping_client.submission_body(task(), sweep, "me", compact=True)
+    string = ping_client.submission_body(task(), sweep, "me", compact=False)
+    compact = ping_client.submission_body(task(), sweep, "me")
     assert "result_data" not in compact["result"] and compact["result"]["bitmap"]
     assert packed(string) == packed(compact)
     result = packed(compact)
@@ -116,3 +116,21 @@ def test_a_bomb_is_cut_at_the_limit():
     bomb = b64z(bytes(8192 * 1000))
     with pytest.raises(Invalid, match="bitmap"):
         results.pack(bitmap=bomb, block=BLOCK)
+
+
+def test_both_forms_of_one_sweep_store_the_same_result_over_http(census_server):
+    srv = census_server("127.0.0.0/15", store_kw={"verify": 0.0})
+    sweep = sweep_like()
+    stored = []
+    for compact in (True, False):
+        _, _, handout = srv.call("GET", "/get_task")
+        task_ = ping_client.Task(handout["task_index"], handout["lease"],
+                                 ipaddress.IPv4Network(handout["network"]), handout["network"], ())
+        shifted = sweep._replace(addresses=range(int(task_.network.network_address),
+                                                 int(task_.network.broadcast_address) + 1))
+        body = ping_client.submission_body(task_, shifted, "me", compact=compact)
+        assert srv.call("POST", "/submit_result", body)[::2] == (200, {"success": True})
+        result = srv.call("GET", f"/result?id={task_.index}")[2]
+        stored.append({k: result[k] for k in ("result_data", "rtt_us", "icmp_errors")})
+    assert stored[0] == stored[1] and len(stored[0]["icmp_errors"]) > 1000
+    assert stored[0]["icmp_errors"][0][1] in ("unreach", "timxceed")
