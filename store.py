@@ -305,23 +305,23 @@ class Store:
             self._expire_due(now)
             check = self._checks.get(task) if isinstance(task, int) else None
             if check is not None and _matches(check, token, holder):
-                ticket, problem = self._accept_check(task, packed, problem, prior, now, holder,
+                ticket, refusal = self._accept_check(task, packed, problem, prior, now, holder,
                                                      token, name, stats)
-                live = False
-                self._wait(ticket)
-                if problem:
-                    raise Refused(*problem)
-                return False
-            duplicate, live = self._authorise_submit(task, token, holder, packed)
-            if duplicate:
-                return True
-            if problem is None:
-                ticket = self._accept(task, packed, now, holder, token, name, stats)
-            elif live:
-                ticket = self._fail(task, problem)
+                problem = None
             else:
-                raise self._refuse(HTTPStatus.BAD_REQUEST, problem)
+                refusal = None
+                duplicate, live = self._authorise_submit(task, token, holder, packed)
+                if duplicate:
+                    return True
+                if problem is None:
+                    ticket = self._accept(task, packed, now, holder, token, name, stats)
+                elif live:
+                    ticket = self._fail(task, problem)
+                else:
+                    raise self._refuse(HTTPStatus.BAD_REQUEST, problem)
         self._wait(ticket)
+        if refusal is not None:
+            raise Refused(*refusal)
         if problem is not None:
             raise Refused(HTTPStatus.BAD_REQUEST, problem)
         return False

@@ -163,3 +163,22 @@ def bitmap_b64(ones) -> str:
     for k in ones:
         value |= 1 << (BLOCK - 1 - k)
     return base64.b64encode(zlib.compress(value.to_bytes(BLOCK // 8, "big"))).decode()
+
+
+def test_concurrent_holders_with_checks_never_deadlock(census_server):
+    """Checks and first results from eight holders at once (a check once waited for the
+    journal holding the store's lock)."""
+    import threading
+    world = World(seed=3)
+    srv = census_server("127.0.0.0/10", store_kw={"verify": 0.05})
+    holders = [Holder(srv.port, f"127.0.0.{31 + n}", f"h{n}", lambda t: world.honest(t, 6))
+               for n in range(8)]
+    threads = [threading.Thread(target=lambda h=h: [None for _ in iter(h.turn, None)], daemon=True)
+               for h in holders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads)
+    progress = srv.call("GET", "/get_progress")[2]
+    assert progress["done_tasks"] == BLOCKS and progress["verified_tasks"] > 8
