@@ -42,6 +42,7 @@ FRACTION = 0.05         # share of a trusted contributor's results checked
 DISPUTE_LIMIT = 2       # lost disputes before a contributor can be flagged ...
 DISPUTE_SHARE = 0.1     # ... and the share of their judged results these must exceed
 MAX_OPINIONS = 8        # results of one block before it is left to the operator
+SCAN = 256              # queued blocks a hand-out looks at before giving a fresh one instead
 TELLING = 16            # an agreement proves something if the kept result has this many
                         # responders and this many silent addresses
 
@@ -126,6 +127,8 @@ class Verifier:
         # tasks wanting an opinion, oldest first: disputes before first checks, since settling
         # one is what flags a liar and puts an honest result in its place
         self._queues = {Status.DISPUTED: {}, Status.WAITING: {}}
+        self._keys: dict[int, frozenset] = {}   # queued task -> its opinions' names, addresses
+        self._seen: dict[tuple, int] = {}       # name or address -> queued tasks it has seen
         self.agreements = self.disputes = 0    # judged opinions, for /metrics
 
     def add(self, task: int, opinion: Opinion, agrees: Sequence[bool] = ()) -> Outcome:
@@ -146,10 +149,14 @@ class Verifier:
     def next_check(self, name: str, address: str, busy=frozenset(), wanted=None) -> int | None:
         """The oldest disputed block, else the oldest waiting one, that this holder may give an
         opinion on (none of its opinions by this name or address), not `busy` (leased) and
-        `wanted(task)` if given; None if none."""
+        `wanted(task)` if given; None if none. Only the SCAN oldest are looked at, so a hand-out
+        stays cheap when most of the queue is this holder's own results."""
         if not self.fraction or self.standing(name).flagged:
             return None
-        for task in itertools.chain(*self._queues.values()):
+        mine = max(self._seen.get(("name", name), 0), self._seen.get(("address", address), 0))
+        if mine >= len(self._keys):             # all of them are its own: no need to look
+            return None
+        for task in itertools.islice(itertools.chain(*self._queues.values()), SCAN):
             if (task not in busy and not self.blocks[task].has_seen(name, address)
                     and (wanted is None or wanted(task))):
                 return task
@@ -166,8 +173,7 @@ class Verifier:
     def forget(self, task: int) -> None:
         """The block's result was discarded (an operator's revise): its opinions go too."""
         self.blocks.pop(task, None)
-        for queue in self._queues.values():
-            queue.pop(task, None)
+        self._enqueue(task, Block())
 
     def restore(self, task: int, block: Block | None) -> None:
         """Put back a block's record as the store persisted it."""
@@ -264,6 +270,18 @@ class Verifier:
                 queue.setdefault(task, None)
             else:
                 queue.pop(task, None)
+        keys = frozenset(key for o in block.opinions
+                         for key in (("name", o.contributor), ("address", o.address))
+                         ) if block.wants_opinion else frozenset()
+        old = self._keys.pop(task, frozenset())
+        for key in old - keys:
+            self._seen[key] -= 1
+            if not self._seen[key]:
+                del self._seen[key]
+        for key in keys - old:
+            self._seen[key] = self._seen.get(key, 0) + 1
+        if keys:
+            self._keys[task] = keys
 
 
 _NOBODY = Standing()
