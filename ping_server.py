@@ -39,6 +39,8 @@ from typing import Iterable, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
 import http_front
+import pictures
+import views
 from http_front import CLOSE, KEEP, SUBSCRIBE, Headers
 from store import Refused, Store, network_of, parse_blocklist, remembered_scope
 from trust import FRACTION
@@ -48,6 +50,8 @@ KEEPALIVE_EVERY = 15.0              # SSE comment interval
 EVENTS_MIN_GAP = 1.0                # an SSE stream sends at most one update a second
 WARN_EVERY = 10.0                   # seconds between two operator warnings of one kind
 JSON_TYPE = "application/json"
+MAX_CONTACT = 40                    # bytes of --contact: it rides in every probe's payload
+MAX_ABOUT = 1 << 16                 # characters of --about shown
 HERE = Path(__file__).resolve().parent
 
 
@@ -251,8 +255,10 @@ class CensusServer:
     def __init__(self, address, store: Store, *, admin_token=None, idle_timeout=IDLE_TIMEOUT,
                  static_dir=HERE, verbose=False, workers=http_front.WORKERS,
                  max_connections=None, max_per_address=http_front.MAX_PER_ADDRESS, proxies=(),
-                 head_timeout=http_front.HEAD_TIMEOUT, warn=None):
+                 head_timeout=http_front.HEAD_TIMEOUT, warn=None, site=views.Site()):
         self.store = store
+        self.site = site                # --about, --contact, the opt-out list, the scope
+        self.maps = {}                  # size -> pictures.CensusMap, made on first request
         self.admin_token = admin_token or None
         self.static_dir = Path(static_dir)
         self.verbose = verbose
@@ -334,9 +340,9 @@ class Handler:
             raise HttpError(HTTPStatus.BAD_REQUEST, "bad URL") from None
         reads = self.command == "HEAD" and url.path not in CHANGES_STATE
         method = "GET" if reads else self.command
-        route = ROUTES.get((method, url.path))
+        route = ROUTES.get((method, _route_path(url.path)))
         if route is None:
-            allowed = sorted(m for m, p in ROUTES if p == url.path)
+            allowed = sorted(m for m, p in ROUTES if p == _route_path(url.path))
             if "GET" in allowed and url.path not in CHANGES_STATE:
                 allowed.append("HEAD")
             if allowed:
@@ -437,7 +443,8 @@ class Handler:
             "task_index": handout.task, "task_status": 1, "lease": handout.lease.token,
             "deadline": handout.lease.deadline,
             "lease_seconds": int(lease_seconds) if lease_seconds.is_integer() else lease_seconds,
-            "network": handout.network, "exclude": handout.exclude}
+            "network": handout.network, "exclude": handout.exclude,
+            **({"contact": self.server.site.contact} if self.server.site.contact else {})}
 
     def submit_result(self, req):
         data = _submission(req.body)
@@ -541,7 +548,11 @@ class Handler:
         return HTTPStatus.OK, self.server.store.result(_task_index(req.query.get("id"), "id"))
 
     def task(self, req):
-        return HTTPStatus.OK, self.server.store.task_info(_task_index(req.query.get("id"), "id"))
+        info = self.server.store.task_info(_task_index(req.query.get("id"), "id"))
+        if info["state"] == 4:
+            info["reason"] = views.exclusion_reason(info["task_index"], self.server.site)
+        return HTTPStatus.OK, info
+
 
     def contributors(self, req):
         store = self.server.store
@@ -565,7 +576,17 @@ class Handler:
         return HTTPStatus.OK, Raw("application/octet-stream", data, headers)
 
     def export_csv(self, req):
-        return HTTPStatus.OK, Stream("text/csv; charset=utf-8", _csv_chunks(self.server.store))
+        try:
+            fields = views.parse_fields(req.query.get("fields"))
+            network = views.parse_network(req.query.get("network"))
+        except ValueError as exc:
+            raise HttpError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+        chunks = views.csv_chunks(self.server.store, fields, network)
+        headers = (("Vary", "Accept-Encoding"),)
+        if views.wants_gzip(req.headers.get("Accept-Encoding")):
+            chunks, headers = views.gzipped(chunks), headers + (("Content-Encoding", "gzip"),)
+        return HTTPStatus.OK, Stream("text/csv; charset=utf-8", chunks, headers)
+
 
     def events(self, req):
         return HTTPStatus.OK, Subscription()
@@ -597,6 +618,66 @@ class Handler:
         page = path.read_bytes() if path.is_file() else _FALLBACK_PAGE
         return HTTPStatus.OK, Raw("text/html; charset=utf-8", page)
 
+    # -- pictures and pages for people (pictures.py, views.py) ------------------------------------
+
+    def block_png(self, req):
+        task = _task_index(req.query.get("id"), "id")
+        info = self.server.store.task_info(task)
+        etag = f'"{task}-{info["state"]}-{info["finished_at"]}"'
+        headers = (("ETag", etag),)             # Cache-Control: CACHE_CONTROL's
+        if req.headers.get("If-None-Match", "").strip() == etag:
+            return HTTPStatus.NOT_MODIFIED, Raw("image/png", b"", headers)
+        result = self.server.store.result(task)             # 404 unless done
+        not_probed = pictures.excluded_ranges(task, info["exclude"])
+        return HTTPStatus.OK, Raw("image/png", pictures.block_png(result["result_data"],
+                                                                  not_probed), headers)
+
+    def map_png(self, req):
+        size = req.query.get("size", "4096").strip()
+        if not size.isdecimal() or int(size) not in pictures.MAP_SIZES:
+            raise HttpError(HTTPStatus.BAD_REQUEST, "size must be one of "
+                            + ", ".join(map(str, pictures.MAP_SIZES)))
+        size = int(size)
+        painter = self.server.maps.get(size) or self.server.maps.setdefault(
+            size, pictures.CensusMap(size))
+        wanted = req.headers.get("If-None-Match", "").strip()
+        if wanted == f'"{self.server.store.version}-{size}"':
+            return HTTPStatus.NOT_MODIFIED, Raw("image/png", b"", (("ETag", wanted),))
+        version, data = painter.render(self.server.store)
+        return HTTPStatus.OK, Raw("image/png", data, (("ETag", f'"{version}-{size}"'),))
+
+    def block_list(self, req):
+        page = _task_index(req.query.get("page", "1"), "page")
+        state = req.query.get("state")
+        state = None if state in (None, "") else _task_index(state, "state")
+        if page < 1 or state not in (None, 0, 1, 2, 3, 4):
+            raise HttpError(HTTPStatus.BAD_REQUEST, "page counts from 1; state is 0..4")
+        version, states = self.server.store.map_bytes()
+        if req.query.get("format") == "json":
+            return HTTPStatus.OK, views.list_json(states, version, page, state)
+        return HTTPStatus.OK, _html(views.list_page(states, version, page, state))
+
+    def details(self, req):
+        task = _task_index(req.path.removeprefix("/details/"), "the block in /details/<id>")
+        info = self.server.store.task_info(task)
+        result = self.server.store.result(task) if info["state"] == 2 else None
+        reason = (views.exclusion_reason(task, self.server.site) if info["state"] == 4
+                  else None)
+        return HTTPStatus.OK, _html(views.details_page(info, result, reason))
+
+    def about(self, req):
+        return HTTPStatus.OK, _html(views.about_page(self.server.site))
+
+    def about_json(self, req):
+        site = self.server.site
+        return HTTPStatus.OK, {"about": site.about, "contact": site.contact,
+                               "scope": [str(net) for net in site.scope] or "all"}
+
+    def history(self, req):
+        store = self.server.store
+        return HTTPStatus.OK, views.history(store.finished_times(), store.clock())
+
+
 
 ROUTES = {
     ("GET", "/get_task"): Handler.get_task,
@@ -623,6 +704,13 @@ ROUTES = {
     ("GET", "/ping.zip"): Handler.ping_zip,
     ("GET", "/"): Handler.dashboard,
     ("GET", "/dashboard.html"): Handler.dashboard,
+    ("GET", "/block.png"): Handler.block_png,
+    ("GET", "/map.png"): Handler.map_png,
+    ("GET", "/list"): Handler.block_list,
+    ("GET", "/details/"): Handler.details,
+    ("GET", "/about"): Handler.about,
+    ("GET", "/about.json"): Handler.about_json,
+    ("GET", "/history"): Handler.history,
 }
 PATHS = frozenset(path for _, path in ROUTES)
 # /get_task and every route that changes state: no HEAD, no browser requests from other sites,
@@ -632,7 +720,10 @@ CHANGES_STATE = frozenset({"/get_task", "/submit_result", "/release", "/add_task
 # Read endpoints a proxy may serve from its cache for that long (each has an ETag too)
 CACHE_CONTROL = {"/": "public, max-age=60", "/dashboard.html": "public, max-age=60",
                  "/get_progress": "public, max-age=2", "/map": "public, max-age=2",
-                 "/contributors": "public, max-age=10", "/export.csv": "public, max-age=60"}
+                 "/contributors": "public, max-age=10", "/export.csv": "public, max-age=60",
+                 "/map.png": "public, max-age=10", "/block.png": "public, max-age=60",
+                 "/list": "public, max-age=10", "/history": "public, max-age=60",
+                 "/about": "public, max-age=60", "/about.json": "public, max-age=60"}
 SECURITY_HEADERS = (("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"),
                     ("Referrer-Policy", "no-referrer"))
 CSP_DATA = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
@@ -648,6 +739,15 @@ _FALLBACK_PAGE = (b"<!doctype html><html><head><meta charset='utf-8'><title>IPv4
 
 
 # -- private helpers ------------------------------------------------------------------------------
+
+def _route_path(path: str) -> str:
+    """The route-table key of a path: itself, or "/details/" for /details/<id>."""
+    return "/details/" if path.startswith("/details/") else path
+
+
+def _html(page: str) -> Raw:
+    return Raw("text/html; charset=utf-8", page.encode())
+
 
 def _refusal(exc: HttpError) -> Raw:
     return Raw(JSON_TYPE, _json(exc.body()), exc.headers)
@@ -792,20 +892,6 @@ def _optional_str(data: dict, key: str):
     return value
 
 
-_BITS = tuple(tuple(bit for bit in range(8) if byte & (0x80 >> bit)) for byte in range(256))
-
-
-def _csv_chunks(store: Store):
-    """``saddr`` then every responder, one chunk per block."""
-    yield b"saddr\n"
-    for task, bitmap in store.bitmaps():
-        prefix = f"{task >> 8}.{task & 255}."
-        lines = [f"{prefix}{k >> 8}.{k & 255}\n" for j, byte in enumerate(bitmap) if byte
-                 for k in (8 * j + bit for bit in _BITS[byte])]
-        if lines:
-            yield "".join(lines).encode()
-
-
 def _prometheus(counters: dict, requests: dict, latency: dict) -> str:
     lines = ["# HELP census_tasks Tasks by state.", "# TYPE census_tasks gauge"]
     lines += [f'census_tasks{{state="{s}"}} {n}' for s, n in counters["states"].items()]
@@ -847,7 +933,7 @@ def _parse_args(argv):
         description="The IPv4 census task server.",
         epilog="Environment: PING_HOST, PING_PORT, PING_DATA, PING_SCOPE, PING_EXCLUDE, "
                "PING_LEASE, PING_ADMIN_TOKEN, PING_WORKERS, PING_MAX_CONNECTIONS, "
-               "PING_MAX_PER_ADDRESS, PING_PROXY set the defaults of the matching options.")
+               "PING_MAX_PER_ADDRESS, PING_PROXY, PING_ABOUT, PING_CONTACT set the defaults of the matching options.")
     parser.add_argument("--host", default=env("PING_HOST", "0.0.0.0"))
     parser.add_argument("--port", type=int, default=env("PING_PORT", "8001"))
     parser.add_argument("--data", default=env("PING_DATA", "."), help="folder for the state files")
@@ -880,6 +966,13 @@ def _parse_args(argv):
     parser.add_argument("--proxy", default=env("PING_PROXY", ""),
                         help="ADDR[,ADDR]: reverse proxies whose X-Forwarded-For is trusted for "
                              "the client address (default: none)")
+    parser.add_argument("--about", default=env("PING_ABOUT"),
+                        help="a text file about this census (who runs it, why, how to opt out), "
+                             "shown at /about")
+    parser.add_argument("--contact", default=env("PING_CONTACT"),
+                        help=f"URL or e-mail of the operator (printable ASCII, at most "
+                             f"{MAX_CONTACT} bytes): shown on the dashboard and /about, and "
+                             f"carried in every probe's payload by the clients")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
     args = parser.parse_args(argv)
     if args.max_leases < 0:
@@ -900,7 +993,21 @@ def _parse_args(argv):
         parser.error(f"--proxy: {exc}")
     if args.workers < 1 or (args.max_connections or 1) < 1 or args.max_per_address < 1:
         parser.error("--workers, --max-connections and --max-per-address must be positive")
+    _check_site(parser, args)
     return args
+
+
+def _check_site(parser, args):
+    """--contact printable ASCII and short (it goes into every probe); --about read as text."""
+    if args.contact is not None:
+        args.contact = args.contact.strip()
+        if not (args.contact.isascii() and args.contact.isprintable() and args.contact) \
+                or len(args.contact) > MAX_CONTACT:
+            parser.error(f"--contact must be 1..{MAX_CONTACT} printable ASCII characters")
+    try:
+        args.about = Path(args.about).read_text(encoding="utf-8")[:MAX_ABOUT] if args.about else ""
+    except (OSError, UnicodeDecodeError) as exc:
+        parser.error(f"--about: {exc}")
 
 
 def _parse_scope(text):
@@ -928,7 +1035,9 @@ def main(argv=None) -> int:
         server = CensusServer((args.host, args.port), store, admin_token=args.admin_token,
                               verbose=args.verbose, workers=args.workers,
                               max_connections=args.max_connections,
-                              max_per_address=args.max_per_address, proxies=args.proxy)
+                              max_per_address=args.max_per_address, proxies=args.proxy,
+                              site=views.Site(args.about, args.contact, tuple(args.exclude),
+                                              tuple(scope or ())))
     except OSError as exc:
         store.close()
         print(f"ping_server.py: cannot listen on {args.host}:{args.port}: {exc.strerror}",

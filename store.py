@@ -1143,6 +1143,12 @@ class Store:
             self._requeue(task, "its result record is missing", journal=False)
         self._expire_due(self.clock())
 
+    def finished_times(self) -> list:
+        """When each done block was finished (epoch seconds), oldest first: the progress
+        history is derived from these, so nothing more is kept."""
+        with self._lock:
+            return sorted(meta.finished_at for meta in self._results.values())
+
 
 # -- helpers --------------------------------------------------------------------------------------
 
