@@ -134,3 +134,14 @@ def test_both_forms_of_one_sweep_store_the_same_result_over_http(census_server):
         stored.append({k: result[k] for k in ("result_data", "rtt_us", "icmp_errors")})
     assert stored[0] == stored[1] and len(stored[0]["icmp_errors"]) > 1000
     assert stored[0]["icmp_errors"][0][1] in ("unreach", "timxceed")
+    csv = srv.call("GET", "/export.csv?fields=saddr,classification,type,code")[2].decode()
+    rows = csv.splitlines()
+    assert rows[0] == "saddr,classification,type,code"
+    kinds = {row.split(",")[1] for row in rows[1:]}
+    assert kinds == {"echoreply", "unreach", "timxceed"}
+    errors = stored[0]["icmp_errors"]
+    offset, kind, icmp_type, code = errors[0]
+    assert f"127.{task_.index & 255}.{offset >> 8}.{offset & 255},{kind},{icmp_type},{code}" in rows
+    assert len(rows) - 1 == 2 * (sweep.status.count(Status.ECHO_REPLY) + len(errors))
+    plain = srv.call("GET", "/export.csv")[2].decode().splitlines()   # the original: responders
+    assert len(plain) - 1 == 2 * sweep.status.count(Status.ECHO_REPLY)
