@@ -19,10 +19,12 @@ Both forms are checked without a Python loop over the 65,536 addresses (int(), b
 slice assignments); the compact one is never unpacked to a string. The client (which cannot
 import this file) has the encoders: ping_client.compact_bitmap, encode_icmp_errors.
 """
+import array
 import base64
 import binascii
 import ipaddress
 import struct
+import sys
 import zlib
 from typing import NamedTuple
 
@@ -61,7 +63,7 @@ def pack(result_data=None, bitmap=None, *, block: ipaddress.IPv4Network, rtt=Non
     rtt_z = _check_rtt(rtt, responders) if rtt else b""
     errors, error_mask = _check_errors(icmp_errors) if icmp_errors else (b"", 0)
     spans = skipped_spans(skipped, block) if skipped else ()
-    skipped_mask = _span_mask(spans)
+    skipped_mask = span_mask(spans)
     if value & error_mask or (value | error_mask) & skipped_mask:
         raise Invalid("an address is more than one of responder, ICMP error and skipped")
     return Packed(bitmap, rtt_z, responders, errors, spans)
@@ -111,6 +113,51 @@ def merge(spans) -> tuple:
         else:
             merged.append((first, last))
     return tuple(merged)
+
+
+def answered_offsets(bitmap: bytes) -> list:
+    """The offsets k (0..65535) whose bit is set, in order."""
+    return [8 * j + bit for j, byte in enumerate(bitmap) if byte for bit in _BITS[byte]]
+
+
+def intersect(spans, others) -> tuple:
+    """The addresses in both lists of sorted, merged (first, last) spans."""
+    out = [(max(a, c), min(b, d)) for a, b in spans for c, d in others if a <= d and c <= b]
+    return merge(out)
+
+
+def fill_holes(old: Packed, holes, new: Packed) -> Packed:
+    """`old`, whose `holes` were not probed, with those parts taken from `new` (a sweep of the
+    same block that probed them): the bitmap, RTTs (when both have them) and ICMP errors of
+    `new` inside the holes, `old`'s elsewhere. The result's skipped: `new`'s, inside the holes."""
+    mask = span_mask(holes)
+    old_bits, new_bits = int.from_bytes(old.bitmap, "big"), int.from_bytes(new.bitmap, "big")
+    bits = old_bits | (new_bits & mask)
+    bitmap = bits.to_bytes(BITMAP_LEN, "big")
+    inside = lambda k: mask >> (RESULT_LEN - 1 - k) & 1      # noqa: E731
+    rtt = b""
+    if old.rtt and new.rtt:
+        times = dict(zip(answered_offsets(old.bitmap), _values(old.rtt)))
+        times.update((k, t) for k, t in zip(answered_offsets(new.bitmap), _values(new.rtt))
+                     if inside(k))
+        values = array.array("I", (times[k] for k in sorted(times)))
+        if sys.byteorder == "big":
+            values.byteswap()
+        rtt = zlib.compress(values.tobytes())
+    entries = [old.errors[i:i + 4] for i in range(0, len(old.errors), 4)]
+    entries += [new.errors[i:i + 4] for i in range(0, len(new.errors), 4)
+                if inside(int.from_bytes(new.errors[i:i + 2], "big"))]
+    return Packed(bitmap, rtt, bits.bit_count(), b"".join(sorted(entries)),
+                  intersect(new.skipped, holes))
+
+
+def span_mask(spans) -> int:
+    """The bitmap (as an int, address 0 the top bit) of the addresses in `spans`."""
+    mask = 0
+    for first, last in spans:
+        width = last - first + 1
+        mask |= ((1 << width) - 1) << (RESULT_LEN - 1 - last)
+    return mask
 
 
 def icmp_error_rows(errors: bytes):
@@ -184,10 +231,11 @@ def _check_errors(text) -> tuple[bytes, int]:
     return data, int.from_bytes(marks, "big")
 
 
-def _span_mask(spans) -> int:
-    """The bitmap (as an int, address 0 the top bit) of the addresses in `spans`."""
-    mask = 0
-    for first, last in spans:
-        width = last - first + 1
-        mask |= ((1 << width) - 1) << (RESULT_LEN - 1 - last)
-    return mask
+def _values(rtt_z: bytes) -> array.array:
+    values = array.array("I", zlib.decompress(rtt_z))
+    if sys.byteorder == "big":
+        values.byteswap()
+    return values
+
+
+_BITS = tuple(tuple(bit for bit in range(8) if byte & (0x80 >> bit)) for byte in range(256))

@@ -86,6 +86,7 @@ class ResultMeta(NamedTuple):
     crc: int = 0          # CRC-32 of the bytes at offset, checked on every read
     digest: str = ""      # of those bytes: a retry is a duplicate only with the same data
     errors_len: int = 0   # after the rtt array: the ICMP error entries (results.ERROR_ENTRY)
+    holes: tuple = ()     # (first, last) offsets NOT probed (not "no answer"), to hand out again
 
     @property
     def size(self) -> int:
@@ -110,6 +111,7 @@ class Packed(NamedTuple):
     crc: int              # CRC-32 of the blob, computed outside the lock (see _commit)
     digest: str           # BLAKE2b of the blob
     errors: bytes = b""   # ICMP error entries, raw
+    skipped: tuple = ()   # (first, last) offsets the client did not probe
 
     @property
     def blob(self) -> bytes:
@@ -230,6 +232,9 @@ class Store:
         self.max_leases = max_leases
         self._verify, self._rng = verify, rng     # trust.Verifier's fraction and random source
         self._inside, parts = plan_scope(scope, exclude)
+        # what explains a client's skipped range besides the operator's exclusions: reserved
+        # space, unless the operator named it in the scope (a loopback lab does)
+        self._reserved_explains = scope is None
         # Blocks an administrator may bring in later (/add_task): any block not wholly reserved
         # (unless the scope allowed it) nor wholly opted out; their opted-out parts go with them.
         addable, addable_parts = plan_scope(None, exclude)
@@ -272,7 +277,8 @@ class Store:
             if task is not None:
                 lease, change = self._new_check(task, now, holder, lease_required)
             else:
-                task = self._pop_available() if within is None else self._find_within(within)
+                task = (self._pop_available(holder) if within is None
+                        else self._find_within(within))
                 if task is None:
                     return None
                 lease, change = self._new_lease(task, now, holder, lease_required)
@@ -300,6 +306,7 @@ class Store:
         token = token or None                               # an empty token is no token
         self._writable()
         prior = self._prior_bitmaps(task)       # what a check is compared with: read unlocked
+        partial = self._partial(task)           # a result with holes this one may fill
         with self._lock:
             now = self.clock()
             self._expire_due(now)
@@ -314,7 +321,8 @@ class Store:
                 if duplicate:
                     return True
                 if problem is None:
-                    ticket = self._accept(task, packed, now, holder, token, name, stats)
+                    ticket = self._accept(task, packed, now, holder, token, name, stats,
+                                          partial)
                 elif live:
                     ticket = self._fail(task, problem)
                 else:
@@ -417,7 +425,16 @@ class Store:
         return self._journal.degraded
 
     def exclude_of(self, task: int) -> list:
-        return [str(n) for n in self._parts.get(task, ())]
+        """The hand-out's exclude: the operator's exclusions, and for a block that came back
+        with holes, the parts already probed."""
+        parts = [str(n) for n in self._parts.get(task, ())]
+        meta = self._results.get(task)
+        if meta is None or not meta.holes:
+            return parts
+        probed = results.merge([(0, RESULT_LEN - 1)])
+        for first, last in meta.holes:
+            probed = _cut(probed, first, last)
+        return parts + [str(n) for first, last in probed for n in _span_nets(task, first, last)]
 
     def progress(self) -> dict:
         """The /get_progress numbers."""
@@ -487,6 +504,7 @@ class Store:
                 "finished_at": meta.finished_at if meta else None,
                 "responders": meta.responders if meta else None,
                 "probed": meta.probed if meta else None, "exclude": self.exclude_of(task),
+                "not_probed": _hole_nets(task, meta),
                 "verification": self._verification_of(task)}
 
     def result(self, task: int) -> dict:
@@ -505,6 +523,7 @@ class Store:
                 "icmp_errors": [[k, kind, icmp_type, code] for k, kind, icmp_type, code
                                 in results.icmp_error_rows(errors)],
                 "contributor": meta.contributor, "finished_at": meta.finished_at,
+                "not_probed": _hole_nets(task, meta),
                 "verification": self._verification_of(task)}
 
     def bitmaps(self, with_errors=False):
@@ -711,19 +730,67 @@ class Store:
             return False, False                         # late, but nobody else finished it
         raise self._not_yours(lease, token)
 
-    def _accept(self, task, packed, now, holder, token, name, stats):
+    def _accept(self, task, packed, now, holder, token, name, stats, partial=None):
+        """A result for a block; one with holes (not probed, not explained by the operator's
+        exclusions) goes back to the pool for those parts, and fills those of a result before."""
+        credit = trust.Opinion(name or holder, holder, packed.responders,
+                               _stat(stats, "probed", RESULT_LEN))
+        before = self._results.get(task)
+        if before is not None and before.holes and partial is not None and partial[0] == before:
+            packed = self._filled(partial, packed)
+        holes = self._unexplained(task, packed.skipped)
         meta = self._result_meta(task, packed, now, holder, token, name, stats)
+        meta = meta._replace(holes=holes, probed=RESULT_LEN - meta.excluded - _count(holes)
+                             if holes or before is not None else meta.probed)
         change = self._retire_lease(task)
         self._old.pop(task, None)
         if self._errors.pop(task, None) is not None:
             change["e"] = None
         self._submissions += 1
+        change.update(self._drop_result(task))
         self._apply_result(task, meta, count=True)
+        if holes:                                 # handed out again for the holes alone
+            change.update(self._make_available(task), r=meta, n=self._submissions,
+                          cs=[self._credit(credit, 1, now)])
+            return self._commit(task, change, packed.blob, packed.crc)
         change.update(self._set_state(task, State.DONE))
         opinion = trust.Opinion(meta.contributor, holder, meta.responders, meta.probed)
         outcome = self._verifier.add(task, opinion)
         change.update(self._settled(task, outcome, now), r=meta, n=self._submissions)
         return self._commit(task, change, packed.blob, packed.crc)
+
+    def _partial(self, task):
+        """(meta, bitmap, rtt, errors) of a result with holes (call unlocked: it reads)."""
+        with self._lock:
+            meta = self._results.get(task) if isinstance(task, int) else None
+        if meta is None or not meta.holes:
+            return None
+        return self._read_result(task, meta)
+
+    def _filled(self, partial, packed):
+        """The result before, its holes filled from this one (results.fill_holes)."""
+        meta, bitmap, rtt, errors = partial
+        old = results.Packed(bitmap, rtt, meta.responders, errors)
+        new = results.Packed(packed.bitmap, packed.rtt, packed.responders, packed.errors,
+                             packed.skipped)
+        both = results.fill_holes(old, meta.holes, new)
+        blob = both.bitmap + both.rtt + both.errors
+        return Packed(both.bitmap, both.rtt, both.responders, zlib.crc32(blob), _digest(blob),
+                      both.errors, both.skipped)
+
+    def _unexplained(self, task, skipped) -> tuple:
+        """The skipped spans that neither the operator's exclusions nor (with no scope given)
+        reserved space explain: holes."""
+        spans = list(skipped)
+        base = task << 16
+        explained = list(self._parts.get(task, ()))
+        if self._reserved_explains:
+            explained += [n for n in RESERVED if n.overlaps(_block_net(task))]
+        for net in explained:
+            first = max(int(net.network_address) - base, 0)
+            last = min(int(net.broadcast_address) - base, RESULT_LEN - 1)
+            spans = _cut(spans, first, last)
+        return tuple(spans)
 
     def _result_meta(self, task, packed, now, holder, token, name, stats):
         """The metadata of a result about to be committed (its bytes go where the next
@@ -819,12 +886,22 @@ class Store:
         heapq.heappush(self._pool, _rank(task))
         return self._set_state(task, State.AVAILABLE)
 
-    def _pop_available(self):
-        while self._pool:
-            task = _rank(heapq.heappop(self._pool))
-            if self._states[task] == State.AVAILABLE:
-                return task
-        return None
+    def _pop_available(self, holder=None):
+        """The next available task; a block whose holes ``holder`` itself left (its own
+        --exclude or --only) is kept for someone else."""
+        passed, task = [], None
+        while self._pool and task is None:
+            candidate = _rank(heapq.heappop(self._pool))
+            if self._states[candidate] != State.AVAILABLE:
+                continue
+            meta = self._results.get(candidate)
+            if meta is not None and meta.holes and meta.holder == holder:
+                passed.append(candidate)
+            else:
+                task = candidate
+        for other in passed:
+            heapq.heappush(self._pool, _rank(other))
+        return task
 
     def _expire_due(self, now):
         """Expire leases whose deadline passed, in memory only (no record: replay expires them
@@ -1158,6 +1235,37 @@ _UNDIGITS = bytes.maketrans(b"01234", bytes(range(5)))
 _REV8 = bytes(int(f"{b:08b}"[::-1], 2) for b in range(256))
 
 
+def _count(spans) -> int:
+    return sum(last - first + 1 for first, last in spans)
+
+
+def _cut(spans, first, last) -> list:
+    """`spans` less first..last (sorted, merged, inclusive)."""
+    out = []
+    for a, b in spans:
+        if b < first or a > last:
+            out.append((a, b))
+            continue
+        if a < first:
+            out.append((a, first - 1))
+        if b > last:
+            out.append((last + 1, b))
+    return out
+
+
+def _span_nets(task, first, last):
+    base = task << 16
+    return ipaddress.summarize_address_range(ipaddress.IPv4Address(base + first),
+                                             ipaddress.IPv4Address(base + last))
+
+
+def _hole_nets(task, meta) -> list:
+    """A result's holes as CIDRs (what /result and /task call "not_probed")."""
+    if meta is None:
+        return []
+    return [str(n) for first, last in meta.holes for n in _span_nets(task, first, last)]
+
+
 def _block_record(block: trust.Block) -> list:
     """A trust.Block as plain JSON values (its opinions as lists)."""
     return [[list(o) for o in block.opinions], [list(p) for p in block.agreeing], block.kept,
@@ -1199,7 +1307,7 @@ def _pack_result(task, result_data, *, bitmap=None, rtt=None, icmp_errors=None, 
         return str(exc), None
     blob = checked.bitmap + checked.rtt + checked.errors
     return None, Packed(checked.bitmap, checked.rtt, checked.responders, zlib.crc32(blob),
-                        _digest(blob), checked.errors)
+                        _digest(blob), checked.errors, checked.skipped)
 
 
 def _digest(bitmap, rtt=b"") -> str:

@@ -119,7 +119,9 @@ def test_a_bomb_is_cut_at_the_limit():
 
 
 def test_both_forms_of_one_sweep_store_the_same_result_over_http(census_server):
-    srv = census_server("127.0.0.0/15", store_kw={"verify": 0.0})
+    skipped = [ipaddress.IPv4Network(n) for b in ("127.0", "127.1")   # explained: no holes
+               for n in (f"{b}.0.0/24", f"{b}.240.0/20")]
+    srv = census_server("127.0.0.0/15", store_kw={"verify": 0.0, "exclude": skipped})
     sweep = sweep_like()
     stored = []
     for compact in (True, False):
@@ -145,3 +147,37 @@ def test_both_forms_of_one_sweep_store_the_same_result_over_http(census_server):
     assert len(rows) - 1 == 2 * (sweep.status.count(Status.ECHO_REPLY) + len(errors))
     plain = srv.call("GET", "/export.csv")[2].decode().splitlines()   # the original: responders
     assert len(plain) - 1 == 2 * sweep.status.count(Status.ECHO_REPLY)
+
+
+def test_holes_are_handed_out_again_for_those_parts_alone_and_covered(census_server):
+    """A volunteer probing only the lower half (its --only) leaves the upper half NOT probed:
+    the block comes back for that half alone, to someone else, until it is covered."""
+    import http.client
+    from conftest import answer
+    srv = census_server("127.0.0.0/16", store_kw={"verify": 0.0})
+    lower, upper = "127.0.0.0/17", "127.0.128.0/17"
+    a, b = (http.client.HTTPConnection("127.0.0.1", srv.port, source_address=(ip, 0))
+            for ip in ("127.0.0.41", "127.0.0.42"))
+
+    def submit(conn, handout, ones, skipped):
+        bits = sum(1 << (65535 - k) for k in ones).to_bytes(8192, "big")
+        body = {"task_index": handout["task_index"], "lease": handout["lease"], "name": "x",
+                "result": {"success": True, "bitmap": base64.b64encode(zlib.compress(bits)).decode()},
+                "skipped": skipped}
+        assert answer(conn, "POST", "/submit_result", body)[::2] == (200, {"success": True})
+
+    first = answer(a, "GET", "/get_task")[2]
+    assert first["exclude"] == []
+    submit(a, first, range(0, 32768, 3), [upper])
+    info = srv.call("GET", f"/task?id={first['task_index']}")[2]
+    assert (info["state"], info["not_probed"]) == (0, [upper])           # back in the pool
+    csv = srv.call("GET", "/export.csv")[2].decode().splitlines()
+    assert len(csv) - 1 == len(range(0, 32768, 3))                      # the probed part only
+    assert answer(a, "GET", "/get_task")[2] == {"error": "No tasks available"}   # not to a again
+    again = answer(b, "GET", "/get_task")[2]
+    assert again["task_index"] == first["task_index"] and again["exclude"] == [lower]
+    submit(b, again, range(32769, 65536, 5), [lower])
+    info = srv.call("GET", f"/task?id={first['task_index']}")[2]
+    assert (info["state"], info["not_probed"], info["probed"]) == (2, [], 65536)
+    data = srv.call("GET", f"/result?id={first['task_index']}")[2]["result_data"]
+    assert {k for k, c in enumerate(data) if c == "1"} == {*range(0, 32768, 3), *range(32769, 65536, 5)}

@@ -24,7 +24,7 @@ import zlib
 from typing import NamedTuple
 
 import pictures
-from results import icmp_error_rows
+from results import answered_offsets, icmp_error_rows
 
 EXPORT_FIELDS = ("saddr", "rtt_ms", "classification", "type", "code")
 LIST_PAGE = 1024                    # blocks a /list page shows
@@ -76,11 +76,6 @@ def answers_of(result: dict, negative: bool = False):
         return echoes
     return sorted([*echoes, *((k, None, Answer(kind, icmp_type, code))
                               for k, kind, icmp_type, code in errors)], key=lambda row: row[0])
-
-
-def answered_offsets(bitmap: bytes) -> list:
-    """The offsets k (0..65535) whose bit is set, in order."""
-    return [8 * j + bit for j, byte in enumerate(bitmap) if byte for bit in _BITS[byte]]
 
 
 def decode_rtt(text):
@@ -280,7 +275,6 @@ def contact_html(contact: str) -> str:
 
 # -- private helpers ------------------------------------------------------------------------------
 
-_BITS = tuple(tuple(bit for bit in range(8) if byte & (0x80 >> bit)) for byte in range(256))
 _FORMAT = {"saddr": lambda a, rtt, answer: f"{a >> 24}.{a >> 16 & 255}.{a >> 8 & 255}.{a & 255}",
            "rtt_ms": lambda a, rtt, answer: "" if rtt is None else f"{rtt / 1000:.3f}",
            "classification": lambda a, rtt, answer: answer.classification,
