@@ -7,14 +7,19 @@ of worker threads runs the requests, and the same loop feeds every event stream.
           parked in the     |                            queue of (Channel, Message)
           selector (idle    |                                   |
           keep-alive, holds |                                   v
-          no thread)        +--- handed back: KEEP / CLOSE --- worker: handler(channel, message)
-                                  or SUBSCRIBE (an event stream; the loop writes every publish()
-                                  to each subscriber, non-blocking, a batch per turn)
+          no thread)        +--- handed back: KEEP / CLOSE --- worker: handler(channel, message),
+                                  or SUBSCRIBE                  and the peer's next request if
+                                        |                       it comes within HOT_WAIT
+                                        v
+                                  Broadcaster: the loop writes every publish() to each
+                                  subscriber, non-blocking, a batch per turn
 
-Only the loop unregisters and closes sockets, so the connection counts (overall and by remote
-address) are plain dicts; a worker owns a channel only while it runs its request, writes what
-the socket takes at once (the loop sends the rest) and, where the selector allows it (epoll),
-parks the channel itself when it is done. Nothing here knows the routes.
+Front is the loop (accept, caps, channels, deadlines, hand-off), Workers the pool, Broadcaster
+the event streams; Channel is one connection. Only the loop unregisters and closes sockets, so
+the connection counts (overall and by remote address) are plain dicts; a worker owns a channel
+only while it runs its requests, writes what the socket takes at once (the loop sends the rest)
+and, where the selector allows it (epoll), parks the channel itself when it is done. Nothing
+here knows the routes.
 
 Limits: the head within ``head_timeout`` and at most MAX_HEAD bytes of header fields (431); the
 body at MIN_BODY_RATE after that; an idle keep-alive connection ``idle_timeout``; beyond a
@@ -27,6 +32,7 @@ import errno
 import os
 import re
 import resource
+import select
 import selectors
 import socket
 import queue
@@ -52,6 +58,7 @@ SUBSCRIBER_BUFFER = 65536           # bytes an event stream may fall behind befo
 FANOUT_BATCH = 1000                 # subscribers written per turn of the loop
 LINGER = 1.0                        # seconds to drain a peer's input after our last answer
 ACCEPT_PAUSE = 0.5
+HOT_WAIT = 0.003                    # seconds a worker waits for a keep-alive peer's next request
 METHODS = frozenset("GET HEAD POST PUT DELETE PATCH OPTIONS TRACE CONNECT".split())
 KEEP, CLOSE, SUBSCRIBE = "keep", "close", "subscribe"    # what a handler returns
 
@@ -165,12 +172,58 @@ class Channel:
             self.out.clear()
         self.sock.sendall(data)
 
+    def receive(self) -> bytes | None:
+        """What the peer sent, b"" once it has left, None when nothing is there yet."""
+        try:
+            return self.sock.recv(262144)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
+
+    def take_request(self, head_timeout: float):
+        """The next whole request in ``buf``, head and body, or None while it is still coming
+        (its deadlines set as it comes); HeadError for a head that is refused. Called by the
+        loop, or by the worker that holds the channel."""
+        now = time.monotonic()
+        if self.pending is None:
+            if self.idle:                               # the first byte of a request
+                self.idle = False
+                self.deadline = now + head_timeout
+            parsed = parse_head(self.buf, self.peer)
+            if parsed is None:
+                return None
+            message, used, length, expects_continue = parsed
+            del self.buf[:used]
+            self.pending = message, length
+            self.deadline = now + head_timeout + length / MIN_BODY_RATE
+            if expects_continue and len(self.buf) < length:
+                try:
+                    self.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")    # 25 bytes: it fits
+                except OSError:
+                    pass                                # the peer left: its read will say so
+        message, length = self.pending
+        if len(self.buf) < length:
+            return None
+        if len(self.buf) == length:                     # the usual case: one copy, not two
+            body = bytes(self.buf)
+            self.buf.clear()
+        else:
+            body = bytes(self.buf[:length])
+            del self.buf[:length]
+        self.pending, self.idle = None, True
+        return message._replace(body=body)
+
 
 class Front:
-    """Listens on ``address``; ``handler(channel, message)`` runs each request in a worker,
-    answers with ``channel.send`` and returns KEEP, CLOSE or SUBSCRIBE. ``refusal(status,
+    """The connection loop. Listens on ``address``; ``handler(channel, message)`` runs each
+    request in a worker (``Workers``), answers with ``channel.send`` and returns KEEP, CLOSE or
+    SUBSCRIBE (the channel then joins ``events``, the ``Broadcaster``). ``refusal(status,
     message, headers)`` makes the bytes of an answer the loop gives itself (bad head, full
-    server), ``warn(key, text)`` tells the operator (rate-limited by the caller)."""
+    server), ``warn(key, text)`` tells the operator (rate-limited by the caller).
+
+    The loop accepts (caps, a pause on EMFILE), reads heads and bodies, hands whole requests to
+    the workers, takes channels back, writes what workers left unsent, and keeps the deadlines."""
 
     def __init__(self, address, handler: Callable, refusal: Callable, warn: Callable,
                  limits: Limits = Limits(), trusted=frozenset()):
@@ -179,7 +232,7 @@ class Front:
         self.listener = socket.create_server(address, family=family, backlog=1024)
         self.listener.setblocking(False)
         self.address = self.listener.getsockname()
-        self.handler, self.refusal, self.warn = handler, refusal, warn
+        self.refusal, self.warn = refusal, warn
         self.limits, self.trusted = limits, frozenset(trusted)
         self.capacity = capacity(limits)
         self._selector = selectors.DefaultSelector()
@@ -191,13 +244,9 @@ class Front:
         self._selector.register(self._wake_r, _READ, "wake")
         self._channels: dict[int, Channel] = {}
         self._per_address: dict[str, int] = {}
-        self._subscribers: dict[int, Channel] = {}
-        self._returns, self._published = deque(), deque()
-        self._fanout = None                             # (data, channels, next index)
-        self.latest = (0, b"")          # (number, bytes) of the latest publish(latest=True)
-        self._requests = queue.SimpleQueue()
-        self._workers = [threading.Thread(target=self._work, name=f"worker-{n}", daemon=True)
-                         for n in range(limits.workers)]
+        self._returns = deque()                         # (channel, KEEP/CLOSE/SUBSCRIBE)
+        self.events = Broadcaster(self._wake, self._watch, self._close, warn)
+        self.workers = Workers(limits.workers, handler, warn, self._give_back, limits.head_timeout)
         self._stop = False
         self._running = threading.Event()
         self._stopped = threading.Event()
@@ -206,17 +255,16 @@ class Front:
     # -- public, any thread -----------------------------------------------------------------------
 
     def serve_forever(self, poll_interval=0.5) -> None:
-        for worker in self._workers:
-            worker.start()
+        self.workers.start()
         self._running.set()
         next_sweep = 0.0
         try:
             while not self._stop:
-                busy = self._fanout or self._published
-                for key, mask in self._selector.select(0 if busy else min(poll_interval, 0.25)):
+                timeout = 0 if self.events.busy() else min(poll_interval, 0.25)
+                for key, mask in self._selector.select(timeout):
                     self._event(key.data, mask)
                 self._take_returns()
-                self._fan_out()
+                self.events.fan_out()
                 now = time.monotonic()
                 if now >= next_sweep:
                     self._sweep(now)
@@ -233,8 +281,7 @@ class Front:
 
     def close(self) -> None:
         """Close every socket and let the workers go (after serve_forever has returned)."""
-        for _ in self._workers:
-            self._requests.put(None)
+        self.workers.stop()
         for channel in list(self._channels.values()):
             self._close(channel)
         self._selector.close()
@@ -243,16 +290,15 @@ class Front:
         os.close(self._wake_w)
 
     def publish(self, data: bytes, latest=False) -> None:
-        """Write ``data`` to every subscriber (from any thread). ``latest``: the current state,
-        which a handler sends first to a new subscriber (with its number in ``channel.seen``);
-        one that joins after a newer one was published is sent that too."""
-        if latest:
-            self.latest = (self.latest[0] + 1, data)
-        self._published.append(data)
-        self._wake()
+        """Write ``data`` to every event stream, from any thread (Broadcaster.publish)."""
+        self.events.publish(data, latest)
+
+    @property
+    def latest(self) -> tuple[int, bytes]:
+        return self.events.latest
 
     def counts(self) -> dict:
-        return {"connections": len(self._channels), "subscribers": len(self._subscribers),
+        return {"connections": len(self._channels), "subscribers": len(self.events.subscribers),
                 "capacity": self.capacity}
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -308,12 +354,9 @@ class Front:
                      [("Retry-After", str(RETRY_AFTER))])
 
     def _read(self, channel):
-        try:
-            data = channel.sock.recv(262144)
-        except BlockingIOError:
+        data = channel.receive()
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             return self._close(channel)
         if channel.state == "reading":
@@ -325,45 +368,24 @@ class Front:
         """Hand a whole request to the workers once its head and body are in."""
         if channel.out or not channel.buf:
             return                                      # answers go out in order
-        now = time.monotonic()
-        if channel.pending is None:
-            if channel.idle:                            # the first byte of a request
-                channel.idle = False
-                channel.deadline = now + self.limits.head_timeout
-            try:
-                parsed = parse_head(channel.buf, channel.peer)
-            except HeadError as exc:
-                return self._refuse(channel, exc)
-            if parsed is None:
-                return
-            message, used, length, expects_continue = parsed
-            del channel.buf[:used]
-            channel.pending = message, length
-            channel.deadline = now + self.limits.head_timeout + length / MIN_BODY_RATE
-            if expects_continue and len(channel.buf) < length:
-                channel.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")     # 25 bytes: it fits
-        message, length = channel.pending
-        if len(channel.buf) < length:
-            return
-        body = bytes(channel.buf[:length])
-        del channel.buf[:length]
-        channel.pending, channel.idle, channel.state = None, True, "busy"
-        self._watch(channel, 0)
-        self._requests.put((channel, message._replace(body=body)))
+        try:
+            message = channel.take_request(self.limits.head_timeout)
+        except HeadError as exc:
+            return self._refuse(channel, exc)
+        if message is not None:
+            channel.state = "busy"
+            self._watch(channel, 0)
+            self.workers.put(channel, message)
 
     def _take_returns(self):
         while self._returns:
             channel, after = self._returns.popleft()
             if after == SUBSCRIBE and not channel.closing:
-                channel.state = "subscribed"
-                self._subscribers[channel.fd] = channel
-                self._watch(channel, _READ | (_WRITE if channel.out else 0))
-                number, data = self.latest
-                if number != channel.seen:
-                    self._feed(channel, data)
+                self.events.join(channel)
             elif after == KEEP and not channel.closing:
                 channel.state = "reading"
-                channel.deadline = time.monotonic() + self.limits.idle_timeout
+                if channel.idle:                        # else a request's deadline runs
+                    channel.deadline = time.monotonic() + self.limits.idle_timeout
                 self._watch(channel, _READ | (_WRITE if channel.out else 0))
                 self._advance(channel)                  # a pipelined request
             else:
@@ -386,35 +408,6 @@ class Front:
         self._watch(channel, _READ)
         if channel.state == "reading":
             self._advance(channel)
-
-    def _fan_out(self):
-        if self._fanout is None:
-            if not self._published:
-                return
-            self._fanout = self._published.popleft(), list(self._subscribers.values()), 0
-        data, targets, start = self._fanout
-        for channel in targets[start:start + FANOUT_BATCH]:
-            if channel.state == "subscribed":
-                self._feed(channel, data)
-        start += FANOUT_BATCH
-        self._fanout = (data, targets, start) if start < len(targets) else None
-
-    def _feed(self, channel, data):
-        if channel.out:
-            if len(channel.out) + len(data) > SUBSCRIBER_BUFFER:
-                self.warn("slow", f"event stream to {channel.peer} dropped: it stopped reading")
-                return self._close(channel)
-            channel.out += data
-            return
-        try:
-            sent = channel.sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            return self._close(channel)
-        if sent < len(data):
-            channel.out += data[sent:]
-            self._watch(channel, _READ | _WRITE)
 
     def _sweep(self, now):
         """Deadlines: heads, bodies, idle keep-alive, stalled writes, lingering closes."""
@@ -461,7 +454,7 @@ class Front:
         channel.sock.close()
         channel.state = "closed"
         del self._channels[channel.fd]
-        self._subscribers.pop(channel.fd, None)
+        self.events.leave(channel)
         left = self._per_address[channel.peer] - 1
         if left:
             self._per_address[channel.peer] = left
@@ -485,19 +478,13 @@ class Front:
             channel.events = old
             raise
 
-    # -- workers ----------------------------------------------------------------------------------
+    # -- from the workers -------------------------------------------------------------------------
 
-    def _work(self):
-        while (item := self._requests.get()) is not None:
-            channel, message = item
-            try:
-                after = self.handler(channel, message)
-            except Exception as exc:                    # the handler answers its own errors
-                self.warn("handler", f"request handler failed: {exc!r}")
-                after = CLOSE
-            if not (after == KEEP and self._rearm(channel)):
-                self._returns.append((channel, after))
-                self._wake()
+    def _give_back(self, channel, after):
+        """A worker is done with ``channel``: parked at once where it can be, else by the loop."""
+        if not (after == KEEP and self._rearm(channel)):
+            self._returns.append((channel, after))
+            self._wake()
 
     def _rearm(self, channel) -> bool:
         """Park a channel that is done and has nothing pending straight from the worker: epoll
@@ -526,6 +513,146 @@ class Front:
             pass
 
 
+class Workers:
+    """The fixed pool of request threads. Each takes a whole request from the queue and runs
+    ``handler(channel, message)``; while the peer keeps the connection and sends its next
+    request within HOT_WAIT, and no other request waits for a worker, it runs that one too (a
+    busy connection stays with its thread, as with a thread per connection, without the
+    hand-off to the loop and back: a wake-up each way). Then ``give_back(channel, after)``.
+    An idle connection holds no thread: HOT_WAIT is a few milliseconds."""
+
+    def __init__(self, count: int, handler: Callable, warn: Callable, give_back: Callable,
+                 head_timeout: float):
+        self.handler, self.warn, self.give_back = handler, warn, give_back
+        self.head_timeout = head_timeout
+        self._requests = queue.SimpleQueue()
+        self._hot = hasattr(select, "poll") and HOT_WAIT > 0
+        self._threads = [threading.Thread(target=self._work, name=f"worker-{n}", daemon=True)
+                         for n in range(count)]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def put(self, channel: Channel, message: Message) -> None:
+        self._requests.put((channel, message))
+
+    def stop(self) -> None:
+        """Let every thread go once it is done with what it runs."""
+        for _ in self._threads:
+            self._requests.put(None)
+
+    def _work(self):
+        while (item := self._requests.get()) is not None:
+            channel, message = item
+            after = self._run(channel, message)
+            while after == KEEP and (message := self._next_request(channel)) is not None:
+                after = self._run(channel, message)
+            self.give_back(channel, after)
+
+    def _run(self, channel, message):
+        try:
+            return self.handler(channel, message)
+        except Exception as exc:                        # the handler answers its own errors
+            self.warn("handler", f"request handler failed: {exc!r}")
+            return CLOSE
+
+    def _next_request(self, channel):
+        """The peer's next request if it is here or comes within HOT_WAIT, else None: the
+        channel goes back with what has been read (the loop goes on with it, and refuses a bad
+        head)."""
+        if channel.closing or channel.out or not self._hot or not self._requests.empty():
+            return None
+        poller, deadline = select.poll(), time.monotonic() + HOT_WAIT
+        poller.register(channel.fd, select.POLLIN)
+        while True:
+            if channel.buf:
+                try:
+                    message = channel.take_request(self.head_timeout)
+                except HeadError:
+                    return None
+                if message is not None:
+                    return message
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                return None
+            data = channel.receive()
+            if data == b"":
+                channel.closing = True                  # the peer left: the loop closes
+                return None
+            channel.buf += data or b""
+
+
+class Broadcaster:
+    """Every /events stream, written by the loop. ``publish()`` (any thread) queues an update;
+    each turn the loop writes it to FANOUT_BATCH more subscribers, non-blocking. What a socket
+    does not take waits in its channel (the loop sends it when it can), and a subscriber more
+    than SUBSCRIBER_BUFFER behind is dropped. ``latest`` is the current state, which a handler
+    sends first to a new subscriber (its number in ``channel.seen``)."""
+
+    def __init__(self, wake: Callable, watch: Callable, close: Callable, warn: Callable):
+        self._wake, self._watch, self._close, self._warn = wake, watch, close, warn
+        self.subscribers: dict[int, Channel] = {}
+        self.latest = (0, b"")          # (number, bytes) of the latest publish(latest=True)
+        self._published = deque()
+        self._fanout = None                             # (data, channels, next index)
+
+    def publish(self, data: bytes, latest=False) -> None:
+        """Write ``data`` to every subscriber (from any thread); ``latest``: it is the current
+        state, sent too to one that joins having been given an older one."""
+        if latest:
+            self.latest = (self.latest[0] + 1, data)
+        self._published.append(data)
+        self._wake()
+
+    def busy(self) -> bool:
+        """Updates are still to be written (the loop should not sleep)."""
+        return bool(self._fanout or self._published)
+
+    def join(self, channel: Channel) -> None:
+        """(loop) A stream whose head is sent becomes a subscriber."""
+        channel.state = "subscribed"
+        self.subscribers[channel.fd] = channel
+        self._watch(channel, _READ | (_WRITE if channel.out else 0))
+        number, data = self.latest
+        if number != channel.seen:
+            self._feed(channel, data)
+
+    def leave(self, channel: Channel) -> None:
+        """(loop) The channel closed."""
+        self.subscribers.pop(channel.fd, None)
+
+    def fan_out(self) -> None:
+        """(loop) Write the oldest update to the next FANOUT_BATCH subscribers."""
+        if self._fanout is None:
+            if not self._published:
+                return
+            self._fanout = self._published.popleft(), list(self.subscribers.values()), 0
+        data, targets, start = self._fanout
+        for channel in targets[start:start + FANOUT_BATCH]:
+            if channel.state == "subscribed":
+                self._feed(channel, data)
+        start += FANOUT_BATCH
+        self._fanout = (data, targets, start) if start < len(targets) else None
+
+    def _feed(self, channel, data):
+        if channel.out:
+            if len(channel.out) + len(data) > SUBSCRIBER_BUFFER:
+                self._warn("slow", f"event stream to {channel.peer} dropped: it stopped reading")
+                return self._close(channel)
+            channel.out += data
+            return
+        try:
+            sent = channel.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return self._close(channel)
+        if sent < len(data):
+            channel.out += data[sent:]
+            self._watch(channel, _READ | _WRITE)
+
+
 # -- parsing --------------------------------------------------------------------------------------
 
 def parse_head(buf: bytearray, peer: str):
@@ -540,7 +667,9 @@ def parse_head(buf: bytearray, peer: str):
         if len(buf) - start > MAX_URL + 64:
             raise HeadError(HTTPStatus.REQUEST_URI_TOO_LONG, "URL too long")
         return None
-    ends = [i for i in (buf.find(b"\n\r\n", line_end), buf.find(b"\n\n", line_end)) if i >= 0]
+    crlf = buf.find(b"\n\r\n", line_end)     # then a bare "\n\n" only before it: not in the body
+    lf = buf.find(b"\n\n", line_end, len(buf) if crlf < 0 else crlf + 1)
+    ends = [i for i in (crlf, lf) if i >= 0]
     if not ends:
         if len(buf) - line_end > MAX_HEAD:
             raise HeadError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large")

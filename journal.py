@@ -60,6 +60,7 @@ TMP_SUFFIX = ".tmp"
 SNAPSHOT_EVERY = 16384              # records between snapshots (bounds the replay) ...
 SNAPSHOT_SECONDS = 60.0             # ... or seconds, whichever comes first
 TAIL_BYTES = 16 << 20               # log growth over 1.5 x the live data before a compaction
+CLOSE_TAIL_BYTES = 256 << 10        # ... or over 1.5 x + this at a clean stop
 PROBE_BYTES = 64 << 10              # a degraded log writes again once this much fits
 
 MAGIC = b"CNS1"
@@ -76,7 +77,8 @@ class StoreError(Exception):
 
 
 class WriteFailed(OSError):
-    """A record that could not be made durable (the disk refused it); nothing of it was kept."""
+    """A record that could not be made durable (the disk refused it); nothing of it was kept.
+    Its str() is one line saying why."""
 
 
 class Record(NamedTuple):
@@ -127,6 +129,7 @@ class Journal:
         self._seq = self._durable_seq = 0
         self._since_snapshot, self._snapshot_time = 0, clock()
         self._compact_after = 0
+        self._leftovers = False
         self._old_fd = None
         self._lock_fd = _take_folder(self.dir)
         self._fd = _open_log(self.dir / LOG_FILE)
@@ -159,8 +162,8 @@ class Journal:
             if not self._settled(ticket):
                 try:
                     self._flush()
-                except OSError as exc:
-                    self._failed(exc)
+                except WriteFailed:
+                    pass                            # _check below says so
                 else:
                     self._maintain()
         self._check(ticket)
@@ -175,7 +178,7 @@ class Journal:
                 try:
                     self._probe()
                 except OSError as exc:
-                    raise WriteFailed(exc.errno, f"storage unavailable: {_reason(exc)}") from None
+                    raise WriteFailed(f"storage unavailable: {_reason(exc)}") from None
                 self.degraded = None
 
     def durable_through(self, end: int) -> bool:
@@ -192,8 +195,9 @@ class Journal:
         data = os.pread(self._fd, length, offset)
         return data if len(data) == length and zlib.crc32(data) == crc else None
 
-    def read_snapshot(self) -> dict | None:
-        """The owner's state from the snapshot if it matches this log, else None (said why)."""
+    def read_snapshot(self, quiet=False) -> dict | None:
+        """The owner's state from the snapshot if it matches this log, else None (said why
+        unless ``quiet``)."""
         path = self.dir / SNAPSHOT_FILE
         try:
             state = json.loads(path.read_bytes())
@@ -201,12 +205,13 @@ class Journal:
             if state["log"] != self._log_id or not 0 <= offset <= self._size:
                 raise ValueError("it belongs to another log")
         except FileNotFoundError:
-            if self._size > _start_size():
+            if self._size > _start_size() and not quiet:
                 say(f"{path} is missing: rebuilding the state from {LOG_FILE}")
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            say(f"{path} is unusable ({exc}): rebuilding the state from {LOG_FILE} "
-                f"(nothing is lost)")
+            if not quiet:
+                say(f"{path} is unusable ({exc}): rebuilding the state from {LOG_FILE} "
+                    f"(nothing is lost)")
             return None
         self.snapshot_offset = offset
         self._seq = self._durable_seq = seq
@@ -260,16 +265,18 @@ class Journal:
         with self._flush_lock:
             self._compact(keep_aside)
 
-    def worth_compacting(self) -> bool:
-        live = self.owner.live_bytes()
-        return self._size > max(1.5 * live + self.tail_bytes, self._compact_after)
+    def worth_compacting(self, tail=None) -> bool:
+        with self._lock:
+            live = self.owner.live_bytes()
+        tail = self.tail_bytes if tail is None else tail
+        return self._size > max(1.5 * live + tail, self._compact_after)
 
     def close(self) -> None:
         """Flush, compact if worth it, snapshot, and let the folder go."""
         with self._flush_lock:
             try:
                 self._flush()
-                if self.worth_compacting():
+                if self.worth_compacting(min(self.tail_bytes, CLOSE_TAIL_BYTES)):
                     self._compact()
                 elif self._size != self.snapshot_offset:
                     self._snapshot()
@@ -295,19 +302,25 @@ class Journal:
             return
         gen, seq = ticket
         if gen < self._gen and seq > self._failed_at.get(gen, 0):
-            raise WriteFailed(errno.EIO, f"storage unavailable: {self.degraded or 'write failed'}")
+            raise WriteFailed(f"storage unavailable: {self.degraded or 'write failed'}")
 
     def _flush(self):
-        """Write and fsync the queued records (holding the flush lock)."""
+        """Write and fsync the queued records (holding the flush lock); on failure nothing of
+        them is kept (see _failed) and WriteFailed is raised."""
         with self._lock:
             batch, self._pending = self._pending, []
             seq, size = self._seq, self._size
         if not batch:
             return
-        if os.fstat(self._fd).st_size != self._durable_size:      # a failed write's leftovers
-            os.ftruncate(self._fd, self._durable_size)
-        self.write(self._fd, b"".join(batch))
-        os.fsync(self._fd)
+        try:
+            if self._leftovers:                     # a failed write's, not yet cut off
+                os.ftruncate(self._fd, self._durable_size)
+                self._leftovers = False
+            self.write(self._fd, b"".join(batch))
+            os.fsync(self._fd)
+        except OSError as exc:
+            self._failed(exc)
+            raise WriteFailed(f"storage unavailable: {self.degraded}") from None
         self._durable_seq, self._durable_size = seq, size
 
     write = staticmethod(lambda fd, data: _write_all(fd, data))   # tests inject failures here
@@ -325,7 +338,7 @@ class Journal:
             try:
                 os.ftruncate(self._fd, self._durable_size)
             except OSError:
-                pass                                # _flush cuts it before the next write
+                self._leftovers = True              # _flush cuts it before the next write
             self.owner.reload()
 
     def _probe(self):
@@ -368,11 +381,7 @@ class Journal:
         with self._lock:
             state = self.owner.snapshot_state()
             offset, seq = self._size, self._seq
-        try:
-            self._flush()
-        except OSError as exc:
-            self._failed(exc)
-            raise WriteFailed(exc.errno, _reason(exc)) from None
+        self._flush()                               # the records the state includes
         state.update(log=self._log_id, log_offset=offset, seq=seq)
         data = json.dumps(state, separators=(",", ":")).encode()
         write_atomic(self.dir / SNAPSHOT_FILE, data)
@@ -526,7 +535,8 @@ def _record_at(view, offset, end):
         return None, _Problem(True, tag, blob_len > 0)
     if zlib.crc32(view[body:body + blob_len + line_len]) != body_crc:
         return None, _Problem(False, tag, blob_len > 0)
-    return Record(offset, seq, tag, blob_len, view[body + blob_len:body + blob_len + line_len]), None
+    line = view[body + blob_len:body + blob_len + line_len]
+    return Record(offset, seq, tag, blob_len, line), None
 
 
 def _resync(view, offset, end):

@@ -430,10 +430,11 @@ class Handler:
         lease = req.query.get("lease")
         if lease not in (None, "", "required"):
             raise HttpError(HTTPStatus.BAD_REQUEST, "lease must be 'required' (or absent)")
+        options = {"within": _within(req.query), "lease_required": lease == "required",
+                   "name": (req.query.get("name") or "").strip()[:64] or None}
         try:
-            handout = self.server.store.get_task(req.client, within=_within(req.query),
-                                                 lease_required=lease == "required",
-                                                 name=(req.query.get("name") or "").strip()[:64] or None)
+            handout = self.server.store.get_task(req.client,
+                                                 **{k: v for k, v in options.items() if v})
         except Refused as exc:
             raise _store_refusal(exc) from None
         if handout is None:
@@ -899,17 +900,19 @@ def _prometheus(counters: dict, requests: dict, latency: dict) -> str:
                             ("census_rejects_total", "rejects", "Requests the store refused."),
                             ("census_leases_expired_total", "leases_expired", "Leases expired."),
                             ("census_damaged_results_total", "damaged_results",
-                             "Stored results that failed their CRC when read (task re-queued)."),
-                            ("census_damaged_records", "damaged_records",
+                             "Stored results that failed their CRC when read (task re-queued).")):
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} counter", f"{name} {counters[key]}"]
+    for name, key, text in (("census_damaged_records", "damaged_records",
                              "Log records found damaged at start (reported, tasks re-queued)."),
                             ("census_store_degraded", "degraded", "1 while the disk refuses "
                              "writes."),
-                            ("census_verification_agreements_total", "agreements",
-                             "Results found to agree with the kept result of their block."),
-                            ("census_verification_disputes_total", "disputes",
-                             "Results found to disagree with the kept result of their block."),
                             ("census_contributors_flagged", "flagged",
                              "Contributors flagged for disagreeing too often.")):
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge", f"{name} {counters[key]}"]
+    for name, key, text in (("census_verification_agreements_total", "agreements",
+                             "Results found to agree with the kept result of their block."),
+                            ("census_verification_disputes_total", "disputes",
+                             "Results found to disagree with the kept result of their block.")):
         lines += [f"# HELP {name} {text}", f"# TYPE {name} counter", f"{name} {counters[key]}"]
     lines += ["# HELP census_blocks_verification Done blocks by verification status.",
               "# TYPE census_blocks_verification gauge"]
@@ -933,7 +936,8 @@ def _parse_args(argv):
         description="The IPv4 census task server.",
         epilog="Environment: PING_HOST, PING_PORT, PING_DATA, PING_SCOPE, PING_EXCLUDE, "
                "PING_LEASE, PING_ADMIN_TOKEN, PING_WORKERS, PING_MAX_CONNECTIONS, "
-               "PING_MAX_PER_ADDRESS, PING_PROXY, PING_ABOUT, PING_CONTACT set the defaults of the matching options.")
+               "PING_MAX_PER_ADDRESS, PING_PROXY, PING_MAX_LEASES, PING_ABOUT, PING_CONTACT set "
+               "the defaults of the matching options.")
     parser.add_argument("--host", default=env("PING_HOST", "0.0.0.0"))
     parser.add_argument("--port", type=int, default=env("PING_PORT", "8001"))
     parser.add_argument("--data", default=env("PING_DATA", "."), help="folder for the state files")
@@ -948,7 +952,8 @@ def _parse_args(argv):
     parser.add_argument("--admin-token", default=env("PING_ADMIN_TOKEN"),
                         help="Bearer token for admin actions (else loopback only)")
     parser.add_argument("--max-leases", type=int, default=env("PING_MAX_LEASES", "16"),
-                        help="live leases one client address may hold (0: no limit)")
+                        help="live leases one client address may hold, beyond that 429 (0: no "
+                             "limit; default: %(default)s)")
     parser.add_argument("--verify", type=float, default=env("PING_VERIFY", str(FRACTION)),
                         metavar="FRACTION",
                         help="share of a trusted contributor's results sent to a second "

@@ -1,25 +1,29 @@
 """The census task store: task states, leases, errors, results and contributors, crash-safe.
 
-Everything lives in memory behind one lock. Every change is appended to one append-only log as a
-record: a header (lengths and a CRC-32), the result bytes if any, and a JSON line holding the
-changed task's whole new record (so replaying it twice is harmless). A caller returns only once
-its record is durable, with group commit and no writer thread: callers queue their records, and
-whichever of them holds the flush lock writes and fsyncs everything queued so far, so those that
-queued meanwhile usually find theirs already durable when their turn comes (one fsync for many
-requests, and no thread hand-off per request). Results are kept bit-packed in the log (8 KiB a
-block, 1/8 of the string; a whole census about 0.5 GB) and read back by offset. From time to time
-the flushing caller rewrites a JSON snapshot of the state (temp file, fsync, ``os.replace``, fsync
-of the folder) holding the log offset it covers; loading is snapshot + replay of the log after that
-offset, and a tail torn by a crash (short or failing its CRC) is ignored and cut off.
+Everything lives in memory behind one lock; ``journal.Journal`` makes it durable. Every change
+is appended to the log as one record holding only what changed for its task (a new lease, its
+end, the new state, an error, a result's metadata and its contributor's totals), with the result
+bytes bit-packed beside it (8 KiB a block, 1/8 of the string; a whole census about 0.5 GB) and
+read back by offset, checked against their CRC every time. A caller returns only once its record
+is durable (group commit: see journal.py). When the disk refuses a write, nothing of it is kept:
+the journal fails every record not yet durable and asks ``reload()`` for the state on disk, so
+memory never shows a 503'd change; requests that change state get 503 (``Unavailable``) until
+the disk takes writes again, and ``degraded`` says why. Read paths never write: an expired
+lease is expired in memory, and again by replay at load.
+
+    census.scope   the --scope the data was made with (``remembered_scope``)
+    census.lock    census.log    census.json      (journal.py)
 
 Lease deadlines are wall-clock epoch seconds (they survive restarts), so the clock is injected as
-a ``time.time``-like callable; tests pass a fake one and never sleep.
+a ``time.time``-like callable; tests pass a fake one and never sleep. Start-up problems are one
+``StoreError`` (one line: what is wrong, what to do); a damaged log is rebuilt from every intact
+record, the original kept aside, the loss reported on stderr.
 """
-
 import base64
 import bisect
 import hashlib
 import heapq
+import itertools
 import hmac
 import ipaddress
 import json
@@ -83,8 +87,8 @@ class ResultMeta(NamedTuple):
     excluded: int
     token: str | None     # the lease token the accepted submission carried (for retries)
     holder: str
-    crc: int = 0          # CRC-32 of the bytes at offset, checked on every read
-    digest: str = ""      # of those bytes: a retry is a duplicate only with the same data
+    crc: int = 0          # CRC-32 of the bytes at offset: checked on every read, and the
+                          # digest a retry must match (then its bytes too) to be a duplicate
     errors_len: int = 0   # after the rtt array: the ICMP error entries (results.ERROR_ENTRY)
     holes: tuple = ()     # (first, last) offsets NOT probed (not "no answer"), to hand out again
 
@@ -109,7 +113,6 @@ class Packed(NamedTuple):
     rtt: bytes            # the client's zlib'd uint32 array, or b""
     responders: int
     crc: int              # CRC-32 of the blob, computed outside the lock (see _commit)
-    digest: str           # BLAKE2b of the blob
     errors: bytes = b""   # ICMP error entries, raw
     skipped: tuple = ()   # (first, last) offsets the client did not probe
 
@@ -218,18 +221,16 @@ def plan_scope(scope=None, exclude=()):
     return inside, _finish_parts(inside, parts)
 
 
-class Store:
-    """The census state, made durable by a Journal in ``directory``. Thread-safe; call
-    ``close()`` at the end. StoreError when the folder cannot be used (one line saying why)."""
+class Census:
+    """The census state in memory: task states, leases, errors, results' metadata,
+    contributors, the map, and how a log record or a snapshot changes them. Guarded by one
+    lock (``_lock``); knows nothing of files. Its changes return the record of what changed
+    (a dict), which ``Store`` makes durable."""
 
-    def __init__(self, directory, *, scope=None, exclude=(), lease_seconds=LEASE_SECONDS,
-                 clock=time.time, snapshot_every=SNAPSHOT_EVERY,
-                 snapshot_seconds=SNAPSHOT_SECONDS, tail_bytes=TAIL_BYTES, max_leases=None,
+    def __init__(self, *, scope=None, exclude=(), lease_seconds=LEASE_SECONDS, clock=time.time,
                  verify=trust.FRACTION, rng=random.random):
-        self.dir = Path(directory)
         self.lease_seconds = float(lease_seconds)
         self.clock = clock
-        self.max_leases = max_leases
         self._verify, self._rng = verify, rng     # trust.Verifier's fraction and random source
         self._inside, parts = plan_scope(scope, exclude)
         # what explains a client's skipped range besides the operator's exclusions: reserved
@@ -245,184 +246,14 @@ class Store:
         self._changed = threading.Condition()
         self._token_key = secrets.token_bytes(32)
         self._tokens = 0
-        self._closing = False
-        self.rejects = self.leases_expired = self.damaged_results = self.damaged_records = 0
+        self.rejects = self.leases_expired = 0
         self._reset_memory()
-        self._journal = Journal(self.dir, self, self._lock, snapshot_every=snapshot_every,
-                                snapshot_seconds=snapshot_seconds, tail_bytes=tail_bytes)
-        try:
-            self._load()
-        except BaseException:
-            self._journal.release()
-            raise
-
-    # -- volunteers -------------------------------------------------------------------------------
-
-    def get_task(self, holder: str, *, within=None, lease_required=False,
-                 name=None) -> Handout | None:
-        """Lease the next available task (spread over the space) to ``holder``; None if none.
-        A done block owed a check (trust.Verifier) that this holder may give comes first: its
-        result is already kept, so checks never hold up the census; ``name``, if the client
-        says it, keeps a contributor from checking its own results from another address.
-
-        ``within``: a list of IPv4Networks; only a block whose /16 overlaps one of them (those
-        wholly inside first). ``lease_required``: the lease is usable only with its token.
-        Refused 429 (``retry_after`` set) when the holder has ``max_leases`` live leases."""
-        self._writable()
-        with self._lock:
-            now = self.clock()
-            self._expire_due(now)
-            self._check_cap(holder)
-            task = self._next_check(name or holder, holder, within)
-            if task is not None:
-                lease, change = self._new_check(task, now, holder, lease_required)
-            else:
-                task = (self._pop_available(holder) if within is None
-                        else self._find_within(within))
-                if task is None:
-                    return None
-                lease, change = self._new_lease(task, now, holder, lease_required)
-            ticket = self._commit(task, change)
-        self._wait(ticket)
-        return Handout(task, lease, network_of(task), self.exclude_of(task))
-
-    def submit(self, task: int, result_data, *, holder: str, token=None, name=None, rtt=None,
-               stats=None, failure=None, bitmap=None, icmp_errors=None, skipped=None) -> bool:
-        """Record a result; True when it repeats the submission that already completed it
-        (same sender, same data).
-
-        Raises Refused: 404 unknown task, 403 forged token (or none for a lease that needs
-        one), 409 done by another / with other data / leased to another, 400 bad data (the
-        task goes to error only if the sender holds the live lease), 503 storage unavailable.
-        ``failure``: the client's own error message when its result says success false.
-        The result is ``result_data`` (the original string) or ``bitmap`` (the compact form),
-        with ``rtt``, ``icmp_errors`` and ``skipped`` beside it (see results.py). A submission
-        for a check lease is compared with the block's kept result instead (trust.py).
-        """
-        problem, packed = _pack_result(task, result_data, bitmap=bitmap, rtt=rtt,  # outside
-                                       icmp_errors=icmp_errors, skipped=skipped)  # the lock
-        if failure is not None:
-            problem, packed = f"client reported: {failure}"[:200], None
-        token = token or None                               # an empty token is no token
-        self._writable()
-        prior = self._prior_bitmaps(task)       # what a check is compared with: read unlocked
-        partial = self._partial(task)           # a result with holes this one may fill
-        with self._lock:
-            now = self.clock()
-            self._expire_due(now)
-            check = self._checks.get(task) if isinstance(task, int) else None
-            if check is not None and _matches(check, token, holder):
-                ticket, refusal = self._accept_check(task, packed, problem, prior, now, holder,
-                                                     token, name, stats)
-                problem = None
-            else:
-                refusal = None
-                duplicate, live = self._authorise_submit(task, token, holder, packed)
-                if duplicate:
-                    return True
-                if problem is None:
-                    ticket = self._accept(task, packed, now, holder, token, name, stats,
-                                          partial)
-                elif live:
-                    ticket = self._fail(task, problem)
-                else:
-                    raise self._refuse(HTTPStatus.BAD_REQUEST, problem)
-        self._wait(ticket)
-        if refusal is not None:
-            raise Refused(*refusal)
-        if problem is not None:
-            raise Refused(HTTPStatus.BAD_REQUEST, problem)
-        return False
-
-    def release(self, task: int, *, holder: str, token=None) -> None:
-        """Give a leased task back to the pool; only the live lease holder may."""
-        token = token or None
-        self._writable()
-        with self._lock:
-            self._expire_due(self.clock())
-            self._check_task(task)
-            lease = self._leases.get(task)
-            if lease is None:
-                raise self._refuse(HTTPStatus.CONFLICT, "task is not leased")
-            if not _matches(lease, token, holder):
-                raise self._not_yours(lease, token)
-            change = self._retire_lease(task)
-            change.update(self._make_available(task))
-            ticket = self._commit(task, change)
-        self._wait(ticket)
-
-    # -- admin ------------------------------------------------------------------------------------
-
-    def add_task(self, status: int, holder: str, task: int | None = None) -> int:
-        """Bring a task that is out of scope into the census, in state 0 or 1; returns it.
-
-        ``task`` None picks the lowest-numbered one; a given task must be out of scope (and
-        not wholly reserved or opted out) or available, else Refused 409. The choice is kept
-        across restarts, whatever the scope then.
-        """
-        if status not in (State.AVAILABLE, State.IN_PROGRESS):
-            raise Refused(HTTPStatus.BAD_REQUEST, "task_status must be 0 or 1")
-        self._writable()
-        with self._lock:
-            if task is None:
-                task = self._first_addable()
-            else:
-                self._check_task(task)
-                if not (self._is_addable(task) or self._states[task] == State.AVAILABLE):
-                    raise self._refuse(HTTPStatus.CONFLICT, "task is neither out of scope nor "
-                                       "available")
-            self._pinned.add(task)
-            ticket = self._commit(task, {"p": 1, **self._set_to(task, status, holder)})
-        self._wait(ticket)
-        return task
-
-    def revise(self, task: int, code: int, *, force=False, holder="") -> None:
-        """Set a task's state (kept across restarts, whatever the scope then); a task in
-        progress, or a done one (whose result this discards), only with ``force``."""
-        if code not in tuple(State):
-            raise Refused(HTTPStatus.BAD_REQUEST, "code must be 0..4")
-        self._writable()
-        with self._lock:
-            self._check_task(task)
-            if self._states[task] == State.IN_PROGRESS and not force:
-                raise self._refuse(HTTPStatus.CONFLICT, "task is in progress (use force=1)")
-            if self._states[task] == State.DONE and code != State.DONE and not force:
-                raise self._refuse(HTTPStatus.CONFLICT,
-                                   "task is done: revising it discards its result (use force=1)")
-            change = {**self._retire_lease(task), **self._discard_result(task), "e": None, "p": 1}
-            self._errors.pop(task, None)
-            self._pinned.add(task)
-            change.update(self._set_to(task, code, holder))
-            ticket = self._commit(task, change)
-        self._wait(ticket)
-
-    def reset_errors(self, task: int) -> int:
-        """Put an errored task (or every one, task -1) back in the pool; returns how many."""
-        self._writable()
-        with self._lock:
-            if task != -1:
-                self._check_task(task)
-            tasks = list(self._errors) if task == -1 else [task] if task in self._errors else []
-            ticket = None
-            for t in tasks:
-                del self._errors[t]
-                change = {"e": None}
-                if self._states[t] == State.ERROR:
-                    change.update(self._make_available(t))
-                ticket = self._commit(t, change)
-        self._wait(ticket)
-        return len(tasks)
 
     # -- reading ----------------------------------------------------------------------------------
 
     @property
     def version(self) -> int:
         return self._version
-
-    @property
-    def degraded(self) -> str | None:
-        """None while writes work, else why not (one line); clears by itself."""
-        return self._journal.degraded
 
     def exclude_of(self, task: int) -> list:
         """The hand-out's exclude: the operator's exclusions, and for a block that came back
@@ -435,6 +266,7 @@ class Store:
         for first, last in meta.holes:
             probed = _cut(probed, first, last)
         return parts + [str(n) for first, last in probed for n in _span_nets(task, first, last)]
+
 
     def progress(self) -> dict:
         """The /get_progress numbers."""
@@ -507,36 +339,6 @@ class Store:
                 "not_probed": _hole_nets(task, meta),
                 "verification": self._verification_of(task)}
 
-    def result(self, task: int) -> dict:
-        """The stored result of a done task, as /result serves it; Refused 404 if not done
-        (or if its stored bytes fail their CRC: the task is then handed out again)."""
-        with self._lock:
-            self._check_task(task)
-            meta = self._results.get(task)
-        data = self._read_result(task, meta)
-        if data is None:
-            raise Refused(HTTPStatus.NOT_FOUND, "task has no result")
-        meta, bitmap, rtt_z, errors = data
-        digits = format(int.from_bytes(bitmap, "big"), f"0{RESULT_LEN}b")
-        return {"task_index": task, "result_data": digits,
-                "rtt_us": base64.b64encode(rtt_z).decode() if rtt_z else None,
-                "icmp_errors": [[k, kind, icmp_type, code] for k, kind, icmp_type, code
-                                in results.icmp_error_rows(errors)],
-                "contributor": meta.contributor, "finished_at": meta.finished_at,
-                "not_probed": _hole_nets(task, meta),
-                "verification": self._verification_of(task)}
-
-    def bitmaps(self, with_errors=False):
-        """(task, 8,192-byte bitmap) of every done task in index order, read lazily (a result
-        whose bytes fail their CRC is left out, and its task handed out again); with_errors:
-        (task, bitmap, ICMP error entries) (see results.icmp_error_rows)."""
-        with self._lock:
-            done = sorted(self._results.items())
-        for task, meta in done:
-            data = self._read_result(task, meta)
-            if data is not None:
-                yield (task, data[1], data[3]) if with_errors else (task, data[1])
-
     def map_bytes(self) -> tuple[int, bytes]:
         """(version, 131,072 bytes): state then answer fraction (0..255) for each task."""
         with self._lock:
@@ -560,17 +362,25 @@ class Store:
         return {"verified": standing.agreed, "disputed": standing.disputed,
                 "unverified": max(0, done - standing.agreed), "flagged": standing.flagged}
 
-    def counters(self) -> dict:
-        """Numbers for /metrics."""
+    def _verification_progress(self, done) -> dict:
+        counts = self._verifier.counts()
+        verified = counts["verified"]
+        return {"verified_tasks": verified, "unverified_tasks": counts["unverified"],
+                "checks_waiting": counts["waiting"] + counts["disputed"],
+                "disputed_tasks": counts["disputed"] + counts["unresolved"],
+                "verified_share": round(verified / done, 4) if done else 0.0,
+                "verify_fraction": self._verify}
+
+    def _verification_of(self, task) -> dict | None:
+        """/task and /result: how far the block's kept result is verified."""
         with self._lock:
-            states = {s.name.lower(): self._states.count(s) for s in State}
-        return {"states": states, "submissions": self._submissions, "rejects": self.rejects,
-                "leases_expired": self.leases_expired, "version": self._version,
-                "damaged_results": self.damaged_results,
-                "damaged_records": self.damaged_records, "degraded": int(bool(self.degraded)),
-                "agreements": self._verifier.agreements, "disputes": self._verifier.disputes,
-                "flagged": sum(w.flagged for w in self._verifier.standings.values()),
-                "verification": self._verifier.counts()}
+            block = self._verifier.blocks.get(task)
+            checking = task in self._checks
+        if block is None:
+            return None
+        return {"status": block.status.name.lower(), "opinions": len(block.opinions),
+                "contributors": [o.contributor for o in block.opinions],
+                "kept": block.opinions[block.kept].contributor, "checking": checking}
 
     def wait_change(self, version: int, timeout: float) -> int:
         """Block until the version differs from ``version`` (or timeout); returns the version."""
@@ -578,12 +388,7 @@ class Store:
             self._changed.wait_for(lambda: self._version != version, timeout)
         return self._version
 
-    def close(self) -> None:
-        """Flush, compact if worth it, write a final snapshot, let the folder go."""
-        self._closing = True
-        self._journal.close()
-
-    # -- the journal's owner (called by it, holding the lock) -------------------------------------
+    # -- what the journal keeps -------------------------------------------------------------------
 
     def snapshot_state(self, results=True) -> dict:
         state = {"format": 2, "version": self._version, "submissions": self._submissions,
@@ -600,38 +405,10 @@ class Store:
 
     def live_bytes(self) -> int:
         return self._result_bytes + 2 * TASKS + 160 * (
-            len(self._leases) + len(self._errors) + len(self._contributors)
-            + sum(len(old) for old in self._old.values()))
+            len(self._leases) + len(self._errors) + len(self._contributors) + 2 * len(self._old)
+            + len(self._checks) + 2 * len(self._verifier.blocks))
 
-    def live_records(self):
-        """What a compaction keeps: a copy of each result record, then the rest as one."""
-        copies = [Copy(task, meta.offset, meta.size, meta.crc,
-                       lambda offset, meta=meta: _JSON.encode(
-                           {"r": meta._replace(offset=offset)}).encode())
-                  for task, meta in self._results.items()]
-        return copies, _JSON.encode(self.snapshot_state(results=False)).encode()
-
-    def rewritten(self, moved: dict, damaged: list) -> None:
-        """After a compaction: results now lie at ``moved`` offsets; ``damaged`` failed their
-        CRC and were left out."""
-        for task, offset in moved.items():
-            self._results[task] = self._results[task]._replace(offset=offset)
-        for task in damaged:
-            self._requeue(task, "its stored result was damaged on disk", journal=True)
-
-    def reload(self) -> None:
-        """Forget what is not durable: the state again from the snapshot and the log."""
-        self._reset_memory()
-        snap = self._journal.read_snapshot()
-        if snap is not None:
-            self._apply_snapshot(snap)
-        for record in self._journal.replay(cut_torn=False):
-            self._apply_record(record)
-        self._rebuild()
-        with self._changed:
-            self._changed.notify_all()
-
-    # -- private: state changes (call with self._lock held) ---------------------------------------
+    # -- private: changes (call holding the lock; each returns the record of what changed) -----
 
     def _reset_memory(self):
         self._states = bytearray(TASKS)
@@ -649,29 +426,13 @@ class Store:
         self._probed = self._responders = self._result_bytes = 0
         self._pool, self._expiry, self._recent_t, self._recent_p = [], [], [], []
 
-    def _writable(self):
-        try:
-            self._journal.check_writable()
-        except WriteFailed as exc:
-            raise Unavailable(str(exc)) from None
-
-    def _wait(self, ticket):
-        try:
-            self._journal.wait(ticket)
-        except WriteFailed as exc:
-            raise Unavailable(str(exc)) from None
-
     def _check_task(self, task):
         if not isinstance(task, int) or not 0 <= task < TASKS:
             raise self._refuse(HTTPStatus.NOT_FOUND, "no such task")
 
-    def _check_cap(self, holder):
-        if self.max_leases and self._held.get(holder, 0) >= self.max_leases:
-            self.rejects += 1
-            retry = max(1, min(60, round(self.lease_seconds / 10)))
-            raise Refused(HTTPStatus.TOO_MANY_REQUESTS,
-                          f"{holder} already holds {self.max_leases} leases (the most one "
-                          f"address may): finish or release one first", retry_after=retry)
+    def _refuse(self, status, message):
+        self.rejects += 1
+        return Refused(status, message)
 
     def _find_within(self, nets):
         """The first available block inside one of ``nets``, else overlapping one."""
@@ -696,127 +457,13 @@ class Store:
             raise self._refuse(HTTPStatus.CONFLICT, "no task left out of scope to add")
         return task
 
-    def _refuse(self, status, message):
-        self.rejects += 1
-        return Refused(status, message)
-
-    def _not_yours(self, lease, token):
-        if token:
-            return self._refuse(HTTPStatus.FORBIDDEN, "wrong lease token")
-        if lease is not None and lease.bound:
-            return self._refuse(HTTPStatus.FORBIDDEN, "this lease is usable only with its "
-                                "token: send it as \"lease\"")
-        return self._refuse(HTTPStatus.CONFLICT, "task is leased to another" if lease
-                            else "task is not leased to you")
-
-    def _authorise_submit(self, task, token, holder, packed):
-        """(duplicate, live): a retry of the accepted one, or whether the sender holds the lease."""
-        self._check_task(task)
-        state = self._states[task]
-        if state == State.DONE:
-            meta = self._results.get(task)
-            if meta and (_same(token, meta.token or "") if token
-                         else meta.token is None and meta.holder == holder):
-                if packed is not None and packed.digest == meta.digest:
-                    return True, False
-                raise self._refuse(HTTPStatus.CONFLICT, "task already done with different data")
-            raise self._refuse(HTTPStatus.CONFLICT, "task already done")
-        if state == State.EXCLUDED:
-            raise self._refuse(HTTPStatus.CONFLICT, "task is excluded from the census")
-        lease = self._leases.get(task)
-        if lease and _matches(lease, token, holder):
-            return False, True
-        if any(_matches(old, token, holder) for old in self._old.get(task, ())):
-            return False, False                         # late, but nobody else finished it
-        raise self._not_yours(lease, token)
-
-    def _accept(self, task, packed, now, holder, token, name, stats, partial=None):
-        """A result for a block; one with holes (not probed, not explained by the operator's
-        exclusions) goes back to the pool for those parts, and fills those of a result before."""
-        credit = trust.Opinion(name or holder, holder, packed.responders,
-                               _stat(stats, "probed", RESULT_LEN))
-        before = self._results.get(task)
-        if before is not None and before.holes and partial is not None and partial[0] == before:
-            packed = self._filled(partial, packed)
-        holes = self._unexplained(task, packed.skipped)
-        meta = self._result_meta(task, packed, now, holder, token, name, stats)
-        meta = meta._replace(holes=holes, probed=RESULT_LEN - meta.excluded - _count(holes)
-                             if holes or before is not None else meta.probed)
-        change = self._retire_lease(task)
-        self._old.pop(task, None)
-        if self._errors.pop(task, None) is not None:
-            change["e"] = None
-        self._submissions += 1
-        change.update(self._drop_result(task))
-        self._apply_result(task, meta, count=True)
-        if holes:                                 # handed out again for the holes alone
-            change.update(self._make_available(task), r=meta, n=self._submissions,
-                          cs=[self._credit(credit, 1, now)])
-            return self._commit(task, change, packed.blob, packed.crc)
-        change.update(self._set_state(task, State.DONE))
-        opinion = trust.Opinion(meta.contributor, holder, meta.responders, meta.probed)
-        outcome = self._verifier.add(task, opinion)
-        change.update(self._settled(task, outcome, now), r=meta, n=self._submissions)
-        return self._commit(task, change, packed.blob, packed.crc)
-
-    def _partial(self, task):
-        """(meta, bitmap, rtt, errors) of a result with holes (call unlocked: it reads)."""
-        with self._lock:
-            meta = self._results.get(task) if isinstance(task, int) else None
-        if meta is None or not meta.holes:
-            return None
-        return self._read_result(task, meta)
-
-    def _filled(self, partial, packed):
-        """The result before, its holes filled from this one (results.fill_holes)."""
-        meta, bitmap, rtt, errors = partial
-        old = results.Packed(bitmap, rtt, meta.responders, errors)
-        new = results.Packed(packed.bitmap, packed.rtt, packed.responders, packed.errors,
-                             packed.skipped)
-        both = results.fill_holes(old, meta.holes, new)
-        blob = both.bitmap + both.rtt + both.errors
-        return Packed(both.bitmap, both.rtt, both.responders, zlib.crc32(blob), _digest(blob),
-                      both.errors, both.skipped)
-
-    def _unexplained(self, task, skipped) -> tuple:
-        """The skipped spans that neither the operator's exclusions nor (with no scope given)
-        reserved space explain: holes."""
-        spans = list(skipped)
-        base = task << 16
-        explained = list(self._parts.get(task, ()))
-        if self._reserved_explains:
-            explained += [n for n in RESERVED if n.overlaps(_block_net(task))]
-        for net in explained:
-            first = max(int(net.network_address) - base, 0)
-            last = min(int(net.broadcast_address) - base, RESULT_LEN - 1)
-            spans = _cut(spans, first, last)
-        return tuple(spans)
-
-    def _result_meta(self, task, packed, now, holder, token, name, stats):
-        """The metadata of a result about to be committed (its bytes go where the next
-        record's blob will: commit it before any other record)."""
-        excluded = sum(n.num_addresses for n in self._parts.get(task, ()))
-        excluded = _stat(stats, "excluded", excluded)
-        probed = _stat(stats, "probed", RESULT_LEN - excluded)
-        return ResultMeta(self._journal.next_blob_offset, len(packed.bitmap), len(packed.rtt),
-                          name or holder, now, packed.responders, probed, excluded, token,
-                          holder, packed.crc, packed.digest, len(packed.errors))
-
-    def _fail(self, task, problem):
-        self.rejects += 1
-        change = self._retire_lease(task)
-        self._errors[task] = problem[:200]
-        change.update(self._set_state(task, State.ERROR), e=problem[:200])
-        return self._commit(task, change)
-
-    def _requeue(self, task, why, journal):
+    def _requeue(self, task, why) -> dict:
         """A task whose record or result was lost: back to the pool, the loss noted."""
         note = f"{why}; handed out again"
         change = {**self._retire_lease(task), **self._discard_result(task), "e": note}
         self._errors[task] = note
         change.update(self._make_available(task))
-        say(f"task {task} ({network_of(task)}): {note}")
-        return self._commit(task, change) if journal else None
+        return change
 
     def _apply_result(self, task, meta, count):
         """Keep a result's metadata and its share of the census totals."""
@@ -932,6 +579,520 @@ class Store:
                                  digest_size=16).digest()
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
+    # -- private: loading ------------------------------------------------------------------------
+
+    def _apply_snapshot(self, snap):
+        self._apply_base(snap)
+        if len(self._states) != TASKS:
+            raise ValueError(f"{len(self._states)} task states")
+        self._results = {int(t): ResultMeta(*m) for t, m in snap["results"].items()}
+
+    def _apply_base(self, snap):
+        self._version, self._submissions = snap["version"], snap["submissions"]
+        self._states = bytearray(snap["states"].encode()).translate(_UNDIGITS)
+        self._leases = {int(t): Lease(*v) for t, v in snap["leases"].items()}
+        self._old = {int(t): [Lease(*v) for v in old] for t, old in snap["old"].items()}
+        self._errors = {int(t): e for t, e in snap["errors"].items()}
+        self._contributors = {c[0]: Contributor(*c) for c in snap["contributors"]}
+        self._pinned = set(snap.get("pinned", ()))
+        self._checks = {int(t): Lease(*v) for t, v in snap.get("checks", {}).items()}
+        self._verifier = trust.Verifier(self._verify, rng=self._rng)
+        for task, record in snap.get("trust", {}).items():
+            self._verifier.restore(int(task), _block_from(record))
+        self._verifier.standings = {n: trust.Standing(*w)
+                                    for n, w in snap.get("standings", {}).items()}
+
+    def _apply_record(self, record):
+        rec = json.loads(record.line)
+        if record.tag == TAG_BASE:
+            return self._apply_base(rec)
+        task = record.tag
+        if "l" in rec:
+            lease = self._leases.pop(task, None)
+            if lease is not None:
+                self._old[task] = (self._old.get(task, []) + [lease])[-OLD_LEASES_KEPT:]
+            if rec["l"]:
+                self._leases[task] = Lease(*rec["l"])
+        if "r" in rec:
+            _put(self._results, task, rec["r"] and ResultMeta(*rec["r"]))
+            if rec["r"]:
+                self._old.pop(task, None)
+        if "e" in rec:
+            _put(self._errors, task, rec["e"])
+        if "s" in rec:
+            self._states[task] = rec["s"]
+        for person in ([rec["c"]] if rec.get("c") else []) + rec.get("cs", []):
+            self._contributors[person[0]] = Contributor(*person)
+        if "k" in rec:
+            _put(self._checks, task, rec["k"] and Lease(*rec["k"]))
+        if "t" in rec:
+            self._verifier.restore(task, rec["t"] and _block_from(rec["t"]))
+        for name, standing in rec.get("w", {}).items():
+            self._verifier.standings[name] = trust.Standing(*standing)
+        if "p" in rec:
+            self._pinned.add(task)
+        self._version = rec.get("v", self._version)
+        self._submissions = rec.get("n", self._submissions)
+
+    def _rebuild_totals(self):
+        """What _apply_result keeps, for every result at once (a restart's longest step)."""
+        metas = self._results.values()
+        self._probed = sum(m.probed for m in metas)
+        self._responders = sum(m.responders for m in metas)
+        self._result_bytes = sum(_RECORD_SIZE + m.size for m in metas)
+        since = self.clock() - 3600
+        recent = sorted((m.finished_at, m.probed) for m in metas if m.finished_at >= since)
+        self._recent_t = [t for t, _ in recent]
+        self._recent_p = list(itertools.accumulate(p for _, p in recent))
+        for task, meta in self._results.items():
+            self._map[2 * task + 1] = _fraction(meta)
+
+    def _rebuild(self):
+        """Derived structures: scope (except where an administrator decided), map, hand-out
+        heap, expiry heap, leases per holder, totals, recent rate; leases past their deadline
+        expire, done tasks whose result is missing go back to the pool."""
+        for task in range(TASKS):
+            state = self._states[task]
+            if task in self._pinned:
+                continue
+            if state == State.AVAILABLE and not self._inside[task]:
+                self._states[task] = State.EXCLUDED
+            elif state == State.EXCLUDED and self._inside[task]:
+                self._states[task] = State.AVAILABLE
+        self._map = bytearray(2 * TASKS)
+        self._map[0::2] = self._states
+        self._rebuild_totals()
+        self._pool = [_rank(t) for t in range(TASKS) if self._states[t] == State.AVAILABLE]
+        heapq.heapify(self._pool)
+        leases = [*self._leases.items(), *self._checks.items()]
+        self._expiry = [(lease.deadline, t, lease.token) for t, lease in leases]
+        heapq.heapify(self._expiry)
+        self._held = {}
+        for _, lease in leases:
+            self._held[lease.holder] = self._held.get(lease.holder, 0) + 1
+        if self._states.count(State.DONE) != sum(self._states[t] == State.DONE
+                                                 for t in self._results):
+            missing = [t for t in range(TASKS) if self._states[t] == State.DONE
+                       and t not in self._results]
+            for task in missing:
+                self._requeue(task, "its result record is missing")
+            say(f"{len(missing)} done task(s) had no result record: handed out again "
+                f"({', '.join(map(str, missing[:20]))})")
+        self._expire_due(self.clock())
+
+
+class Store(Census):
+    """The census state made durable by a Journal in ``directory``: the volunteers' and the
+    administrator's requests, each answered once its record is on disk. Thread-safe; call
+    ``close()`` at the end. StoreError when the folder cannot be used (one line saying why)."""
+
+    def __init__(self, directory, *, scope=None, exclude=(), lease_seconds=LEASE_SECONDS,
+                 clock=time.time, snapshot_every=SNAPSHOT_EVERY,
+                 snapshot_seconds=SNAPSHOT_SECONDS, tail_bytes=TAIL_BYTES, max_leases=None,
+                 verify=trust.FRACTION, rng=random.random):
+        super().__init__(scope=scope, exclude=exclude, lease_seconds=lease_seconds, clock=clock,
+                         verify=verify, rng=rng)
+        self.dir = Path(directory)
+        self.max_leases = max_leases
+        self._closing = False
+        self.damaged_results = self.damaged_records = 0
+        self._journal = Journal(self.dir, self, self._lock, snapshot_every=snapshot_every,
+                                snapshot_seconds=snapshot_seconds, tail_bytes=tail_bytes)
+        try:
+            self._load()
+        except BaseException:
+            self._journal.release()
+            raise
+
+    # -- volunteers -------------------------------------------------------------------------------
+
+    def get_task(self, holder: str, *, within=None, lease_required=False,
+                 name=None) -> Handout | None:
+        """Lease the next available task (spread over the space) to ``holder``; None if none.
+        A done block owed a check (trust.Verifier) that this holder may give comes first: its
+        result is already kept, so checks never hold up the census; ``name``, if the client
+        says it, keeps a contributor from checking its own results from another address.
+
+        ``within``: a list of IPv4Networks; only a block whose /16 overlaps one of them (those
+        wholly inside first). ``lease_required``: the lease is usable only with its token.
+        Refused 429 (``retry_after`` set) when the holder has ``max_leases`` live leases."""
+        self._writable()
+        with self._lock:
+            now = self.clock()
+            self._expire_due(now)
+            self._check_cap(holder)
+            task = self._next_check(name or holder, holder, within)
+            if task is not None:
+                lease, change = self._new_check(task, now, holder, lease_required)
+            else:
+                task = (self._pop_available(holder) if within is None
+                        else self._find_within(within))
+                if task is None:
+                    return None
+                lease, change = self._new_lease(task, now, holder, lease_required)
+            ticket = self._commit(task, change)
+        self._wait(ticket)
+        return Handout(task, lease, network_of(task), self.exclude_of(task))
+
+    def submit(self, task: int, result_data, *, holder: str, token=None, name=None, rtt=None,
+               stats=None, failure=None, bitmap=None, icmp_errors=None, skipped=None) -> bool:
+        """Record a result; True when it repeats the submission that already completed it
+        (same sender, same data).
+
+        Raises Refused: 404 unknown task, 403 forged token (or none for a lease that needs
+        one), 409 done by another / with other data / leased to another, 400 bad data (the
+        task goes to error only if the sender holds the live lease), 503 storage unavailable.
+        ``failure``: the client's own error message when its result says success false.
+        The result is ``result_data`` (the original string) or ``bitmap`` (the compact form),
+        with ``rtt``, ``icmp_errors`` and ``skipped`` beside it (see results.py). A submission
+        for a check lease is compared with the block's kept result instead (trust.py).
+        """
+        problem, packed = _pack_result(task, result_data, bitmap=bitmap, rtt=rtt,  # outside
+                                       icmp_errors=icmp_errors, skipped=skipped)  # the lock
+        if failure is not None:
+            problem, packed = f"client reported: {failure}"[:200], None
+        token = token or None                               # an empty token is no token
+        self._writable()
+        prior = self._prior_bitmaps(task)       # what a check is compared with: read unlocked
+        partial = self._partial(task)           # a result with holes this one may fill
+        duplicate = refusal = None
+        with self._lock:
+            now = self.clock()
+            self._expire_due(now)
+            check = self._checks.get(task) if isinstance(task, int) else None
+            if check is not None and _matches(check, token, holder):
+                ticket, refusal = self._accept_check(task, packed, problem, prior, now, holder,
+                                                     token, name, stats)
+                problem = None
+            else:
+                duplicate, live = self._authorise_submit(task, token, holder, packed)
+                if duplicate:
+                    ticket = None
+                elif problem is None:
+                    ticket = self._accept(task, packed, now, holder, token, name, stats,
+                                          partial)
+                elif live:
+                    ticket = self._fail(task, problem)
+                else:
+                    raise self._refuse(HTTPStatus.BAD_REQUEST, problem)
+        if duplicate:
+            return self._same_as_stored(task, duplicate, packed)
+        self._wait(ticket)
+        if refusal is not None:
+            raise Refused(*refusal)
+        if problem is not None:
+            raise Refused(HTTPStatus.BAD_REQUEST, problem)
+        return False
+
+    def release(self, task: int, *, holder: str, token=None) -> None:
+        """Give a leased task back to the pool; only the live lease holder may."""
+        token = token or None
+        self._writable()
+        with self._lock:
+            self._expire_due(self.clock())
+            self._check_task(task)
+            lease = self._leases.get(task)
+            if lease is None:
+                raise self._refuse(HTTPStatus.CONFLICT, "task is not leased")
+            if not _matches(lease, token, holder):
+                raise self._not_yours(lease, token)
+            change = self._retire_lease(task)
+            change.update(self._make_available(task))
+            ticket = self._commit(task, change)
+        self._wait(ticket)
+
+    # -- admin ------------------------------------------------------------------------------------
+
+    def add_task(self, status: int, holder: str, task: int | None = None) -> int:
+        """Bring a task that is out of scope into the census, in state 0 or 1; returns it.
+
+        ``task`` None picks the lowest-numbered one; a given task must be out of scope (and
+        not wholly reserved or opted out) or available, else Refused 409. The choice is kept
+        across restarts, whatever the scope then.
+        """
+        if status not in (State.AVAILABLE, State.IN_PROGRESS):
+            raise Refused(HTTPStatus.BAD_REQUEST, "task_status must be 0 or 1")
+        self._writable()
+        with self._lock:
+            if task is None:
+                task = self._first_addable()
+            else:
+                self._check_task(task)
+                if not (self._is_addable(task) or self._states[task] == State.AVAILABLE):
+                    raise self._refuse(HTTPStatus.CONFLICT, "task is neither out of scope nor "
+                                       "available")
+            self._pinned.add(task)
+            ticket = self._commit(task, {"p": 1, **self._set_to(task, status, holder)})
+        self._wait(ticket)
+        return task
+
+    def revise(self, task: int, code: int, *, force=False, holder="") -> None:
+        """Set a task's state (kept across restarts, whatever the scope then); a task in
+        progress, or a done one (whose result this discards), only with ``force``."""
+        if code not in tuple(State):
+            raise Refused(HTTPStatus.BAD_REQUEST, "code must be 0..4")
+        self._writable()
+        with self._lock:
+            self._check_task(task)
+            if self._states[task] == State.IN_PROGRESS and not force:
+                raise self._refuse(HTTPStatus.CONFLICT, "task is in progress (use force=1)")
+            if self._states[task] == State.DONE and code != State.DONE and not force:
+                raise self._refuse(HTTPStatus.CONFLICT,
+                                   "task is done: revising it discards its result (use force=1)")
+            change = {**self._retire_lease(task), **self._discard_result(task), "e": None, "p": 1}
+            self._errors.pop(task, None)
+            self._pinned.add(task)
+            change.update(self._set_to(task, code, holder))
+            ticket = self._commit(task, change)
+        self._wait(ticket)
+
+    def reset_errors(self, task: int) -> int:
+        """Put an errored task (or every one, task -1) back in the pool; returns how many."""
+        self._writable()
+        with self._lock:
+            if task != -1:
+                self._check_task(task)
+            tasks = list(self._errors) if task == -1 else [task] if task in self._errors else []
+            ticket = None
+            for t in tasks:
+                del self._errors[t]
+                change = {"e": None}
+                if self._states[t] == State.ERROR:
+                    change.update(self._make_available(t))
+                ticket = self._commit(t, change)
+        self._wait(ticket)
+        return len(tasks)
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    @property
+    def degraded(self) -> str | None:
+        """None while writes work, else why not (one line); clears by itself."""
+        return self._journal.degraded
+
+    def result(self, task: int) -> dict:
+        """The stored result of a done task, as /result serves it; Refused 404 if not done
+        (or if its stored bytes fail their CRC: the task is then handed out again)."""
+        with self._lock:
+            self._check_task(task)
+            meta = self._results.get(task)
+        data = self._read_result(task, meta)
+        if data is None:
+            raise Refused(HTTPStatus.NOT_FOUND, "task has no result")
+        meta, bitmap, rtt_z, errors = data
+        digits = format(int.from_bytes(bitmap, "big"), f"0{RESULT_LEN}b")
+        return {"task_index": task, "result_data": digits,
+                "rtt_us": base64.b64encode(rtt_z).decode() if rtt_z else None,
+                "icmp_errors": [[k, kind, icmp_type, code] for k, kind, icmp_type, code
+                                in results.icmp_error_rows(errors)],
+                "contributor": meta.contributor, "finished_at": meta.finished_at,
+                "not_probed": _hole_nets(task, meta),
+                "verification": self._verification_of(task)}
+
+
+    def bitmaps(self, with_errors=False):
+        """(task, 8,192-byte bitmap) of every done task in index order, read lazily (a result
+        whose bytes fail their CRC is left out, and its task handed out again); with_errors:
+        (task, bitmap, ICMP error entries) (see results.icmp_error_rows)."""
+        with self._lock:
+            done = sorted(self._results.items())
+        for task, meta in done:
+            data = self._read_result(task, meta)
+            if data is not None:
+                yield (task, data[1], data[3]) if with_errors else (task, data[1])
+
+    def counters(self) -> dict:
+        """Numbers for /metrics."""
+        with self._lock:
+            states = {s.name.lower(): self._states.count(s) for s in State}
+        return {"states": states, "submissions": self._submissions, "rejects": self.rejects,
+                "leases_expired": self.leases_expired, "version": self._version,
+                "damaged_results": self.damaged_results,
+                "damaged_records": self.damaged_records, "degraded": int(bool(self.degraded)),
+                "agreements": self._verifier.agreements, "disputes": self._verifier.disputes,
+                "flagged": sum(w.flagged for w in self._verifier.standings.values()),
+                "verification": self._verifier.counts()}
+
+    def close(self) -> None:
+        """Flush, compact if worth it, write a final snapshot, let the folder go."""
+        self._closing = True
+        self._journal.close()
+
+    # -- the journal's owner (called by it, holding the lock) -------------------------------------
+
+    def live_records(self):
+        """What a compaction keeps: a copy of each result record, then the rest as one."""
+        copies = [Copy(task, meta.offset, meta.size, meta.crc,
+                       lambda offset, meta=meta: _JSON.encode(
+                           {"r": meta._replace(offset=offset)}).encode())
+                  for task, meta in self._results.items()]
+        return copies, _JSON.encode(self.snapshot_state(results=False)).encode()
+
+    def rewritten(self, moved: dict, damaged: list) -> None:
+        """After a compaction: results now lie at ``moved`` offsets; ``damaged`` failed their
+        CRC and were left out."""
+        for task, offset in moved.items():
+            self._results[task] = self._results[task]._replace(offset=offset)
+        for task in damaged:
+            self._requeue_now(task, "its stored result was damaged on disk")
+
+    def reload(self) -> None:
+        """Forget what is not durable: the state again from the snapshot and the log."""
+        self._reset_memory()
+        snap = self._journal.read_snapshot(quiet=True)
+        if snap is not None:
+            self._apply_snapshot(snap)
+        for record in self._journal.replay(cut_torn=False):
+            self._apply_record(record)
+        self._rebuild()
+        with self._changed:
+            self._changed.notify_all()
+
+    # -- private ----------------------------------------------------------------------------------
+
+    def _writable(self):
+        try:
+            self._journal.check_writable()
+        except WriteFailed as exc:
+            raise Unavailable(str(exc)) from None
+
+    def _wait(self, ticket):
+        try:
+            self._journal.wait(ticket)
+        except WriteFailed as exc:
+            raise Unavailable(str(exc)) from None
+
+    def _check_cap(self, holder):
+        if self.max_leases and self._held.get(holder, 0) >= self.max_leases:
+            self.rejects += 1
+            retry = max(1, min(60, round(self.lease_seconds / 10)))
+            raise Refused(HTTPStatus.TOO_MANY_REQUESTS,
+                          f"{holder} already holds {self.max_leases} leases (the most one "
+                          f"address may): finish or release one first", retry_after=retry)
+
+    def _not_yours(self, lease, token):
+        if token:
+            return self._refuse(HTTPStatus.FORBIDDEN, "wrong lease token")
+        if lease is not None and lease.bound:
+            return self._refuse(HTTPStatus.FORBIDDEN, "this lease is usable only with its "
+                                "token: send it as \"lease\"")
+        return self._refuse(HTTPStatus.CONFLICT, "task is leased to another" if lease
+                            else "task is not leased to you")
+
+    def _authorise_submit(self, task, token, holder, packed):
+        """(duplicate, live): the accepted result's metadata if this may be a retry of it (the
+        caller compares the bytes), else None and whether the sender holds the lease."""
+        self._check_task(task)
+        state = self._states[task]
+        if state == State.DONE:
+            meta = self._results.get(task)
+            if meta and (_same(token, meta.token or "") if token
+                         else meta.token is None and meta.holder == holder):
+                if packed is not None and packed.crc == meta.crc:
+                    return meta, False                  # the same data, if its bytes agree
+                raise self._refuse(HTTPStatus.CONFLICT, _OTHER_DATA)
+            raise self._refuse(HTTPStatus.CONFLICT, "task already done")
+        if state == State.EXCLUDED:
+            raise self._refuse(HTTPStatus.CONFLICT, "task is excluded from the census")
+        lease = self._leases.get(task)
+        if lease and _matches(lease, token, holder):
+            return None, True
+        if any(_matches(old, token, holder) for old in self._old.get(task, ())):
+            return None, False                          # late, but nobody else finished it
+        raise self._not_yours(lease, token)
+
+    def _accept(self, task, packed, now, holder, token, name, stats, partial=None):
+        """A result for a block; one with holes (not probed, not explained by the operator's
+        exclusions) goes back to the pool for those parts, and fills those of a result before."""
+        credit = trust.Opinion(name or holder, holder, packed.responders,
+                               _stat(stats, "probed", RESULT_LEN))
+        before = self._results.get(task)
+        if before is not None and before.holes and partial is not None and partial[0] == before:
+            packed = self._filled(partial, packed)
+        holes = self._unexplained(task, packed.skipped)
+        meta = self._result_meta(task, packed, now, holder, token, name, stats)
+        meta = meta._replace(holes=holes, probed=RESULT_LEN - meta.excluded - _count(holes)
+                             if holes or before is not None else meta.probed)
+        change = self._retire_lease(task)
+        self._old.pop(task, None)
+        if self._errors.pop(task, None) is not None:
+            change["e"] = None
+        self._submissions += 1
+        change.update(self._drop_result(task))
+        self._apply_result(task, meta, count=True)
+        if holes:                                 # handed out again for the holes alone
+            change.update(self._make_available(task), r=meta, n=self._submissions,
+                          cs=[self._credit(credit, 1, now)])
+            return self._commit(task, change, packed.blob, packed.crc)
+        change.update(self._set_state(task, State.DONE))
+        opinion = trust.Opinion(meta.contributor, holder, meta.responders, meta.probed)
+        outcome = self._verifier.add(task, opinion)
+        change.update(self._settled(task, outcome, now), r=meta, n=self._submissions)
+        return self._commit(task, change, packed.blob, packed.crc)
+
+    def _partial(self, task):
+        """(meta, bitmap, rtt, errors) of a result with holes (call unlocked: it reads)."""
+        with self._lock:
+            meta = self._results.get(task) if isinstance(task, int) else None
+        if meta is None or not meta.holes:
+            return None
+        return self._read_result(task, meta)
+
+    def _filled(self, partial, packed):
+        """The result before, its holes filled from this one (results.fill_holes)."""
+        meta, bitmap, rtt, errors = partial
+        old = results.Packed(bitmap, rtt, meta.responders, errors)
+        new = results.Packed(packed.bitmap, packed.rtt, packed.responders, packed.errors,
+                             packed.skipped)
+        both = results.fill_holes(old, meta.holes, new)
+        blob = both.bitmap + both.rtt + both.errors
+        return Packed(both.bitmap, both.rtt, both.responders, zlib.crc32(blob), both.errors,
+                      both.skipped)
+
+    def _unexplained(self, task, skipped) -> tuple:
+        """The skipped spans that neither the operator's exclusions nor (with no scope given)
+        reserved space explain: holes."""
+        spans = list(skipped)
+        base = task << 16
+        explained = list(self._parts.get(task, ()))
+        if self._reserved_explains:
+            explained += [n for n in RESERVED if n.overlaps(_block_net(task))]
+        for net in explained:
+            first = max(int(net.network_address) - base, 0)
+            last = min(int(net.broadcast_address) - base, RESULT_LEN - 1)
+            spans = _cut(spans, first, last)
+        return tuple(spans)
+
+    def _result_meta(self, task, packed, now, holder, token, name, stats):
+        """The metadata of a result about to be committed (its bytes go where the next
+        record's blob will: commit it before any other record)."""
+        excluded = sum(n.num_addresses for n in self._parts.get(task, ()))
+        excluded = _stat(stats, "excluded", excluded)
+        probed = _stat(stats, "probed", RESULT_LEN - excluded)
+        return ResultMeta(self._journal.next_blob_offset, len(packed.bitmap), len(packed.rtt),
+                          name or holder, now, packed.responders, probed, excluded, token,
+                          holder, packed.crc, len(packed.errors))
+
+    def _fail(self, task, problem):
+        self.rejects += 1
+        change = self._retire_lease(task)
+        self._errors[task] = problem[:200]
+        change.update(self._set_state(task, State.ERROR), e=problem[:200])
+        return self._commit(task, change)
+
+    def _same_as_stored(self, task, meta, packed) -> bool:
+        """True if ``packed`` is byte for byte the stored result, else Refused 409."""
+        stored = self._read_result(task, meta)
+        if stored is None or stored[1:] != (packed.bitmap, packed.rtt, packed.errors):
+            raise self._refuse(HTTPStatus.CONFLICT, _OTHER_DATA)
+        return True
+
+    def _requeue_now(self, task, why):
+        """Hand a task out again whose stored result is lost; returns the record's ticket."""
+        change = self._requeue(task, why)
+        say(f"task {task} ({network_of(task)}): {self._errors[task]}")
+        return self._commit(task, change)
+
     def _read_result(self, task, meta):
         """(meta, bitmap, rtt) of a done task, checked against its CRC; None if it has none.
         A damaged one is counted, reported and its task handed out again."""
@@ -948,8 +1109,7 @@ class Store:
                 current = self._results.get(task)
                 if current == meta:
                     self.damaged_results += 1
-                    ticket = self._requeue(task, "its stored result failed its CRC check",
-                                           journal=True)
+                    ticket = self._requeue_now(task, "its stored result failed its CRC check")
                     break
             meta = current
         else:
@@ -1066,26 +1226,6 @@ class Store:
         self._contributors[person.name] = person
         return person
 
-    def _verification_progress(self, done) -> dict:
-        counts = self._verifier.counts()
-        verified = counts["verified"]
-        return {"verified_tasks": verified, "unverified_tasks": counts["unverified"],
-                "checks_waiting": counts["waiting"] + counts["disputed"],
-                "disputed_tasks": counts["disputed"] + counts["unresolved"],
-                "verified_share": round(verified / done, 4) if done else 0.0,
-                "verify_fraction": self._verify}
-
-    def _verification_of(self, task) -> dict | None:
-        """/task and /result: how far the block's kept result is verified."""
-        with self._lock:
-            block = self._verifier.blocks.get(task)
-            checking = task in self._checks
-        if block is None:
-            return None
-        return {"status": block.status.name.lower(), "opinions": len(block.opinions),
-                "contributors": [o.contributor for o in block.opinions],
-                "kept": block.opinions[block.kept].contributor, "checking": checking}
-
     # -- private: load ----------------------------------------------------------------------------
 
     def _load(self):
@@ -1126,99 +1266,12 @@ class Store:
             f"Rebuilt from every intact record; the original is kept as {aside}")
         for task in tasks:
             if not (self._states[task] == State.DONE and task in self._results):
-                self._requeue(task, "a record of it was lost to damage in the log",
-                              journal=False)
+                self._requeue(task, "a record of it was lost to damage in the log")
         try:
             self._journal.compact(keep_aside=aside)
         except OSError as exc:
             raise StoreError(f"cannot rewrite the damaged {self.dir / LOG_FILE}: {exc}: free "
                              "some space and start again (nothing has been changed)") from None
-
-    def _apply_snapshot(self, snap):
-        self._apply_base(snap)
-        if len(self._states) != TASKS:
-            raise ValueError(f"{len(self._states)} task states")
-        self._results = {int(t): ResultMeta(*m) for t, m in snap["results"].items()}
-
-    def _apply_base(self, snap):
-        self._version, self._submissions = snap["version"], snap["submissions"]
-        self._states = bytearray(snap["states"].encode()).translate(_UNDIGITS)
-        self._leases = {int(t): Lease(*v) for t, v in snap["leases"].items()}
-        self._old = {int(t): [Lease(*v) for v in old] for t, old in snap["old"].items()}
-        self._errors = {int(t): e for t, e in snap["errors"].items()}
-        self._contributors = {c[0]: Contributor(*c) for c in snap["contributors"]}
-        self._pinned = set(snap.get("pinned", ()))
-        self._checks = {int(t): Lease(*v) for t, v in snap.get("checks", {}).items()}
-        self._verifier = trust.Verifier(self._verify, rng=self._rng)
-        for task, record in snap.get("trust", {}).items():
-            self._verifier.restore(int(task), _block_from(record))
-        self._verifier.standings = {n: trust.Standing(*w) for n, w in snap.get("standings", {}).items()}
-
-    def _apply_record(self, record):
-        rec = json.loads(record.line)
-        if record.tag == TAG_BASE:
-            return self._apply_base(rec)
-        task = record.tag
-        if "l" in rec:
-            lease = self._leases.pop(task, None)
-            if lease is not None:
-                self._old[task] = (self._old.get(task, []) + [lease])[-OLD_LEASES_KEPT:]
-            if rec["l"]:
-                self._leases[task] = Lease(*rec["l"])
-        if "r" in rec:
-            _put(self._results, task, rec["r"] and ResultMeta(*rec["r"]))
-            if rec["r"]:
-                self._old.pop(task, None)
-        if "e" in rec:
-            _put(self._errors, task, rec["e"])
-        if "s" in rec:
-            self._states[task] = rec["s"]
-        for person in ([rec["c"]] if rec.get("c") else []) + rec.get("cs", []):
-            self._contributors[person[0]] = Contributor(*person)
-        if "k" in rec:
-            _put(self._checks, task, rec["k"] and Lease(*rec["k"]))
-        if "t" in rec:
-            self._verifier.restore(task, rec["t"] and _block_from(rec["t"]))
-        for name, standing in rec.get("w", {}).items():
-            self._verifier.standings[name] = trust.Standing(*standing)
-        if "p" in rec:
-            self._pinned.add(task)
-        self._version = rec.get("v", self._version)
-        self._submissions = rec.get("n", self._submissions)
-
-    def _rebuild(self):
-        """Derived structures: scope (except where an administrator decided), map, hand-out
-        heap, expiry heap, leases per holder, totals, recent rate; leases past their deadline
-        expire, done tasks whose result is missing go back to the pool."""
-        for task in range(TASKS):
-            state = self._states[task]
-            if task in self._pinned:
-                continue
-            if state == State.AVAILABLE and not self._inside[task]:
-                self._states[task] = State.EXCLUDED
-            elif state == State.EXCLUDED and self._inside[task]:
-                self._states[task] = State.AVAILABLE
-        self._map = bytearray(2 * TASKS)
-        self._map[0::2] = self._states
-        results, self._results = self._results, {}
-        self._probed = self._responders = self._result_bytes = 0
-        self._recent_t, self._recent_p = [], []
-        since = self.clock() - 3600
-        for task, meta in sorted(results.items(), key=lambda item: item[1].finished_at):
-            self._apply_result(task, meta, count=meta.finished_at >= since)
-            self._map[2 * task + 1] = _fraction(meta)
-        self._pool = [_rank(t) for t in range(TASKS) if self._states[t] == State.AVAILABLE]
-        heapq.heapify(self._pool)
-        leases = [*self._leases.items(), *self._checks.items()]
-        self._expiry = [(lease.deadline, t, lease.token) for t, lease in leases]
-        heapq.heapify(self._expiry)
-        self._held = {}
-        for _, lease in leases:
-            self._held[lease.holder] = self._held.get(lease.holder, 0) + 1
-        for task in [t for t in range(TASKS) if self._states[t] == State.DONE
-                     and t not in self._results]:
-            self._requeue(task, "its result record is missing", journal=False)
-        self._expire_due(self.clock())
 
     def finished_times(self) -> list:
         """When each done block was finished (epoch seconds), oldest first: the progress
@@ -1230,6 +1283,7 @@ class Store:
 # -- helpers --------------------------------------------------------------------------------------
 
 _JSON = json.JSONEncoder(separators=(",", ":"))   # one encoder: json.dumps builds one a call
+_OTHER_DATA = "task already done with different data"
 _DIGITS = bytes.maketrans(bytes(range(5)), b"01234")
 _UNDIGITS = bytes.maketrans(b"01234", bytes(range(5)))
 _REV8 = bytes(int(f"{b:08b}"[::-1], 2) for b in range(256))
@@ -1307,13 +1361,7 @@ def _pack_result(task, result_data, *, bitmap=None, rtt=None, icmp_errors=None, 
         return str(exc), None
     blob = checked.bitmap + checked.rtt + checked.errors
     return None, Packed(checked.bitmap, checked.rtt, checked.responders, zlib.crc32(blob),
-                        _digest(blob), checked.errors, checked.skipped)
-
-
-def _digest(bitmap, rtt=b"") -> str:
-    digest = hashlib.blake2b(bitmap, digest_size=16)
-    digest.update(rtt)
-    return digest.hexdigest()
+                        checked.errors, checked.skipped)
 
 
 def _stat(stats, key, default):

@@ -61,6 +61,33 @@ def head_of(sock) -> bytes:
     return head
 
 
+class Peer:
+    """A raw keep-alive connection; its answers (status, body) read in order."""
+
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.buf = b""
+
+    def ask(self, request: bytes) -> tuple[int, bytes]:
+        self.sock.sendall(request)
+        return self.answer()
+
+    def answer(self) -> tuple[int, bytes]:
+        while b"\r\n\r\n" not in self.buf:
+            self._more()
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        length = int(re.search(rb"(?im)^content-length: *([0-9]+)", head)[1])
+        while len(self.buf) < length:
+            self._more()
+        body, self.buf = self.buf[:length], self.buf[length:]
+        return int(head.split()[1]), body
+
+    def _more(self):
+        chunk = self.sock.recv(65536)
+        assert chunk, "the server closed the connection"
+        self.buf += chunk
+
+
 def head(port, path):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request("HEAD", path)
@@ -129,6 +156,42 @@ def test_a_subscriber_that_stops_reading_is_dropped(census_server):
                 break
             time.sleep(0.002)
         wait_until(lambda: front.counts()["subscribers"] == 0)
+
+
+def test_an_idle_keep_alive_connection_frees_its_worker(census_server):
+    """The worker that answered waits for the peer's next request only a moment."""
+    running = census_server(workers=1)
+    idle = Peer(running.port)
+    with idle.sock:
+        assert idle.ask(b"GET /ping HTTP/1.1\r\n\r\n")[0] == 200
+        status, seconds = timed_call(running, "GET", "/ping")      # the only worker is free
+        assert status == 200 and seconds < 2.0
+        assert idle.ask(b"GET /ping HTTP/1.1\r\n\r\n")[0] == 200
+
+
+def test_keep_alive_requests_in_pieces_pipelined_and_bad(census_server):
+    """What a worker reads of a next request that is not whole goes back to the loop."""
+    running = census_server()
+    peer = Peer(running.port)
+    with peer.sock:
+        assert peer.ask(b"GET /ping HTTP/1.1\r\n\r\n")[0] == 200
+        peer.sock.sendall(b"GET /ping HTTP/1.1\r\n")
+        time.sleep(0.1)
+        assert peer.ask(b"Host: 127.0.0.1\r\n\r\n")[0] == 200
+        assert peer.ask(b"GET /ping HTTP/1.1\r\n\r\nGET /nowhere HTTP/1.1\r\n\r\n")[0] == 200
+        assert peer.answer()[0] == 404                              # in order
+        status, body = peer.ask(b"GET /ping HTTP/1.1\r\nno colon\r\n\r\n")
+        assert status == 400 and "error" in json.loads(body)
+
+
+def test_a_slow_head_after_a_keep_alive_answer_keeps_its_deadline(census_server):
+    running = census_server(head_timeout=0.5)
+    peer = Peer(running.port)
+    with peer.sock:
+        assert peer.ask(b"GET /ping HTTP/1.1\r\n\r\n")[0] == 200
+        started = time.monotonic()
+        assert peer.ask(b"GET /ping HTTP/1.1\r\n")[0] == 408     # never finished
+        assert time.monotonic() - started < 3                       # 0.5 s and the sweep, loosely
 
 
 # -- deadlines and sizes --------------------------------------------------------------------------

@@ -166,6 +166,19 @@ def test_a_failed_write_keeps_nothing_and_the_next_one_works(tmp_path):
     assert (tags, damage) == ([1, 4], [])
 
 
+def test_records_a_failing_snapshot_was_writing_fail_their_waiters(tmp_path):
+    journal, owner = open_journal(tmp_path / "data", snapshot_every=1)
+    with owner.lock:
+        ticket = journal.append(1, b"{}")
+    journal.write = lambda fd, data: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error"))
+    with journal._flush_lock:
+        journal._maintain()                             # its snapshot writes the queue first
+    with pytest.raises(WriteFailed, match="write failed: .*I/O error"):
+        journal.wait(ticket)
+    assert owner.reloads == 1 and not list((tmp_path / "data").glob("*.tmp"))
+    journal.release()
+
+
 def test_compaction_keeps_live_blobs_and_drops_damaged_ones(tmp_path):
     journal, owner = open_journal(tmp_path / "data")
     with owner.lock:

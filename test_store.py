@@ -615,14 +615,16 @@ def test_a_real_full_disk_answers_503_and_recovers_once_space_is_freed(tmp_path,
 # -- the log stays the size of the data -----------------------------------------------------------
 
 def test_churn_keeps_the_log_bounded(open_store, tmp_path):
-    store = open_store(tail_bytes=64 << 10)
+    store = open_store(tail_bytes=16 << 10)
     handout = store.get_task("h")
     store.submit(handout.task, result_string([1]), holder="h")
-    for _ in range(3000):
+    first_log = store._journal._log_id
+    for _ in range(2500):                                   # about 430 kB of records
         handout = store.get_task("h")
         store.release(handout.task, holder="h", token=handout.lease.token)
+    assert store._journal._log_id != first_log              # compacted on the way
     files = sum(p.stat().st_size for p in (tmp_path / "data").iterdir())
-    assert files <= 1.5 * store.live_bytes() + (64 << 10) + store.live_bytes()  # + snapshot
+    assert files <= 1.5 * store.live_bytes() + (16 << 10) + store.live_bytes()  # + snapshot
     assert store.result(LOOP)["result_data"] == result_string([1])
     store.close()
     assert open_store().result(LOOP)["result_data"] == result_string([1])
@@ -712,3 +714,57 @@ def test_within_hands_out_only_overlapping_blocks(open_store):
     wide = [ipaddress.IPv4Network("127.9.128.0/17"), ipaddress.IPv4Network("127.20.0.0/15")]
     assert store.get_task("h", within=wide).task == LOOP + 20     # wholly inside first
     assert store.get_task("h", within=[ipaddress.IPv4Network("10.0.0.0/8")]) is None
+
+
+# -- through HTTP ---------------------------------------------------------------------------------
+
+def test_http_lease_cap_lease_required_and_within(census_server):
+    running = census_server()
+    running.store.max_leases = 2
+    status, _, first = running.call("GET", "/get_task?lease=required")
+    assert status == 200
+    for path, code in (("/get_task?within=127.3.0.0/16,127.4.0.0/24", 200),
+                       ("/get_task?within=not-a-cidr", 400), ("/get_task?lease=maybe", 400)):
+        status, _, got = running.call("GET", path)
+        assert status == code, got
+    assert got["error"] == "lease must be 'required' (or absent)"
+    status, response, got = running.call("GET", "/get_task")
+    assert status == 429 and int(response.getheader("Retry-After")) >= 1
+    assert "holds 2 leases" in got["error"]
+    for lease in (None, ""):
+        body = {"task_index": first["task_index"], "result": {"success": True, "result_data":
+                                                              result_string()}}
+        if lease is not None:
+            body["lease"] = lease
+        status, _, got = running.call("POST", "/submit_result", body)
+        assert (status, got["success"]) == (403, False)
+    status, _, got = running.call("POST", "/release", {"task_index": first["task_index"],
+                                                       "lease": first["lease"]})
+    assert status == 200
+
+
+def test_read_paths_never_write_even_when_leases_expire(open_store, clock):
+    store = open_store(lease_seconds=60)
+    store.get_task("h")
+    size = (store.dir / LOG_FILE).stat().st_size
+    store._journal.write = no_space                       # a full disk: reads still answer
+    clock.now += 61
+    assert store.pending() == [] and store.progress()["in_progress"] == 0
+    store.map_bytes(), store.task_info(LOOP), store.latest_available(), store.errors()
+    assert store.counters()["leases_expired"] == 1 and store.degraded is None
+    assert (store.dir / LOG_FILE).stat().st_size == size
+    crash(store)
+    assert open_store(lease_seconds=60).pending() == []   # expired again at load
+
+
+def test_http_a_full_disk_is_503_with_a_reason_and_healthz_says_so(census_server):
+    running = census_server()
+    running.store._journal.write = no_space
+    status, response, got = running.call("GET", "/get_task")
+    assert status == 503 and response.getheader("Retry-After") == "5"
+    assert "disk full" in got["error"]
+    status, _, got = running.call("GET", "/healthz")
+    assert status == 503 and "disk full" in got["error"]
+    del running.store._journal.write
+    assert running.call("GET", "/get_task")[0] == 200
+    assert running.call("GET", "/healthz")[0] == 200

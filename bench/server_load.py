@@ -8,14 +8,16 @@
    with 50 dashboards' /events streams open.
 2. Census: all 65,536 tasks handed out and completed through HTTP by 64 simulated clients, timed.
 3. Restart: the server killed with SIGKILL after the census, restarted, timed until it answers
-   (then once more after a clean SIGTERM).
+   (then once more after a clean SIGTERM); and killed with SIGKILL in the middle of a census.
 4. Hostile: (a) the plain load alone; (b) the same load while 10,000 /events streams, 2,000 idle
    keep-alive connections and 200 slow heads (a byte a second, reopened when dropped) are open;
    (c) 8,000 connections closed at once: time until /get_task answers. Prints cycles/s, p99 and
    server RSS, and (b) as a share of (a). The hostile sockets live in a process of their own.
-5. Compact: the load of 1. with our client's compact form (bitmap: zlib'd, base64'd) and with the
+5. Churn: one client doing GET /get_task + POST /release (no results): log bytes per 1,000
+   cycles, and the folder's size before and after the compaction at a clean stop.
+6. Compact: the load of 1. with our client's compact form (bitmap: zlib'd, base64'd) and with the
    string form, against ping_server and the bare json server each; body sizes and ratios.
-6. Verify: a census of --verify-scope (default 0.0.0.0/4, 4,096 blocks) by clients each at its own
+7. Verify: a census of --verify-scope (default 0.0.0.0/4, 4,096 blocks) by clients each at its own
    loopback address, --verify 0.05: the extra sweeps the checks cost, and the verified share.
 
 The clients run in their own processes (the machine may have only 2 cores; clients and server
@@ -98,8 +100,9 @@ def start(argv, **kw):
 
 
 def census_server(data_dir, scope="0.0.0.0/0", *extra):
+    # every simulated client shares 127.0.0.1: no per-address lease cap here
     return start([sys.executable, str(ROOT / "ping_server.py"), "--host", HOST, "--port", "0",
-                  "--data", str(data_dir), "--scope", scope, *extra],
+                  "--data", str(data_dir), "--scope", scope, "--max-leases", "0", *extra],
                  env={**os.environ, "PING_ADMIN_TOKEN": ""}, stderr=subprocess.DEVNULL)
 
 
@@ -276,16 +279,88 @@ def census_phase(args, tmp):
           f"log {os.path.getsize(data / 'census.log') / 1e6:.0f} MB, "
           f"snapshot {os.path.getsize(data / 'census.json') / 1e6:.1f} MB", flush=True)
     for how in ("after kill -9", "after SIGTERM"):
-        started = time.perf_counter()
-        server, port = census_server(data)
-        try:
-            progress = get_json(port, "/get_progress")
-            elapsed = time.perf_counter() - started
-            print(f"     restart: {elapsed:.2f} s {how} until it answers; done_tasks "
-                  f"{progress['done_tasks']}; RSS {rss_mb(server.pid)[0]:.0f} MB", flush=True)
-        finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait()
+        timed_restart(data, how)
+
+
+def mid_census_restart_phase(args, tmp):
+    """A census killed with SIGKILL part-way (no clean stop, no final snapshot), restarted."""
+    data = tmp / "half"
+    server, port = census_server(data)
+    try:
+        drive(port, args.census_clients, args.procs, args.seconds)
+    finally:
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+    timed_restart(data, f"after kill -9 mid-census (log "
+                        f"{os.path.getsize(data / 'census.log') / 1e6:.0f} MB)")
+
+
+def timed_restart(data, how):
+    """Start a server on ``data`` and time it until it answers."""
+    started = time.perf_counter()
+    server, port = census_server(data)
+    try:
+        progress = get_json(port, "/get_progress")
+        elapsed = time.perf_counter() - started
+        print(f"     restart: {elapsed:.2f} s {how} until it answers; done_tasks "
+              f"{progress['done_tasks']}; RSS {rss_mb(server.pid)[0]:.0f} MB", flush=True)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait()
+
+
+def churn_phase(args, tmp):
+    """get_task + release by one keep-alive client: what the log costs, and compaction."""
+    data = tmp / "churn"
+    server, port = census_server(data)
+    conn = http.client.HTTPConnection(HOST, port, timeout=60)
+    cycles, deadline, largest = 0, time.perf_counter() + args.seconds, 0
+    try:
+        before = folder_bytes(data)
+        while time.perf_counter() < deadline:
+            conn.request("GET", "/get_task")
+            task = json.loads(conn.getresponse().read())
+            body = json.dumps({"task_index": task["task_index"], "lease": task["lease"]})
+            conn.request("POST", "/release", body, {"Content-Type": "application/json"})
+            conn.getresponse().read()
+            cycles += 1
+            largest = max(largest, os.path.getsize(data / "census.log")) if cycles % 200 == 0 \
+                else largest
+        grown = folder_bytes(data) - before
+        log_before = os.path.getsize(data / "census.log")
+    finally:
+        conn.close()
+        server.send_signal(signal.SIGTERM)
+        server.wait()
+    print(f"       churn: {cycles} get_task+release cycles in {args.seconds:.0f} s by one "
+          f"client: the folder grew {grown / 1e3:.0f} kB ({grown / cycles:.0f} kB per 1,000 "
+          f"cycles; the log peaked at {largest / 1e6:.1f} MB); log before compaction "
+          f"{log_before / 1e3:.0f} kB, after (at the clean stop) "
+          f"{os.path.getsize(data / 'census.log') / 1e3:.0f} kB; snapshot "
+          f"{os.path.getsize(data / 'census.json') / 1e3:.0f} kB", flush=True)
+    raw = record_bytes_per_cycle(tmp / "churn-raw")
+    print(f"       churn: {raw:.0f} log bytes per 1,000 cycles before any compaction "
+          f"(2 records a cycle)", flush=True)
+
+
+def record_bytes_per_cycle(data):
+    """Log bytes 1,000 get_task+release cycles write, measured on the store itself."""
+    sys.path.insert(0, str(ROOT))
+    import store as census_store
+    churn = census_store.Store(data, scope=None, tail_bytes=1 << 40)
+    try:
+        first = os.path.getsize(data / "census.log")
+        for _ in range(1000):
+            handout = churn.get_task("127.0.0.1")
+            churn.release(handout.task, holder="127.0.0.1", token=handout.lease.token)
+        churn._journal.wait(churn._journal.last_ticket())
+        return os.path.getsize(data / "census.log") - first
+    finally:
+        churn.close()
+
+
+def folder_bytes(data) -> int:
+    return sum(path.stat().st_size for path in Path(data).iterdir() if path.is_file())
 
 
 def compact_phase(args, tmp):
@@ -456,6 +531,7 @@ def main(argv=None):
     parser.add_argument("--dashboards", type=int, default=50, help="SSE streams in a 2nd run")
     parser.add_argument("--skip-load", action="store_true")
     parser.add_argument("--skip-census", action="store_true")
+    parser.add_argument("--skip-churn", action="store_true")
     parser.add_argument("--skip-hostile", action="store_true")
     parser.add_argument("--skip-compact", action="store_true")
     parser.add_argument("--skip-verify", action="store_true")
@@ -481,6 +557,9 @@ def main(argv=None):
             hostile_phase(args, Path(tmp))
         if not args.skip_census:
             census_phase(args, Path(tmp))
+            mid_census_restart_phase(args, Path(tmp))
+        if not args.skip_churn:
+            churn_phase(args, Path(tmp))
     return 0
 
 
