@@ -522,12 +522,16 @@ class Census:
         if lease is None:
             return {}
         self._old[task] = (self._old.get(task, []) + [lease])[-OLD_LEASES_KEPT:]
-        left = self._held.get(lease.holder, 1) - 1
-        if left:
-            self._held[lease.holder] = left
-        else:
-            self._held.pop(lease.holder, None)
+        self._unhold(lease.holder)
         return {"l": None}
+
+    def _unhold(self, holder):
+        """One live lease fewer for ``holder`` (the lease cap counts them)."""
+        left = self._held.get(holder, 1) - 1
+        if left:
+            self._held[holder] = left
+        else:
+            self._held.pop(holder, None)
 
     def _make_available(self, task) -> dict:
         heapq.heappush(self._pool, _rank(task))
@@ -1149,11 +1153,7 @@ class Store(Census):
         lease = self._checks.pop(task, None)
         if lease is None:
             return {}
-        left = self._held.get(lease.holder, 1) - 1
-        if left:
-            self._held[lease.holder] = left
-        else:
-            self._held.pop(lease.holder, None)
+        self._unhold(lease.holder)
         return {"k": None}
 
     def _prior_bitmaps(self, task):
