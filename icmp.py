@@ -2,14 +2,25 @@
 
 The codec (checksum, build, parse) does no I/O and never raises on what comes off the wire:
 anything truncated, corrupt or not an answer to an echo request parses to None. Every probe
-carries TAG, and its identifier, sequence number and payload are a keyed hash of its destination
-under a per-sweep secret (`Signer`), so a reply counts only when it proves it answers our probe
-to that very address; an unreachable or time exceeded is credited to the address its quote
-names. `IcmpSocket` is a raw ICMP socket, or the unprivileged datagram ICMP socket when raw
-ones are not allowed (Linux, macOS). `sweep()` sends
-one round at a time in a random permutation (ZMap's cyclic group), under a token bucket, with
-sendmmsg(2) where ctypes finds it and on two cores, while a receiver thread drains and checks
-the replies. Standard library only: a volunteer copies this file with ping_client.py.
+carries TAG, and its identifier, sequence number and payload MAC are a keyed hash of its
+destination under a per-sweep secret (`Signer`), so a reply counts only when it proves it
+answers our probe to that very address; an unreachable or time
+exceeded is credited to the address its quote names. `IcmpSocket` is a raw ICMP socket, or the
+unprivileged datagram ICMP socket when raw ones are not allowed (Linux, macOS).
+
+A `Sweeper` owns one socket and one receiver thread; each `Sweep` it starts sends its rounds
+in a worker thread, in a random permutation (ZMap's cyclic group), with sendmmsg(2) where ctypes
+finds it (flat out: on two cores). Several sweeps may be in flight at once, so the next one
+sends while the last one still listens for late replies:
+
+    worker A   |== send round ==|.......... cooldown ..........|  -> A.result()
+    worker B                    |== send round ==|...... cooldown ......|
+    receiver   select() ... credit each reply to the sweep whose secret it proves ...
+
+At a limited rate the sender wakes every BATCH_SECONDS and sends what its token bucket holds
+in one call, and the receiver sleeps in select() until packets come, so pacing costs a few
+hundred wake-ups a second, not thousands. `sweep()` is one sweep, start to end. Standard
+library only: a volunteer copies this file with ping_client.py.
 """
 import argparse
 import array
@@ -35,6 +46,7 @@ __all__ = [
     "TAG", "RESERVED", "Status", "IcmpType", "Reply", "Verdict", "Signer", "Progress",
     "SweepStats", "SweepResult", "IcmpSocket", "IcmpPermissionError", "Outbox", "checksum",
     "echo_request", "parse", "wholly_reserved", "wholly_excluded", "is_excluded", "permutation", "sweep",
+    "Sweeper", "Sweep", "DEFAULT_COOLDOWN", "CONTACT_MAX", "is_contact",
 ]
 
 TAG = b"ipv4-census "  # starts every probe payload, so a network operator can tell who we are
@@ -50,8 +62,9 @@ ADDRESS = struct.Struct("!I")
 _IDENT_SEQ = struct.Struct("!HH")            # the probe's identifier and sequence number
 _TYPE_CODE_SUM = struct.Struct("!BBH")
 DIGEST_SIZE = 12                            # identifier, sequence number, an 8-byte MAC
-PAYLOAD_SIZE = len(TAG) + ADDRESS.size + DIGEST_SIZE - _IDENT_SEQ.size
+PAYLOAD_SIZE = len(TAG) + ADDRESS.size + DIGEST_SIZE - _IDENT_SEQ.size   # without a contact
 PACKET_SIZE = ICMP_HEADER.size + PAYLOAD_SIZE
+CONTACT_MAX = 40         # bytes of the server's contact a probe may carry after TAG
 
 # Linux constants the socket module does not export
 SOL_RAW = 255            # linux/socket.h: the level of ICMP_FILTER
@@ -62,6 +75,22 @@ SO_EE_ORIGIN_ICMP = 2    # linux/errqueue.h: the error came from an ICMP message
 EXTENDED_ERR = struct.Struct("=IBBBBII")   # struct sock_extended_err, then the offender's sockaddr
 
 SEND_CHUNK = 256         # packets per send call when not rate limited
+OUTBOX_PACKETS = 4096    # probes built at a time (~12 ms of signing), each block one Outbox
+# ZMap's default, and long on purpose: most echo replies come within a second, but a GEO
+# satellite link adds ~0.6 s before any queue, a cellular modem that must wake its radio 1-3 s,
+# a bloated buffer seconds more; a shorter wait biases the census against exactly those
+# networks. A client overlaps it with its next task (Sweeper), so it costs no throughput, and
+# a cooldown ends early once every target has answered.
+DEFAULT_COOLDOWN = 8.0
+BATCH_SECONDS = 0.005    # a paced sender wakes this often and sends what the bucket holds in one call
+BUCKET_BATCHES = 2       # the most one send call carries: two batches (a late wake-up)
+CATCH_UP = 1.08          # time a busy machine took from the sender is made up at most this much faster
+CATCH_UP_SECONDS = 0.5   # ... and no more than this much of it (a longer stall is not made up)
+PACER_NAP = 0.05         # the pacer's longest sleep, so a stop is seen soon even at a low rate
+LANE_RATE = 50_000       # below this a paced sweep sends on one lane: a core does it with ease
+RECV_IDLE = 1.0          # the receiver's longest wait in select(); packets or wake() end it sooner
+RECV_BATCH = 256         # packets taken per recv(); fewer means the socket's queue was emptied
+DRAIN_MAX = 5.0          # how long a cooldown's end waits for the receiver to catch up with the queue
 # A send that fails with these found the socket's buffer full (ENOBUFS: the interface queue,
 # which BSD and macOS report on a datagram socket): wait and send again, skip nothing.
 _BUSY = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.ENOBUFS})
@@ -134,6 +163,7 @@ class SweepStats(NamedTuple):
     time_exceeded: int = 0
     send_errors: int = 0
     send_seconds: float = 0.0   # time spent sending (first to last send of each round)
+    cpu_seconds: float = 0.0    # CPU (user + system) of its sender threads and its share of the receiver's
 
 
 class SweepResult(NamedTuple):
@@ -176,7 +206,7 @@ def parse(packet: bytes, source: Optional[int] = None) -> Optional[Reply]:
             return None
         start, source, _ = header
         packet = packet[start:]
-    if len(packet) < ICMP_HEADER.size or checksum(packet):
+    if len(packet) < ICMP_HEADER.size or not _sums_to_ones(packet):
         return None
     icmp_type, code, _, ident, seq = ICMP_HEADER.unpack_from(packet)
     if icmp_type == IcmpType.ECHO_REPLY:
@@ -191,24 +221,37 @@ class Signer:
     sequence number and payload MAC, and a reply counts only if it carries exactly those for
     the address it claims to answer.
 
+    A probe's payload is TAG, then the census's contact and a space or two when there is one (a
+    network operator who sees the probe learns whom to ask; padded to an even length), then the
+    destination and the MAC: at most 12 + 42 + 4 + 8 = 66 bytes.
+
+        "ipv4-census " ["abuse@example.org  "] | destination (4) | MAC (8)
+
     An unreachable or time exceeded may quote only the 8 bytes RFC 792 requires: type, code,
     checksum, identifier and sequence number. Both come from the hash of the quoted target, so
     a forged error must guess 32 keyed bits even when it knows the identifier of every other
     probe (a fixed per-sweep identifier left only the 16-bit sequence); each byte quoted
     beyond the 8 must match too. On a datagram socket the kernel chooses the identifier
-    (check_ident=False): there the sequence number and the quoted payload are what is left."""
+    (check_ident=False): there the sequence number and the quoted payload are what is left.
+    Concurrent sweeps are told apart by their secrets alone."""
 
-    def __init__(self, secret: Optional[bytes] = None):
+    def __init__(self, secret: Optional[bytes] = None, contact: bytes = b""):
+        if not is_contact(contact):
+            raise ValueError(f"a contact is printable ASCII of at most {CONTACT_MAX} bytes: {contact!r:.60}")
         self.secret = secret if secret is not None else secrets.token_bytes(16)
+        self.prefix = TAG + contact + b" " if contact else TAG
+        self.prefix += b" " * (len(self.prefix) % 2)   # even, so what follows sits on 16-bit words
+        self.payload_size = len(self.prefix) + ADDRESS.size + DIGEST_SIZE - _IDENT_SEQ.size
+        self.packet_size = ICMP_HEADER.size + self.payload_size
         self._keyed = hashlib.blake2b(key=self.secret, digest_size=DIGEST_SIZE)
-        # the words every request shares, summed once (type/code, TAG)
-        self._fixed_sum = (IcmpType.ECHO_REQUEST << 8) + int.from_bytes(TAG, "big")
+        # the words every request shares, summed once (type/code, the prefix)
+        self._fixed_sum = (IcmpType.ECHO_REQUEST << 8) + int.from_bytes(self.prefix, "big")
 
     def sign(self, addr: int) -> tuple[int, int, bytes]:
         """(identifier, sequence number, payload) of the probe to `addr`."""
         dest, digest = self._digest(addr)
         ident, seq = _IDENT_SEQ.unpack_from(digest)
-        return ident, seq, TAG + dest + digest[_IDENT_SEQ.size:]
+        return ident, seq, self.prefix + dest + digest[_IDENT_SEQ.size:]
 
     def request(self, addr: int) -> bytes:
         """echo_request(*self.sign(addr)), built faster: it runs once per target. The
@@ -217,42 +260,50 @@ class Signer:
         dest, digest = self._digest(addr)
         summed = _complement(self._fixed_sum + int.from_bytes(dest + digest, "big"))
         return (_TYPE_CODE_SUM.pack(IcmpType.ECHO_REQUEST, 0, summed) + digest[:_IDENT_SEQ.size]
-                + TAG + dest + digest[_IDENT_SEQ.size:])
+                + self.prefix + dest + digest[_IDENT_SEQ.size:])
 
     def check(self, reply: Reply, check_ident: bool = True) -> tuple[Verdict, int]:
         """(verdict, probed address). Datagram sockets pass check_ident=False: there the
         kernel chose the identifier and only delivers replies that carry it. An error
         (unreachable, time exceeded) may come from any router on the path, so only its quote
         is checked; an echo reply must come from the address its payload names. What shows
-        neither our tag nor our hash (another program's ping) is a stray."""
+        neither our tag nor our hash (another program's ping, another sweep's 8-byte quote)
+        is a stray."""
         if reply.icmp_type != IcmpType.ECHO_REPLY:
             return self._check_quote(reply, check_ident), reply.target
-        if len(reply.payload) != PAYLOAD_SIZE or not reply.payload.startswith(TAG):
+        payload, start = reply.payload, len(self.prefix)
+        if len(payload) != self.payload_size or not payload.startswith(self.prefix):
             return Verdict.STRAY, reply.target
-        (probed,) = ADDRESS.unpack_from(reply.payload, len(TAG))
-        if not self._carries(reply, probed, reply.payload, check_ident):
+        dest, digest = self._digest_of(payload[start:start + ADDRESS.size])
+        probed = int.from_bytes(dest, "big")
+        ident, seq = _IDENT_SEQ.unpack_from(digest)
+        # what sign(probed) would give, compared in place: this runs once per reply
+        if ((check_ident and reply.ident != ident) or reply.seq != seq
+                or payload[start + ADDRESS.size:] != digest[_IDENT_SEQ.size:]):
             return Verdict.BAD_PAYLOAD, probed
         return (Verdict.OK if probed == reply.source else Verdict.WRONG_SOURCE), probed
 
     def _check_quote(self, reply: Reply, check_ident: bool) -> Verdict:
-        quoted = reply.payload[:PAYLOAD_SIZE]
-        if self._carries(reply, reply.target, quoted, check_ident):
+        ident, seq, expected = self.sign(reply.target)
+        quoted = reply.payload[:len(expected)]
+        if ((reply.ident == ident or not check_ident) and reply.seq == seq
+                and quoted == expected[:len(quoted)]):
             return Verdict.OK
         tagged = len(quoted) > 0 and quoted[:len(TAG)] == TAG[:len(quoted)]
         return Verdict.BAD_PAYLOAD if tagged else Verdict.STRAY
 
-    def _carries(self, reply: Reply, addr: int, payload: bytes, check_ident: bool) -> bool:
-        """Do the reply's identifier (if checked), sequence number and `payload` (all of it,
-        a prefix for a quote) match our probe to `addr`?"""
-        ident, seq, expected = self.sign(addr)
-        return ((reply.ident == ident or not check_ident) and reply.seq == seq
-                and payload == expected[:len(payload)])
-
     def _digest(self, addr: int) -> tuple[bytes, bytes]:
-        dest = ADDRESS.pack(addr)
+        return self._digest_of(ADDRESS.pack(addr))
+
+    def _digest_of(self, dest: bytes) -> tuple[bytes, bytes]:
         keyed = self._keyed.copy()
         keyed.update(dest)
         return dest, keyed.digest()
+
+
+def is_contact(value: bytes) -> bool:
+    """True if `value` may follow TAG in a probe: printable ASCII, at most CONTACT_MAX bytes."""
+    return isinstance(value, bytes) and len(value) <= CONTACT_MAX and all(0x20 <= b < 0x7F for b in value)
 
 
 def wholly_reserved(network, allow=()) -> bool:
@@ -293,7 +344,7 @@ def permutation(count: int, rng=secrets.SystemRandom()):
 
 @dataclass(frozen=True)
 class Outbox:
-    """The packets of one round, all `size` bytes long, back to back in send order."""
+    """A block of a round's packets, all `size` bytes long, back to back in send order."""
     data: bytes
     addrs: array.array   # 'I': the destination of each packet
     size: int = PACKET_SIZE
@@ -320,8 +371,13 @@ class IcmpSocket:
         # sockets keep the IPv4 header in front of it.
         self.has_ip_header = kind == "raw" or not sys.platform.startswith("linux")
         self._mmsg = _Mmsg.load()
-        self._vectors = None   # (outbox, its sendmmsg vectors), built once per round
+        self._vectors = []     # [(outbox, its sendmmsg vectors)], the newest first, built once per outbox
         self._lock = threading.Lock()
+        # wake() makes a recv() waiting in select return at once: a receiver can block for
+        # long (no tick while nothing arrives) and still stop the moment it is told to
+        self._wake_in, self._wake_out = socket.socketpair()
+        self._wake_in.setblocking(False)
+        self._wake_out.setblocking(False)
 
     @classmethod
     def open(cls, rcvbuf: int = 32 << 20, lanes: int = 2) -> "IcmpSocket":
@@ -363,12 +419,18 @@ class IcmpSocket:
                     raise
 
     def recv(self, timeout: float) -> list:
-        """Wait up to `timeout` s for packets, then take what is queued: a list of
-        (packet, source) pairs, source None when the packet starts with its IP header."""
-        if not select.select([self.sock], [], [], timeout)[0]:
+        """Wait up to `timeout` s (or until wake()) for packets, then take what is queued: a
+        list of (packet, source) pairs, source None when the packet starts with its IP header."""
+        ready = select.select([self.sock, self._wake_in], [], [], timeout)[0]
+        if self._wake_in in ready:
+            try:
+                self._wake_in.recv(4096)
+            except OSError:
+                pass
+        if self.sock not in ready:
             return []
         got = []
-        for _ in range(256):
+        for _ in range(RECV_BATCH):
             try:
                 if self.has_ip_header:
                     got.append((self.sock.recv(2048), None))
@@ -381,9 +443,16 @@ class IcmpSocket:
             got.extend(self._queued_errors())
         return got
 
+    def wake(self) -> None:
+        """Make a recv() that is waiting (or the next one) return at once."""
+        try:
+            self._wake_out.send(b"!")
+        except OSError:           # its buffer is full: a wake-up is pending anyway
+            pass
+
     def close(self) -> None:
-        self._vectors = None
-        for sender in self._senders:
+        self._vectors = []
+        for sender in (*self._senders, self._wake_in, self._wake_out):
             sender.close()
 
     def __enter__(self):
@@ -432,16 +501,21 @@ class IcmpSocket:
         return got
 
     def _vectors_for(self, outbox: Outbox):
+        # each send lane of each sweep sending at once has an outbox in use: keep a few
         with self._lock:
-            if self._vectors is None or self._vectors[0] is not outbox:
-                self._vectors = (outbox, self._mmsg.vectors(outbox))
-            return self._vectors[1]
+            for known, vectors in self._vectors:
+                if known is outbox:
+                    return vectors
+            vectors = self._mmsg.vectors(outbox)
+            self._vectors = [(outbox, vectors), *self._vectors[:3]]
+            return vectors
 
 
-def sweep(targets, *, rate=0, probes=1, cooldown=1.0, timeout=None, allow=(), exclude=(),
+def sweep(targets, *, rate=0, probes=1, cooldown=DEFAULT_COOLDOWN, timeout=None, allow=(), exclude=(),
           progress: Optional[Callable[[Progress], None]] = None, sock=None) -> SweepResult:
     """Ping every target and return per target: echo reply (with RTT), unreachable (with its
-    code), time exceeded, excluded, or no answer.
+    code), time exceeded, excluded, or no answer. One sweep, start to end: Sweeper.start()
+    then Sweep.result().
 
     targets: an IPv4Network, or a sequence of int or dotted addresses. rate: probes/s at most
     (0 = as fast as the machine goes). probes: rounds; each later round re-probes the targets
@@ -449,38 +523,426 @@ def sweep(targets, *, rate=0, probes=1, cooldown=1.0, timeout=None, allow=(), ex
     probe is answered. timeout: a wall-clock budget for the whole sweep (None = none).
     allow/exclude: CIDRs. progress: called with a Progress a few times a second and at the end.
     sock: an open IcmpSocket to use (else one is opened and closed here).
-    Reserved-and-not-allowed and `exclude`d targets are marked EXCLUDED here, before any socket
+    Reserved-and-not-allowed and `exclude`d targets are marked EXCLUDED before any socket
     is opened, and no round ever sends to a target that is not NO_ANSWER. An `allow` entry with
     host bits set raises ValueError rather than opening more than it names."""
-    addresses = _addresses(targets)
-    if probes < 1 or rate < 0 or cooldown < 0:
-        raise ValueError("probes must be >= 1, rate and cooldown >= 0")
-    state = _Sweep(addresses, rate, cooldown, timeout, progress)
-    state.excluded = _mark_excluded(addresses, _excluded_spans(allow, exclude), state.status)
-    if state.excluded == len(addresses):
-        return state.result("none")
-    own = sock is None
-    if own:
-        sock = IcmpSocket.open()
-    try:
-        return state.run(sock, probes)
-    finally:
-        if own:
-            sock.close()
+    with Sweeper(sock) as sweeper:
+        return sweeper.start(targets, rate=rate, probes=probes, cooldown=cooldown, timeout=timeout,
+                             allow=allow, exclude=exclude, progress=progress).result()
+
+
+class Sweeper:
+    """One ICMP socket shared by any number of sweeps in flight, and the one receiver thread
+    that credits every reply to the sweep whose secret it proves (a raw socket: each sweep has
+    its own identifier; a datagram one, where the kernel owns the identifier: the keyed hash).
+
+        with Sweeper() as sweeper:
+            a = sweeper.start(net_a, rate=10000)   # a worker thread sends a's rounds
+            a.wait_sent()                          # a's last probe is out; a listens on
+            b = sweeper.start(net_b, rate=10000)   # b sends while a cools down
+            result_a = a.result()                  # a's cooldown is over (or all answered)
+
+    The socket is opened on the first start() that has something to probe (or by open()),
+    so a sweep of excluded space opens none. The receiver blocks in select() until packets
+    come (no tick while nothing does); close() wakes it."""
+
+    def __init__(self, sock=None, *, clock=time.monotonic, sleep=time.sleep):
+        self.sock, self._own = sock, sock is None
+        self.clock, self.sleep = clock, sleep
+        self.failure = None               # what stopped the receiver; start() raises it
+        self._active = []                 # sweeps the receiver credits, oldest first
+        self._lock = threading.Lock()     # held while a batch of replies is credited
+        self._changed = threading.Condition()
+        self._receiver, self._workers, self._closing = None, [], False
+        self._drained = threading.Condition()
+        self._drained_at = -math.inf      # when the receiver last found the socket's queue empty
+
+    def open(self) -> "Sweeper":
+        """Open the socket (IcmpPermissionError says how when it may not be) and start the
+        receiver; start() does this by itself."""
+        if self.sock is None:
+            self.sock = IcmpSocket.open()
+        if self._receiver is None:
+            self._receiver = threading.Thread(target=self._receive, name="icmp-receiver", daemon=True)
+            self._receiver.start()
+        return self
+
+    def start(self, targets, *, rate=0, probes=1, cooldown=DEFAULT_COOLDOWN, timeout=None,
+              allow=(), exclude=(), progress: Optional[Callable[[Progress], None]] = None,
+              contact: bytes = b"") -> "Sweep":
+        """Start sweeping `targets` (the parameters of sweep(); `contact` goes after TAG in
+        every probe, see Signer) in a worker thread; the Sweep returned says when it is sent
+        and finished, and gives its result."""
+        addresses = _addresses(targets)
+        if probes < 1 or rate < 0 or cooldown < 0:
+            raise ValueError("probes must be >= 1, rate and cooldown >= 0")
+        if not is_contact(contact):
+            raise ValueError(f"a contact is printable ASCII of at most {CONTACT_MAX} bytes")
+        job = Sweep(self, addresses, rate, probes, cooldown, timeout, progress)
+        job.excluded = _mark_excluded(addresses, _excluded_spans(allow, exclude), job.status)
+        if job.excluded == len(addresses):
+            job._close("none", report=False)        # nothing to probe: no socket needed
+            return job
+        self.open()
+        with self._lock:
+            if self.failure is not None:
+                raise self.failure
+            job.signer = Signer(contact=contact)     # its own secret: replies find their sweep
+            self._active.append(job)
+        worker = threading.Thread(target=job._run, args=(self.sock,), name="icmp-sweep", daemon=True)
+        self._workers = [w for w in self._workers if w.is_alive()] + [worker]
+        worker.start()
+        return job
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: Optional[float] = None) -> bool:
+        """Block until predicate() holds, checked each time a sweep is sent or finishes (and
+        every `timeout` s at most); its last value. Ctrl-C interrupts the wait."""
+        with self._changed:
+            return self._changed.wait_for(predicate, timeout)
+
+    def close(self) -> None:
+        """Cancel the sweeps in flight, stop the threads, close the socket if it is ours."""
+        for job in list(self._active):
+            job.cancel()
+        for worker in self._workers:
+            worker.join()
+        self._closing = True
+        if self._receiver is not None:
+            self.sock.wake()
+            self._receiver.join()
+        if self._own and self.sock is not None:
+            self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _receive(self) -> None:
+        try:
+            while not self._closing:
+                begun = time.thread_time()
+                got = self.sock.recv(RECV_IDLE)
+                if got:
+                    self._dispatch(got, begun)
+                if len(got) < RECV_BATCH:
+                    with self._drained:
+                        self._drained_at = self.clock()
+                        self._drained.notify_all()
+        except BaseException as exc:    # a broken socket stops every sweep in flight
+            with self._lock:
+                self.failure, active = exc, list(self._active)
+            for job in active:
+                job.fail(exc)
+
+    def _dispatch(self, got: list, begun: float) -> None:
+        now = self.clock()
+        with self._lock:
+            active = self._active[::-1]   # the newest first: most replies answer the sweep sending now
+            if not active:
+                return
+            takers = [self._take(active, packet, source, now) for packet, source in got]
+        share = (time.thread_time() - begun) / len(takers)   # this batch's CPU, shared by packet
+        for job in takers:
+            job.receive_cpu += share
+
+    @staticmethod
+    def _take(active: list, packet: bytes, source: Optional[int], now: float) -> "Sweep":
+        """Credit one packet to the sweep whose secret it proves; what none can claim counts
+        against the one whose tag it carries with a bad hash (BAD_PAYLOAD), else the newest (STRAY)."""
+        reply = parse(packet, source)
+        blamed, verdict = active[0], Verdict.STRAY
+        if reply is not None:
+            for job in active:
+                said, target = job.signer.check(reply, job.check_ident)
+                if said in (Verdict.OK, Verdict.WRONG_SOURCE):
+                    job._credit(reply, said, target, now)
+                    return job
+                if said == Verdict.BAD_PAYLOAD and verdict == Verdict.STRAY:
+                    blamed, verdict = job, said
+        blamed._count(verdict)
+        return blamed
+
+    def _caught_up(self, since: float, timeout: float) -> bool:
+        """Wait (up to `timeout` s) until the receiver has emptied the socket's queue after
+        `since`: what arrived by then is credited, even when a busy machine kept it waiting."""
+        self.sock.wake()                  # a receiver idle in select() looks again now
+        with self._drained:
+            return self._drained.wait_for(lambda: self._drained_at > since or self._closing, timeout)
+
+    def _finish(self, job: "Sweep") -> None:
+        with self._lock:                  # after this no reply reaches the job
+            if job in self._active:
+                self._active.remove(job)
+        job._close(self.sock.kind)
+        self._notify()
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+
+class Sweep:
+    """One sweep in flight, made by Sweeper.start(): its targets' status, its secret, its
+    rounds of sends (in a worker thread of its own, with a helper thread per extra send lane)
+    and its cooldowns. The Sweeper's receiver credits replies to it; only the receiver writes
+    status/code/rtt_us and the reply counters, and the send counters take `lock`.
+
+    `all_sent`: the last probe of the last round is out (the sweep still listens for late
+    replies). `done`: the last cooldown is over, every target answered, or the sweep
+    failed or was cancelled; result() then gives the SweepResult (or raises the failure)."""
+
+    def __init__(self, sweeper: Sweeper, addresses, rate, probes, cooldown, timeout, progress):
+        count = len(addresses)
+        self.sweeper, self.addresses, self.rate, self.probes = sweeper, addresses, rate, probes
+        self.cooldown, self.on_progress = cooldown, progress
+        self.clock, self.sleep = sweeper.clock, sweeper.sleep
+        self.started = self.last_report = self.clock()
+        self.deadline = self.started + timeout if timeout is not None else math.inf
+        self.status, self.code = bytearray(count), bytearray(count)
+        self.rtt_us = array.array("I", bytes(4 * count))
+        self.sent_at = array.array("d", bytes(8 * count))
+        self.index = _indexer(addresses)
+        self.signer, self.check_ident = None, True      # the Sweeper picks a free identifier
+        self.excluded = self.rounds = self.sent = self.send_errors = 0
+        self.stray = self.wrong_source = self.bad_payload = self.duplicates = 0
+        self.send_seconds = self.send_cpu = self.receive_cpu = 0.0
+        self.round_sent = self.round_answered = 0
+        self.sending, self.stopping, self.failure, self._result = False, False, None, None
+        self.quiet = threading.Event()
+        self.lock = threading.Lock()    # the send counters, shared by the send lanes
+        self._sent, self._finished = threading.Event(), threading.Event()
+
+    @property
+    def all_sent(self) -> bool:
+        return self._sent.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._finished.is_set()
+
+    def wait_sent(self, timeout: Optional[float] = None) -> bool:
+        return self._sent.wait(timeout)
+
+    def result(self, timeout: Optional[float] = None) -> SweepResult:
+        """Wait for the end of the sweep; its result, or raise what stopped it."""
+        if not self._finished.wait(timeout):
+            raise TimeoutError("the sweep has not finished")
+        if self.failure is not None:
+            raise self.failure
+        return self._result
+
+    def cancel(self) -> None:
+        """Stop sending and listening as soon as possible (result() then gives what is in)."""
+        self.stopping = True
+        self.quiet.set()
+
+    def fail(self, exc: BaseException) -> None:
+        if self.failure is None:
+            self.failure = exc
+        self.cancel()
+
+    # --- the worker thread ------------------------------------------------------------------
+
+    def _run(self, sock) -> None:
+        begun = time.thread_time()
+        try:
+            self.check_ident = sock.kind == "raw"   # a datagram socket's kernel owns the identifier
+            order = list(permutation(len(self.addresses)))
+            for round_number in range(1, self.probes + 1):
+                todo = [k for k in order if self.status[k] == Status.NO_ANSWER]
+                if not todo or self.clock() >= self.deadline or self.stopping:
+                    break
+                self.rounds += 1
+                self._send_round(sock, todo)
+                if round_number == self.probes:
+                    self._report(final=True)      # 100 %: from here on it only listens
+                    self._sent.set()
+                    self.sweeper._notify()
+                self._cool_down()
+        except BaseException as exc:    # Ctrl-C in a progress callback, a socket error
+            self.fail(exc)
+        finally:
+            with self.lock:
+                self.send_cpu += time.thread_time() - begun
+            self.sweeper._finish(self)
+
+    def _close(self, kind: str, report: bool = True) -> None:
+        if report and self.failure is None:
+            try:
+                self._report(final=True)
+            except BaseException as exc:
+                self.failure = exc
+        count = self.status.count
+        stats = SweepStats(
+            sent=self.sent, replies=count(Status.ECHO_REPLY), unreachable=count(Status.UNREACHABLE),
+            excluded=self.excluded, stray=self.stray, wrong_source=self.wrong_source,
+            bad_payload=self.bad_payload, duplicates=self.duplicates, rounds=self.rounds,
+            elapsed=self.clock() - self.started, kind=kind, time_exceeded=count(Status.TIME_EXCEEDED),
+            send_errors=self.send_errors, send_seconds=self.send_seconds,
+            cpu_seconds=self.send_cpu + self.receive_cpu)
+        self._result = SweepResult(self.addresses, self.status, self.code, self.rtt_us, stats)
+        self._sent.set()
+        self._finished.set()
+
+    def _send_round(self, sock, todo: list) -> None:
+        """Send one probe to each of `todo`; flat out (or above LANE_RATE) split over the
+        socket's send lanes, each paced at its share of the rate."""
+        lanes = sock.lanes if not self.rate or self.rate >= LANE_RATE else 1
+        bounds = [len(todo) * n // lanes for n in range(lanes + 1)]
+        self.round_sent = self.round_answered = 0
+        self.quiet.clear()
+        self.sending = True
+        first = self.clock()
+
+        def lane_args(n: int) -> tuple:
+            return sock, todo[bounds[n]:bounds[n + 1]], n, self.rate / lanes
+
+        helpers = [threading.Thread(target=self._helper_lane, args=lane_args(n), name=f"icmp-sender-{n}",
+                                    daemon=True) for n in range(1, lanes)]
+        for helper in helpers:
+            helper.start()
+        try:
+            self._send_lane(*lane_args(0))
+        finally:
+            for helper in helpers:
+                helper.join()
+        self.send_seconds += self.clock() - first
+
+    def _send_lane(self, sock, todo: list, lane: int, rate: float) -> None:
+        """Send to `todo`, `rate` a second, one send call per batch; lane 0 (the worker's
+        thread) reports progress. The probes are built OUTBOX_PACKETS at a time, so the first
+        goes out at once and the signing is spread over the sweep (the pacer makes the time up)."""
+        begun = time.thread_time()
+        pacer = _Pacer(rate, self.clock, self.sleep)
+        chunk = pacer.bucket or SEND_CHUNK
+        for first in range(0, len(todo), OUTBOX_PACKETS):
+            part = todo[first:first + OUTBOX_PACKETS]
+            addrs = array.array("I", [self.addresses[k] for k in part])
+            outbox = Outbox(b"".join(map(self.signer.request, addrs)), addrs, self.signer.packet_size)
+            pos = 0
+            while pos < len(part) and self.clock() < self.deadline and not self.stopping:
+                want = pacer.take(min(chunk, len(part) - pos))
+                if not want:
+                    continue
+                now = self.clock()
+                for k in part[pos:pos + want]:
+                    self.sent_at[k] = now    # before the send: the receiver may see the reply first
+                pos += self._send_chunk(sock, outbox, pos, want, pacer, lane)
+                if not lane:
+                    self._report()
+        if lane:                         # lane 0's time is the worker's own, counted in _run
+            with self.lock:
+                self.send_cpu += time.thread_time() - begun
+
+    def _helper_lane(self, *args) -> None:
+        try:
+            self._send_lane(*args)
+        except BaseException as exc:     # stops lane 0 too; result() raises it
+            self.fail(exc)
+
+    def _send_chunk(self, sock, outbox: Outbox, pos: int, want: int, pacer: "_Pacer", lane: int) -> int:
+        """Send up to `want` packets from `pos`; return how far to advance."""
+        try:
+            taken = sock.send(outbox, pos, pos + want, lane)
+        except OSError:              # this one destination refused (e.g. EACCES): skip it
+            with self.lock:
+                self.send_errors += 1
+            pacer.give_back(want - 1)
+            return 1
+        with self.lock:
+            self.sent += taken
+            self.round_sent += taken
+        pacer.give_back(want - taken)
+        if not taken:
+            time.sleep(0.0005)       # the send buffer is full; the receiver keeps draining
+        return taken
+
+    def _cool_down(self) -> None:
+        """Wait for stragglers: up to `cooldown` s, but no longer than it takes every probe of
+        the round to be answered; then until the receiver has caught up. After the last round only the final progress is reported:
+        by then the next sweep may be the one on the user's screen."""
+        end = min(self.clock() + self.cooldown, self.deadline)
+        self.sending = False
+        while self.round_answered < self.round_sent and not self.stopping and (left := end - self.clock()) > 0:
+            self.quiet.wait(min(left, PROGRESS_EVERY))
+            if not self.all_sent:
+                self._report()
+        if self.round_answered < self.round_sent and not self.stopping:
+            # replies that came in time may still wait in the socket's queue, behind a busy
+            # receiver (and on a shared lo, behind everyone else's): let it catch up first
+            self.sweeper._caught_up(self.clock(), DRAIN_MAX)
+
+    # --- the receiver thread ----------------------------------------------------------------
+
+    def _credit(self, reply: Reply, verdict: Verdict, target: int, now: float) -> None:
+        k = self.index(target) if verdict == Verdict.OK else None
+        if k is None or self.status[k] == Status.EXCLUDED:
+            self._count(verdict)                # OK but not ours to credit: a stray
+            return
+        old = self.status[k]
+        echo = reply.icmp_type == IcmpType.ECHO_REPLY
+        if old == Status.ECHO_REPLY or (old != Status.NO_ANSWER and not echo):
+            self.duplicates += 1
+            return
+        if echo:
+            self.status[k] = Status.ECHO_REPLY
+            # a late answer to an earlier round can beat the re-probe's send time: never < 0
+            self.rtt_us[k] = min(max(int((now - self.sent_at[k]) * 1e6), 0), 0xFFFFFFFF)
+        else:
+            unreachable = reply.icmp_type == IcmpType.DEST_UNREACHABLE
+            self.status[k] = Status.UNREACHABLE if unreachable else Status.TIME_EXCEEDED
+            self.code[k] = reply.code
+        if old == Status.NO_ANSWER:
+            self.round_answered += 1
+            if not self.sending and self.round_answered >= self.round_sent:
+                self.quiet.set()
+
+    def _count(self, verdict: Verdict) -> None:
+        if verdict == Verdict.WRONG_SOURCE:
+            self.wrong_source += 1
+        elif verdict == Verdict.BAD_PAYLOAD:
+            self.bad_payload += 1
+        else:
+            self.stray += 1
+
+    def _report(self, final: bool = False) -> None:
+        now = self.clock()
+        if self.on_progress is None or (not final and now - self.last_report < PROGRESS_EVERY):
+            return
+        self.last_report = now
+        elapsed = now - self.started
+        total = len(self.addresses) - self.excluded
+        count = self.status.count       # 50 us for a /16, at most 4 times a second
+        self.on_progress(Progress(sent=self.sent, total=total, replies=count(Status.ECHO_REPLY),
+                                  unreachable=count(Status.UNREACHABLE) + count(Status.TIME_EXCEEDED),
+                                  elapsed=elapsed,
+                                  pps=self.sent / elapsed if elapsed > 0 else 0.0))
 
 
 # ---------------------------------------------------------------------------------------------
 # private helpers
 
 def _ip_header(packet: bytes):
-    """(header length, source, destination) of an IPv4 packet carrying ICMP, or None."""
+    """(header length, source, destination) of an IPv4 packet carrying ICMP, or None. The
+    fields are read by index (RFC 791 offsets) rather than through IP_HEADER: this runs once
+    per reply."""
     if len(packet) < IP_HEADER.size:
         return None
-    vihl, _, _, _, _, _, proto, _, src, dst = IP_HEADER.unpack_from(packet)
+    vihl = packet[0]
     start = (vihl & 0x0F) * 4
-    if vihl >> 4 != 4 or start < IP_HEADER.size or proto != socket.IPPROTO_ICMP or len(packet) < start:
+    if vihl >> 4 != 4 or start < IP_HEADER.size or packet[9] != socket.IPPROTO_ICMP or len(packet) < start:
         return None
-    return start, int.from_bytes(src, "big"), int.from_bytes(dst, "big")
+    return start, int.from_bytes(packet[12:16], "big"), int.from_bytes(packet[16:20], "big")
+
+
+def _sums_to_ones(message: bytes) -> bool:
+    """checksum(message) == 0, tested the cheap way: a message whose checksum is right sums
+    to 0xFFFF in one's complement (RFC 1071), i.e. its big-endian value is a non-zero
+    multiple of 0xFFFF (see checksum())."""
+    total = int.from_bytes(message + b"\0" if len(message) % 2 else message, "big")
+    return total != 0 and total % 0xFFFF == 0
 
 
 def _parse_quote(quote: bytes, source: int, icmp_type: int, code: int) -> Optional[Reply]:
@@ -706,211 +1168,49 @@ def _pointers(base: int, step: int, count: int) -> array.array:
 
 
 class _Pacer:
-    """Token bucket: `rate` probes a second (0 = no limit), bursts of at most 10 ms worth."""
+    """Two token buckets that pace in batches: `rate` probes a second (0 = no limit).
 
-    def __init__(self, rate: float, clock=time.monotonic):
-        self.rate = rate
-        self.clock = clock
-        self.burst = max(1.0, rate / 100)
-        self.tokens = 1.0
+    take() sleeps until a batch (BATCH_SECONDS worth) may go, then hands out what both buckets
+    allow, which one send call carries. The rate bucket fills at `rate` and keeps up to
+    CATCH_UP_SECONDS of debt: time a busy machine took from the sender is made up, so the rate
+    over the sweep is the one asked. The ceiling bucket fills at CATCH_UP times `rate` and holds
+    BUCKET_BATCHES batches: debt is paid back no faster than that, so no second sees more than
+    ~CATCH_UP x rate and no send call more than the ceiling (no burst a target network sees)."""
+
+    def __init__(self, rate: float, clock=time.monotonic, sleep=time.sleep, interval: float = BATCH_SECONDS):
+        self.rate, self.clock, self.sleep = rate, clock, sleep
+        self.batch = max(1, round(rate * interval)) if rate else 0
+        self.bucket = BUCKET_BATCHES * self.batch          # the most one call may carry
+        self.debt = max(float(self.bucket), rate * CATCH_UP_SECONDS)
+        self.tokens = self.ceiling = float(self.batch)     # the first batch goes at once
         self.last = clock()
 
     def take(self, want: int) -> int:
-        """How many probes may go now (at most `want`); 0 after a short sleep if none."""
+        """How many of `want` probes may go now; sleeps first until a batch may. 0 only when
+        the sleep was cut short (at most PACER_NAP at a time, so a stop is seen soon)."""
         if not self.rate:
             return want
+        self._fill()
+        need = min(want, self.batch)
+        wait = max(need - self.tokens, (need - self.ceiling) / CATCH_UP, 0.0) / self.rate
+        if wait > 0:
+            self.sleep(min(wait, PACER_NAP))
+            self._fill()
+        allowed = min(want, int(min(self.tokens, self.ceiling) + 1e-9))
+        self.tokens -= allowed
+        self.ceiling -= allowed
+        return allowed
+
+    def give_back(self, count: int) -> None:
+        """`count` probes taken but not sent (a full send buffer): they may go again."""
+        self.tokens += count
+        self.ceiling += count
+
+    def _fill(self) -> None:
         now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        if self.tokens >= 1:
-            allowed = min(want, int(self.tokens))
-            self.tokens -= allowed
-            return allowed
-        time.sleep(min((1 - self.tokens) / self.rate, 0.05))
-        return 0
-
-
-class _Sweep:
-    """One sweep's state. The calling thread sends (with a helper thread per extra send lane
-    of the socket); a receiver thread drains the socket and credits replies. Only the
-    receiver writes status/code/rtt_us and the reply counters; the send counters take a lock."""
-
-    def __init__(self, addresses, rate, cooldown, timeout, progress, clock=time.monotonic):
-        count = len(addresses)
-        self.addresses, self.rate, self.cooldown, self.on_progress = addresses, rate, cooldown, progress
-        self.clock = clock
-        self.started = self.last_report = clock()
-        self.deadline = self.started + timeout if timeout is not None else math.inf
-        self.status, self.code = bytearray(count), bytearray(count)
-        self.rtt_us = array.array("I", bytes(4 * count))
-        self.sent_at = array.array("d", bytes(8 * count))
-        self.index = _indexer(addresses)
-        self.signer, self.check_ident = Signer(), True
-        self.excluded = self.rounds = self.sent = self.send_errors = 0
-        self.stray = self.wrong_source = self.bad_payload = self.duplicates = 0
-        self.send_seconds = 0.0
-        self.round_sent = self.round_answered = 0
-        self.sending, self.stopping, self.failure = False, False, None
-        self.quiet = threading.Event()
-        self.lock = threading.Lock()    # the send counters, shared by the send lanes
-
-    def run(self, sock, probes: int) -> SweepResult:
-        self.check_ident = sock.kind == "raw"   # a datagram socket's kernel owns the identifier
-        order = list(permutation(len(self.addresses)))
-        receiver = self._thread("icmp-receiver", self._receive, sock)
-        try:
-            for _ in range(probes):
-                todo = [k for k in order if self.status[k] == Status.NO_ANSWER]
-                if not todo or self.clock() >= self.deadline or self.failure is not None:
-                    break
-                self.rounds += 1
-                self._send_round(sock, todo)
-                self._cool_down()
-        finally:
-            self.stopping = True
-            receiver.join()
-        if self.failure is not None:
-            raise self.failure
-        self._report(final=True)
-        return self.result(sock.kind)
-
-    def result(self, kind: str) -> SweepResult:
-        count = self.status.count
-        stats = SweepStats(
-            sent=self.sent, replies=count(Status.ECHO_REPLY), unreachable=count(Status.UNREACHABLE),
-            excluded=self.excluded, stray=self.stray, wrong_source=self.wrong_source,
-            bad_payload=self.bad_payload, duplicates=self.duplicates, rounds=self.rounds,
-            elapsed=self.clock() - self.started, kind=kind, time_exceeded=count(Status.TIME_EXCEEDED),
-            send_errors=self.send_errors, send_seconds=self.send_seconds)
-        return SweepResult(self.addresses, self.status, self.code, self.rtt_us, stats)
-
-    def _send_round(self, sock, todo: list) -> None:
-        """Send one probe to each of `todo`, split over the socket's send lanes (each paced at
-        its share of the rate)."""
-        request = self.signer.request
-        addrs = array.array("I", [self.addresses[k] for k in todo])
-        outbox = Outbox(b"".join(map(request, addrs)), addrs)
-        lanes = sock.lanes
-        bounds = [len(todo) * n // lanes for n in range(lanes + 1)]
-        self.round_sent = self.round_answered = 0
-        self.quiet.clear()
-        self.sending = True
-        first = self.clock()
-
-        def lane_args(n: int) -> tuple:
-            return sock, outbox, todo, bounds[n], bounds[n + 1], n, self.rate / lanes
-
-        helpers = [self._thread(f"icmp-sender-{n}", self._send_lane, *lane_args(n)) for n in range(1, lanes)]
-        self._send_lane(*lane_args(0))
-        for helper in helpers:
-            helper.join()
-        self.send_seconds += self.clock() - first
-
-    def _send_lane(self, sock, outbox: Outbox, todo: list, pos: int, stop: int, lane: int, rate: float) -> None:
-        """Send todo[pos:stop], `rate` a second; lane 0 (the caller's thread) reports progress."""
-        pacer = _Pacer(rate, self.clock)
-        chunk = max(1, min(SEND_CHUNK, int(rate // 1000))) if rate else SEND_CHUNK
-        while pos < stop and self.clock() < self.deadline and not self.stopping:
-            want = pacer.take(min(chunk, stop - pos))
-            now = self.clock()
-            for k in todo[pos:pos + want]:
-                self.sent_at[k] = now    # before the send: the receiver may see the reply first
-            pos += self._send_chunk(sock, outbox, pos, want, pacer, lane)
-            if not lane:
-                self._report()
-
-    def _send_chunk(self, sock, outbox: Outbox, pos: int, want: int, pacer: _Pacer, lane: int) -> int:
-        """Send up to `want` packets from `pos`; return how far to advance."""
-        if not want:
-            return 0
-        try:
-            taken = sock.send(outbox, pos, pos + want, lane)
-        except OSError:              # this one destination refused (e.g. EACCES): skip it
-            with self.lock:
-                self.send_errors += 1
-            return 1
-        with self.lock:
-            self.sent += taken
-            self.round_sent += taken
-        pacer.tokens += want - taken
-        if not taken:
-            time.sleep(0.0005)       # the send buffer is full; the receiver keeps draining
-        return taken
-
-    def _cool_down(self) -> None:
-        """Wait for stragglers: up to `cooldown` s, but no longer than it takes every probe of
-        the round to be answered."""
-        end = min(self.clock() + self.cooldown, self.deadline)
-        self.sending = False
-        while self.round_answered < self.round_sent and not self.stopping and (left := end - self.clock()) > 0:
-            self.quiet.wait(min(left, PROGRESS_EVERY))
-            self._report()
-
-    def _receive(self, sock) -> None:
-        while not self.stopping:
-            got = sock.recv(0.005)
-            now = self.clock()
-            for packet, source in got:
-                self._credit(packet, source, now)
-
-    def _thread(self, name: str, work, *args) -> threading.Thread:
-        """Start `work(*args)` in a daemon thread; an exception there stops the sweep and is
-        raised in the caller's thread (Ctrl-C reaches only the caller's thread)."""
-        def guarded():
-            try:
-                work(*args)
-            except BaseException as exc:
-                self.failure = exc
-                self.stopping = True
-        thread = threading.Thread(target=guarded, name=name, daemon=True)
-        thread.start()
-        return thread
-
-    def _credit(self, packet: bytes, source: Optional[int], now: float) -> None:
-        reply = parse(packet, source)
-        verdict, target = self.signer.check(reply, self.check_ident) if reply else (Verdict.STRAY, 0)
-        k = self.index(target) if verdict == Verdict.OK else None
-        if k is None or self.status[k] == Status.EXCLUDED:
-            self._count(verdict)                # OK but not ours to credit: a stray
-            return
-        old = self.status[k]
-        echo = reply.icmp_type == IcmpType.ECHO_REPLY
-        if old == Status.ECHO_REPLY or (old != Status.NO_ANSWER and not echo):
-            self.duplicates += 1
-            return
-        if echo:
-            self.status[k] = Status.ECHO_REPLY
-            # a late answer to an earlier round can beat the re-probe's send time: never < 0
-            self.rtt_us[k] = min(max(int((now - self.sent_at[k]) * 1e6), 0), 0xFFFFFFFF)
-        else:
-            unreachable = reply.icmp_type == IcmpType.DEST_UNREACHABLE
-            self.status[k] = Status.UNREACHABLE if unreachable else Status.TIME_EXCEEDED
-            self.code[k] = reply.code
-        if old == Status.NO_ANSWER:
-            self.round_answered += 1
-            if not self.sending and self.round_answered >= self.round_sent:
-                self.quiet.set()
-
-    def _count(self, verdict: Verdict) -> None:
-        if verdict == Verdict.WRONG_SOURCE:
-            self.wrong_source += 1
-        elif verdict == Verdict.BAD_PAYLOAD:
-            self.bad_payload += 1
-        else:
-            self.stray += 1
-
-    def _report(self, final: bool = False) -> None:
-        now = self.clock()
-        if self.on_progress is None or (not final and now - self.last_report < PROGRESS_EVERY):
-            return
-        self.last_report = now
-        elapsed = now - self.started
-        total = len(self.addresses) - self.excluded
-        count = self.status.count       # 50 us for a /16, at most 4 times a second
-        self.on_progress(Progress(sent=self.sent, total=total, replies=count(Status.ECHO_REPLY),
-                                  unreachable=count(Status.UNREACHABLE) + count(Status.TIME_EXCEEDED),
-                                  elapsed=elapsed,
-                                  pps=self.sent / elapsed if elapsed > 0 else 0.0))
+        elapsed, self.last = now - self.last, now
+        self.tokens = min(self.debt, self.tokens + elapsed * self.rate)
+        self.ceiling = min(self.bucket, self.ceiling + elapsed * self.rate * CATCH_UP)
 
 
 def _indexer(addresses: Sequence[int]) -> Callable[[int], Optional[int]]:
@@ -940,7 +1240,7 @@ def main(argv=None) -> int:
                         help="CIDR never to probe")
     parser.add_argument("--rate", type=float, default=0.0, help="probes per second, 0 = unlimited")
     parser.add_argument("--probes", type=int, default=1)
-    parser.add_argument("--cooldown", type=float, default=1.0)
+    parser.add_argument("--cooldown", type=float, default=DEFAULT_COOLDOWN)
     parser.add_argument("--timeout", type=float, default=None)
     args = parser.parse_args(argv)
     try:

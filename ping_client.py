@@ -8,11 +8,17 @@ files, this one and icmp.py; it uses urllib for HTTP and nothing else of the pro
     sudo python3 ping_client.py --server http://HOST:8001
     sudo python3 ping_client.py --scan 127.0.0.0/16 --allow 127.0.0.0/8 -o out.csv
 
+A looping client starts its next task as soon as a sweep's last probe is out, while that sweep
+still listens for late replies (--cooldown, 8 s by default) on the same socket, so a long
+cooldown costs no throughput; each sweep has its own secret, so every reply is credited to the
+sweep that sent its probe. It stops with 0 when the census is complete.
+
 Nothing is lost: a finished result is written to a local spool (fsynced) before it is submitted,
 and removed only when the server has acknowledged or refused it; a restarted client submits its
 spool first (a looping client also before every new task). Server errors, timeouts and
 connection errors are retried with exponential backoff and jitter (with --once for at most ten
-minutes). Ctrl-C in the middle of a sweep gives the lease back and exits 130 (SIGTERM: 143).
+minutes); a server never reached at all is given up on after 30 s, and an answer that is not a
+census server's at once. Ctrl-C gives every lease in hand back and exits 130 (SIGTERM: 143).
 
 The client keeps its own rules whatever a server says: it refuses a block of which nothing may
 be probed (reserved space its own --allow does not open, or all excluded), sweeps at its own
@@ -24,18 +30,24 @@ the network refused) is not a result: the task is given back, not submitted.
 import argparse
 import array
 import base64
-import getpass
+import contextlib
+import functools
+import hashlib
 import ipaddress
 import json
 import math
 import os
 import random
 import re
+import secrets
+import shlex
 import shutil
 import signal
 import socket
 import struct
 import sys
+import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -47,13 +59,18 @@ from typing import NamedTuple
 import icmp
 
 BLOCK = 65536                      # addresses in a task: one /16
+EVERYWHERE = ipaddress.IPv4Network("0.0.0.0/0")
 DROP_STATUSES = frozenset({400, 403, 404, 409, 410, 413, 422})   # the server refused for good
 RETRY_STATUSES = frozenset({408, 429})                          # ... and every 5xx
 HTTP_TIMEOUT = 30.0
+FIRST_CONTACT_PATIENCE = 30.0      # a server never reached at all: give up after this many seconds
+FIRST_CONTACT_TIMEOUT = 10.0       # ... and wait at most this long for each try's connection
 RELEASE_TIMEOUT = 5.0              # a release on the way out must not hold up Ctrl-C for long
 PLAIN_PROGRESS_EVERY = 10.0        # seconds between progress lines when not on a terminal
 ONCE_PATIENCE = 600.0              # with --once, give up on a silent server after this many seconds
 DEFAULT_SPOOL = os.path.join(os.path.expanduser("~"), ".cache", "ipv4-census", "spool")
+UNIT_SPOOL = "/var/lib/ipv4-census/spool"   # the spool of the systemd service (its StateDirectory)
+PSEUDONYM_FILE = "volunteer-id"    # in the spool folder: the random id behind the default name
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
 _REPLIED = bytes(0x31 if s == icmp.Status.ECHO_REPLY else 0x30 for s in range(256))
@@ -69,6 +86,14 @@ class ClientError(Exception):
 
 class TransientError(ClientError):
     """Worth trying again later: a 5xx, 408/429, a timeout or a connection error."""
+
+
+class Unanswered(TransientError):
+    """No HTTP answer at all: refused, reset, timed out, no route, a name that does not resolve."""
+
+
+class NotCensus(ClientError):
+    """The first answer from the server's URL is not the JSON a census server speaks."""
 
 
 class Refused(ClientError):
@@ -89,6 +114,8 @@ class Task(NamedTuple):
     network: ipaddress.IPv4Network   # derived from the index: the numbering is fixed
     claimed: str | None              # the server's "network"; must agree with the index
     exclude: tuple                   # the server's extra exclusions, as it sent them
+    contact: bytes = b""             # the server's contact, for the probes' payload (checked)
+    bad_contact: str | None = None   # a contact the server sent that may not go in a probe
 
 
 class Spooled(NamedTuple):
@@ -129,8 +156,31 @@ def parse_task(answer: dict) -> Task | None:
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < BLOCK:
         raise ClientError(f"bad task_index in /get_task answer: {index!r:.50}")
     lease, exclude = answer.get("lease"), answer.get("exclude", [])
+    contact, bad_contact = probe_contact(answer.get("contact"))
     return Task(index, lease if isinstance(lease, str) else None, task_network(index),
-                answer.get("network"), tuple(exclude) if isinstance(exclude, list) else (exclude,))
+                answer.get("network"), tuple(exclude) if isinstance(exclude, list) else (exclude,),
+                contact, bad_contact)
+
+
+def probe_contact(value) -> tuple[bytes, str | None]:
+    """(the contact for the probes, None) from a /get_task "contact"; (b"", what was sent) when
+    it may not go in a probe: printable ASCII of at most icmp.CONTACT_MAX bytes only."""
+    if value is None or value == "":
+        return b"", None
+    if isinstance(value, str) and value.isascii() and icmp.is_contact(value.encode("ascii")):
+        return value.encode("ascii"), None
+    return b"", f"{value!r:.60}"
+
+
+def contact_note(task: Task) -> str:
+    """What the probes of a task carry after the tag, in words."""
+    tag = icmp.TAG.decode().strip()
+    if task.contact:
+        return f"probes carry the tag {tag!r} and the contact {task.contact.decode()!r}"
+    if task.bad_contact:
+        return (f"probes carry only the tag {tag!r}: the server's contact {task.bad_contact} is not "
+                f"printable ASCII of at most {icmp.CONTACT_MAX} bytes, so it is left out")
+    return f"probes carry only the tag {tag!r} (the server names no contact)"
 
 
 def check_task(task: Task, options: SweepOptions) -> tuple[ipaddress.IPv4Network, ...]:
@@ -142,24 +192,36 @@ def check_task(task: Task, options: SweepOptions) -> tuple[ipaddress.IPv4Network
         extra = tuple(ipaddress.IPv4Network(_text(cidr), strict=False) for cidr in task.exclude)
     except ValueError as exc:
         raise Refused(f"the task's exclude list cannot be honoured: {exc}") from None
+    why = blocked(task.network, options.allow, options.exclude, options.only, extra)
+    if why:
+        raise Refused(f"{task.network} is {why}")
     exclude = options.exclude + extra    # the server adds; it never takes ours away
     if options.only:                     # everything of the block outside --only is excluded
         exclude += tuple(_gaps(task.network, options.only))
-    why = blocked(task.network, options.allow, exclude)
-    if why:
-        raise Refused(f"{task.network} is {why}")
     return exclude
 
 
-def blocked(network: ipaddress.IPv4Network, allow, exclude) -> str:
-    """Why no address of `network` may be probed under these rules; '' when some may."""
+def blocked(network: ipaddress.IPv4Network, allow, exclude, only=(), theirs=()) -> str:
+    """Why no address of `network` may be probed under these rules (the one reason that
+    applies); '' when some may. `exclude` is the user's, `theirs` the server's."""
     if icmp.wholly_reserved(network, allow):
         return ("reserved address space, and --allow does not open it (pass --allow only for "
                 "space that is yours to probe)")
-    if icmp.wholly_excluded(network, allow, exclude):
-        return ("excluded in full: the exclusions, --only and the reserved space --allow "
-                "does not open cover every address")
-    return ""
+    if only and not any(network.overlaps(net) for net in only):
+        return f"outside --only {', '.join(map(str, only))}"
+    if _covered(network, exclude):
+        return "inside your own --exclude"
+    if _covered(network, theirs):
+        return "excluded in full by the server's exclusions for it"
+    outside = tuple(_gaps(network, only)) if only else ()
+    if not icmp.wholly_excluded(network, allow, (*exclude, *theirs, *outside)):
+        return ""
+    reserved = tuple(net for net in icmp.RESERVED if not any(net.subnet_of(a) for a in allow))
+    parts = [what for what, nets in (("your --exclude", exclude), ("the server's exclusions", theirs),
+                                     ("the part outside --only", outside),
+                                     ("reserved space --allow does not open", reserved))
+             if any(network.overlaps(net) for net in nets)]
+    return "excluded in full by " + " and ".join(parts) + " together"
 
 
 # --- result encoding --------------------------------------------------------------------------
@@ -262,15 +324,18 @@ def incomplete(result) -> str:
 
 
 def summary(label: str, result) -> str:
-    """One line per sweep: what was probed, what answered, how fast."""
+    """One line per sweep: what was probed, what answered, how fast, at what CPU cost."""
     stats = result.stats
     probed, excluded, replies, unreachable = tally(result)
     share = 100.0 * replies / probed if probed else 0.0
-    speed = stats.sent / stats.elapsed if stats.elapsed > 0 else 0.0
+    speed = stats.sent / stats.send_seconds if stats.send_seconds > 0 else 0.0
+    per_probe = stats.cpu_seconds / stats.sent if stats.sent else 0.0
     return (f"{label}: {probed:,} targets, {replies:,} replied ({share:.1f} %), "
             f"{unreachable:,} unreachable, {excluded:,} excluded; "
-            f"{stats.sent:,} probes in {stats.elapsed:.1f} s ({speed:,.0f}/s, "
-            f"{stats.kind} socket)")
+            f"{stats.sent:,} probes in {stats.send_seconds:.1f} s ({speed:,.0f}/s, "
+            f"{stats.kind} socket), {stats.elapsed:.1f} s with the cooldown; CPU "
+            f"{stats.cpu_seconds:.2f} s ({per_probe * 1e6:.1f} us a probe, "
+            f"{per_probe * BLOCK:.2f} s per /16)")
 
 
 def write_csv(result, stream) -> int:
@@ -304,7 +369,8 @@ class Backoff:
 
 
 class Spool:
-    """Finished results waiting for the server's answer: one JSON file each, written durably."""
+    """Finished results waiting for the server's answer: one JSON file each, written durably.
+    The folder also keeps the random id behind the volunteer's default name (pseudonym())."""
 
     def __init__(self, path: str):
         self.path = path
@@ -312,18 +378,38 @@ class Spool:
         for name in os.listdir(path):       # half-written by a run that died mid-put
             if name.endswith(".tmp"):
                 os.unlink(os.path.join(path, name))
+        self._write(os.path.join(path, "writable"), "")   # fail now, not after a sweep
+        os.unlink(os.path.join(path, "writable"))
+
+    @classmethod
+    def open(cls, path: str) -> "Spool":
+        """Spool(path), or a ClientError saying what is wrong with the folder and what to do."""
+        try:
+            return cls(path)
+        except OSError as exc:
+            raise ClientError(f"cannot use the spool folder {path}: {exc.strerror or exc} "
+                              f"(choose another with --spool DIR)") from None
 
     def put(self, server: str, body: dict, index: int) -> Spooled:
         """Write a result durably (temp file, fsync, rename, fsync the folder)."""
         final = os.path.join(self.path, f"{time.time_ns():020d}-task{index}.json")
-        temp = final + ".tmp"
-        with open(temp, "w", encoding="ascii") as fh:
-            json.dump({"server": server, "body": body}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(temp, final)
-        self._sync()
+        self._write(final, json.dumps({"server": server, "body": body}))
         return Spooled(final, server, body)
+
+    def pseudonym(self) -> str:
+        """volunteer-<8 hex digits>: a hash of a random id kept in the folder (made on the
+        first call), so a volunteer who gives no --name is the same person run after run
+        without their user or host name going on a public page."""
+        path = os.path.join(self.path, PSEUDONYM_FILE)
+        try:
+            with open(path, encoding="ascii") as fh:
+                ident = fh.read().strip()
+        except (OSError, ValueError):
+            ident = ""
+        if len(ident) != 32 or not all(c in "0123456789abcdef" for c in ident):
+            ident = secrets.token_hex(16)
+            self._write(path, ident + "\n")
+        return "volunteer-" + hashlib.sha256(ident.encode("ascii")).hexdigest()[:8]
 
     def pending(self) -> list[Spooled]:
         """Every spooled result, oldest first."""
@@ -356,6 +442,15 @@ class Spool:
             return Spooled(path, None, None)
         return Spooled(path, record["server"], record["body"])
 
+    def _write(self, final: str, text: str) -> None:
+        temp = final + ".tmp"
+        with open(temp, "w", encoding="ascii") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temp, final)
+        self._sync()
+
     def _sync(self) -> None:
         fd = os.open(self.path, os.O_RDONLY)
         try:
@@ -379,10 +474,15 @@ def normal_url(url: str) -> str:
 
 
 class Api:
-    """The task server's HTTP API over urllib: (status, JSON object) or TransientError."""
+    """The task server's HTTP API over urllib: (status, JSON object) or TransientError.
+
+    Until the server has answered with JSON once (`answered`), a non-JSON answer below 500 is
+    NotCensus (the URL points at some other web server) and each try waits at most
+    FIRST_CONTACT_TIMEOUT for its connection."""
 
     def __init__(self, base: str, timeout: float = HTTP_TIMEOUT):
         self.base, self.timeout = normal_url(base), timeout
+        self.answered = False
 
     def get(self, path: str) -> tuple[int, dict]:
         return self.request("GET", path)
@@ -394,11 +494,17 @@ class Api:
         data = None if body is None else json.dumps(body).encode("ascii")
         headers = {} if data is None else {"Content-Type": "application/json"}
         req = urllib.request.Request(self.base + path, data, headers, method=method)
+        timeout = timeout or (self.timeout if self.answered else min(self.timeout, FIRST_CONTACT_TIMEOUT))
         try:
-            status, raw = _exchange(req, timeout or self.timeout)
+            status, raw, kind = _exchange(req, timeout)
         except (OSError, HTTPException) as exc:     # URLError, refused, reset, timeout
-            raise TransientError(f"{method} {path}: {getattr(exc, 'reason', exc)}") from None
+            raise Unanswered(f"{method} {path}: {getattr(exc, 'reason', exc)}") from None
         answer = _json_object(raw)
+        if answer is not None:
+            self.answered = True
+        elif not self.answered and status < 500:
+            raise NotCensus(f"{self.base} does not look like a census server (HTTP {status}, "
+                            f"{kind or 'no Content-Type'}); is the URL right?")
         if status >= 500 or status in RETRY_STATUSES or (status == 200 and answer is None):
             raise TransientError(f"{method} {path}: HTTP {status} {_reason(answer, raw)}")
         return status, answer if answer is not None else {"error": _reason(answer, raw)}
@@ -417,6 +523,7 @@ class Console:
         self.clock = clock
         self.columns = columns or (lambda: shutil.get_terminal_size().columns)   # () -> int
         self.label, self._showing, self._next_line = "", False, 0.0
+        self._lock = threading.RLock()        # sweeps report from their own threads
 
     def error(self, msg: str) -> None:
         self._emit("error: " + msg)
@@ -436,27 +543,30 @@ class Console:
         """A sweep starts: progress lines will carry this label."""
         self.label, self._next_line = label, self.clock() + PLAIN_PROGRESS_EVERY
 
-    def progress(self, p) -> None:
-        """The sweep's progress callback (an icmp.Progress)."""
+    def progress(self, p, label: str | None = None) -> None:
+        """The sweep's progress callback (an icmp.Progress); `label` names the sweep when it is
+        not the one begin() announced (a sweep that reports from its cooldown)."""
         if self.verbosity < 1:
             return
-        line = progress_line(self.label, p)
-        if self.tty:                            # one line, never wrapped: \r must reach it
-            line = line[:self.columns() - 1]
-            self.stream.write("\r" + line + "\x1b[K")
-            self.stream.flush()
-            self._showing = True
-        elif self.clock() >= self._next_line:
-            self._next_line = self.clock() + PLAIN_PROGRESS_EVERY
-            self._emit(line)
+        line = progress_line(label or self.label, p)
+        with self._lock:
+            if self.tty:                        # one line, never wrapped: \r must reach it
+                line = line[:self.columns() - 1]
+                self.stream.write("\r" + line + "\x1b[K")
+                self.stream.flush()
+                self._showing = True
+            elif self.clock() >= self._next_line:
+                self._next_line = self.clock() + PLAIN_PROGRESS_EVERY
+                self._emit(line)
 
     def _emit(self, msg: str) -> None:
-        if self._showing:                       # the next line replaces the progress display
-            self.stream.write("\r\x1b[K")
-            self._showing = False
-        stamp = "" if self.tty else time.strftime("%Y-%m-%d %H:%M:%S ")
-        self.stream.write(stamp + msg + "\n")
-        self.stream.flush()
+        with self._lock:
+            if self._showing:                   # the next line replaces the progress display
+                self.stream.write("\r\x1b[K")
+                self._showing = False
+            stamp = "" if self.tty else time.strftime("%Y-%m-%d %H:%M:%S ")
+            self.stream.write(stamp + msg + "\n")
+            self.stream.flush()
 
 
 def progress_line(label: str, p) -> str:
@@ -473,33 +583,57 @@ def progress_line(label: str, p) -> str:
 
 # --- the census loop --------------------------------------------------------------------------
 
+class Job(NamedTuple):
+    """A leased task and its sweep in flight (an icmp.Sweep)."""
+    task: Task
+    sweep: object
+
+
 class Client:
-    """Get a task, sweep it, spool the result, submit it; repeat (or once)."""
+    """Get a task, sweep it, spool the result, submit it; repeat (or once).
+
+    In a loop the next task starts as soon as a sweep's last probe is out, while that sweep
+    listens for late replies (its cooldown) on the same socket; its result is spooled and
+    submitted when the cooldown ends. So a long cooldown costs no throughput:
+
+        task 1  |== send ==|..... cooldown .....| submit
+        task 2             |== send ==|..... cooldown .....| submit
+        task 3                        |== send ==| ...
+    """
 
     def __init__(self, api: Api, spool: Spool, options: SweepOptions, console: Console, *,
                  name: str, once: bool = False, sleep=time.sleep, clock=time.monotonic,
-                 rng=random.random):
+                 rng=random.random, sweeper=None):
         self.api, self.spool, self.options, self.console = api, spool, options, console
         self.name, self.once, self.sleep, self.clock, self.rng = name, once, sleep, clock, rng
+        self.sweeper = sweeper if sweeper is not None else icmp.Sweeper()
+        self.held: list[Job] = []             # leased, result not yet spooled: given back on exit
+        self.cooling: list[Job] = []          # all probes out, listening for late replies
         self._told = set()                    # spool files for other servers, warned about
 
     def run(self) -> int:
         """Work tasks, submitting the spool before each; the exit code."""
         self.console.info(f"ping_client as {self.name!r} for {self.api.base}, "
-                          f"{_pace(self.options.rate)}, spool {self.spool.path}")
+                          f"{_pace(self.options.rate)}, cooldown {self.options.cooldown:g} s, "
+                          f"spool {self.spool.path}; probes carry the tag "
+                          f"{icmp.TAG.decode().strip()!r} and the server's contact, if it names one")
         idle = Backoff(base=5.0, cap=300.0, rng=self.rng)
-        while True:
-            self.flush_spool()
-            task = self.next_task(idle)
-            if task is None:                  # --once, and the census is complete
-                return EXIT_OK
-            code = self.work(task)
-            if self.once:
-                return code
-            if code != EXIT_OK:
-                self._wait(idle, "asking for another task")
-            else:
-                idle.reset()
+        try:
+            while True:
+                self.flush_spool()
+                task = self.next_task(idle)
+                if task is None:              # the census is complete
+                    return EXIT_OK
+                code = self.work(task)
+                if self.once:
+                    return code
+                if code != EXIT_OK:
+                    self._wait(idle, "asking for another task")
+                else:
+                    idle.reset()
+        except BaseException:                 # Ctrl-C, SIGTERM, a fatal error: give leases back
+            self.give_back()
+            raise
 
     def flush_spool(self) -> None:
         """Submit what is waiting in the spool for this server."""
@@ -518,64 +652,140 @@ class Client:
 
     def next_task(self, idle: Backoff) -> Task | None:
         """Ask until the server hands out a task, waiting longer each time it has none; None
-        with --once when the census is complete."""
+        when the census is complete. Sweeps still cooling down are finished first."""
         while True:
-            # the name keeps the server from handing us a check of our own results
-            path = "/get_task?" + urllib.parse.urlencode({"name": self.name})
-            status, answer = self._retrying("/get_task", lambda: self.api.get(path))
+            status, answer = self._retrying("/get_task", lambda: self.api.get(self.task_path()))
             if status != 200:
                 raise ClientError(f"/get_task refused: HTTP {status} {answer.get('error')}")
             task = parse_task(answer)
             if task is not None:
                 return task
-            if self.once and self.census_complete():
-                self.console.info("no task available and none in progress: the census on this "
-                                  "server is complete")
+            if self.cooling:                  # ours are in progress too: finish, then ask again
+                self.finish_all()
+                continue
+            left = self.census_left()
+            if not left:
+                self.console.info("no task available, none in progress and none in error: the "
+                                  "census on this server is complete")
                 return None
-            self._wait(idle, f"no task available ({answer['error']}); asking again")
+            self._wait(idle, f"no task available ({answer['error']}; {left}); asking again")
 
-    def census_complete(self) -> bool:
-        """True when /get_progress shows no task left to hand out and none in anyone's hands."""
+    def task_path(self) -> str:
+        """/get_task with what this client accepts: a lease, and blocks inside --only (a server
+        that does not know these parameters ignores them); the name keeps the server from
+        handing us a check of our own results."""
+        query = {"lease": "required", "name": self.name}
+        if self.options.only:
+            query["within"] = ",".join(map(str, self.options.only))
+        return "/get_task?" + urllib.parse.urlencode(query, safe="/,")
+
+    def census_left(self) -> str:
+        """'' when /get_progress shows the census complete (nothing available, nothing in
+        progress, nothing in error); else what is left, in words."""
         status, answer = self._retrying("/get_progress", lambda: self.api.get("/get_progress"))
-        left = (answer.get("available_tasks"), answer.get("in_progress"))
-        return status == 200 and left == (0, 0)
+        if status != 200:
+            return "the server does not say how far the census is"
+        counts = [(answer.get(key), what) for key, what in (
+            ("available_tasks", "available"), ("in_progress", "in progress"),
+            ("error_tasks", "in error, waiting for the operator"))]
+        if any(not isinstance(n, int) for n, _ in counts[:2]):
+            return "the server does not say how far the census is"
+        return ", ".join(f"{n:,} {what}" for n, what in counts if isinstance(n, int) and n)
 
     def work(self, task: Task) -> int:
-        """Sweep one task and submit it: 0 when the server accepted it."""
+        """Start sweeping a task; 0 once its last probe is out (looping) or its result was
+        accepted (--once). A loop finishes the task later (finish_cooled / finish_all)."""
         try:
             exclude = check_task(task, self.options)
         except Refused as exc:
             self.console.error(f"refusing task {task.index}: {exc}")
             self.release(task)
             return EXIT_ERROR
-        try:
-            spooled = self.sweep_and_spool(task, exclude)
-        except OSError as exc:         # a socket or disk error: give the task back
-            self.release(task)
-            if self.once or isinstance(exc, PermissionError):    # no ICMP permission: stop
-                raise
-            self.console.error(f"task {task.index} failed: {exc}")
+        job = self.start(task, exclude)
+        if job is None:
             return EXIT_ERROR
-        except BaseException:          # Ctrl-C, SIGTERM, a bad result: give it back too
-            self.release(task)
+        if self.once:
+            self.sweeper.wait_for(lambda: job.sweep.done)
+            return self.finish(job)
+        self.until_sent(job)
+        if job.sweep.done:                    # failed, or nothing left to listen for
+            return self.finish(job)
+        self.cooling.append(job)
+        return EXIT_OK
+
+    def start(self, task: Task, exclude) -> Job | None:
+        """Start the task's sweep; from here on the task is held (given back on the way out)."""
+        job = None
+        try:
+            self.console.info(f"task {task.index}: sweeping {task.network} "
+                              f"{_pace(self.options.rate)}; {contact_note(task)}")
+            if task.bad_contact:
+                self.console.warn(f"task {task.index}: the server's contact {task.bad_contact} "
+                                  f"was left out")
+            self.console.begin(str(task.network))
+            job = Job(task, start_sweep(self.sweeper, task.network, self.options, self.console,
+                                        exclude, task.contact))
+            self.held.append(job)
+        except OSError as exc:
+            return self._failed(task, exc)
+        except BaseException:          # Ctrl-C, SIGTERM: the lease goes back whenever it came
+            if job is None or job not in self.held:
+                self.release(task)
             raise
+        return job
+
+    def until_sent(self, job: Job) -> None:
+        """Wait until the job's last probe is out, finishing cooled sweeps as their cooldown ends."""
+        while True:
+            self.sweeper.wait_for(lambda: job.sweep.all_sent or any(j.sweep.done for j in self.cooling))
+            self.finish_cooled()
+            if job.sweep.all_sent:
+                return
+
+    def finish_cooled(self) -> None:
+        for job in [job for job in self.cooling if job.sweep.done]:
+            self.cooling.remove(job)
+            self.finish(job)
+
+    def finish_all(self) -> None:
+        while self.cooling:
+            job = self.cooling.pop(0)
+            self.sweeper.wait_for(lambda: job.sweep.done)
+            self.finish(job)
+
+    def finish(self, job: Job) -> int:
+        """Spool and submit a finished sweep: 0 when the server accepted the result."""
+        try:
+            spooled = self.spool_result(job, job.sweep.result())
+        except OSError as exc:         # a socket or disk error: give the task back
+            self.held.remove(job)
+            return self._failed(job.task, exc) or EXIT_ERROR
         if spooled is None:
-            self.release(task)
+            self.held.remove(job)
+            self.release(job.task)
             return EXIT_ERROR
         return EXIT_OK if self.submit(spooled) else EXIT_ERROR
 
-    def sweep_and_spool(self, task: Task, exclude) -> Spooled | None:
-        """Sweep the task's block and spool the result; None when the sweep fell short."""
-        self.console.info(f"task {task.index}: sweeping {task.network} "
-                          f"{_pace(self.options.rate)}")
-        result = run_sweep(task.network, self.options, self.console, exclude)
+    def spool_result(self, job: Job, result) -> Spooled | None:
+        """Spool a sweep's result; None when the sweep fell short."""
+        task = job.task
         shortfall = incomplete(result)
         if shortfall:                  # unprobed addresses would read '0': not a result
             self.console.error(f"task {task.index}: {shortfall}; not submitted")
             return None
         body = submission_body(task, result, self.name)
         self.console.info(summary(f"task {task.index} {task.network}", result))
-        return self.spool.put(self.api.base, body, task.index)   # from here on it is kept
+        spooled = self.spool.put(self.api.base, body, task.index)   # from here on it is kept
+        self.held.remove(job)
+        return spooled
+
+    def give_back(self) -> None:
+        """On the way out: stop every sweep in flight and release its lease."""
+        for job in self.held:
+            job.sweep.cancel()
+        held, self.held, self.cooling = self.held, [], []
+        for job in held:
+            self.release(job.task)
 
     def submit(self, spooled: Spooled) -> bool:
         """Submit a spooled result until the server answers for good; True when accepted."""
@@ -621,50 +831,99 @@ class Client:
             self.console.warn(f"release of task {task.index} refused: HTTP {status} "
                               f"{answer.get('error')}")
 
+    def _failed(self, task: Task, exc: OSError) -> None:
+        """A socket or disk error: give the task back; stop (raise) with --once or without
+        ICMP permission, else say so and go on."""
+        self.release(task)
+        if self.once or isinstance(exc, PermissionError):
+            raise exc
+        self.console.error(f"task {task.index} failed: {exc}")
+
     def _retrying(self, what: str, call):
-        """call() until it is not a TransientError; with --once, give up after ONCE_PATIENCE."""
+        """call() until it is not a TransientError. A server never reached at all is given up
+        on after FIRST_CONTACT_PATIENCE (the URL is likely wrong); with --once any silence
+        after ONCE_PATIENCE; a server that answered before is otherwise waited for."""
         backoff, since = Backoff(rng=self.rng), self.clock()
         while True:
             try:
                 status, answer = call()
             except TransientError as exc:
-                if self.once and self.clock() - since >= ONCE_PATIENCE:
+                waited = self.clock() - since
+                if not self.api.answered and waited >= FIRST_CONTACT_PATIENCE:
+                    raise ClientError(f"cannot reach {self.api.base}: {exc} (is the server "
+                                      f"running? is the URL right?)") from None
+                if self.once and waited >= ONCE_PATIENCE:
                     raise GaveUp(f"{what}: no answer from {self.api.base} for "
-                                 f"{_duration(self.clock() - since)} ({exc})") from None
-                self._wait(backoff, f"{what} failed ({exc}); retrying", self.console.warn)
+                                 f"{_duration(waited)} ({exc})") from None
+                cap = None if self.api.answered else FIRST_CONTACT_PATIENCE - waited
+                self._wait(backoff, f"{what} failed ({exc}); retrying", self.console.warn, cap)
             else:
                 self.console.debug(f"{what}: HTTP {status} {json.dumps(answer)[:300]}")
                 return status, answer
 
-    def _wait(self, backoff: Backoff, why: str, say=None) -> None:
-        delay = backoff.delay()
+    def _wait(self, backoff: Backoff, why: str, say=None, cap: float | None = None) -> None:
+        delay = backoff.delay() if cap is None else min(backoff.delay(), cap)
         (say or self.console.info)(f"{why} in {delay:.1f} s")
         self.sleep(delay)
 
 
-def run_sweep(network, options: SweepOptions, console: Console, exclude=None):
-    """One icmp.sweep with the client's options, showing progress."""
-    console.begin(str(network))
-    return icmp.sweep(network, rate=options.rate, probes=options.probes,
-                      cooldown=options.cooldown, timeout=options.timeout, allow=options.allow,
-                      exclude=options.exclude if exclude is None else exclude,
-                      progress=console.progress)
+def start_sweep(sweeper, network, options: SweepOptions, console: Console, exclude=None,
+                contact: bytes = b""):
+    """sweeper.start() with the client's options, its progress shown under the network's name."""
+    return sweeper.start(network, rate=options.rate, probes=options.probes,
+                         cooldown=options.cooldown, timeout=options.timeout, allow=options.allow,
+                         exclude=options.exclude if exclude is None else exclude,
+                         progress=functools.partial(console.progress, label=str(network)),
+                         contact=contact)
 
 
-def scan(network: ipaddress.IPv4Network, output: str, options: SweepOptions,
-         console: Console) -> int:
-    """Standalone mode: sweep a network without a server and write the responders as CSV."""
+class Output:
+    """The --scan CSV: checked (folder there, writable) before any probe is sent, written to a
+    temporary file beside it and renamed into place when complete; '-' is stdout."""
+
+    def __init__(self, path: str):
+        self.path, self._temp = path, None
+        if path == "-":
+            return
+        if os.path.isdir(path):
+            raise ClientError(f"cannot write {path}: it is a folder")
+        try:
+            fd, self._temp = tempfile.mkstemp(prefix=".scan-", suffix=".tmp",
+                                              dir=os.path.dirname(os.path.abspath(path)))
+            os.close(fd)
+        except OSError as exc:
+            raise ClientError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+    def write(self, result) -> int:
+        """Write the responders; returns the rows."""
+        if self._temp is None:
+            rows = write_csv(result, sys.stdout)
+            sys.stdout.flush()
+            return rows
+        with open(self._temp, "w", encoding="ascii", newline="") as fh:
+            rows = write_csv(result, fh)
+        os.replace(self._temp, self.path)
+        self._temp = None
+        return rows
+
+    def discard(self) -> None:
+        if self._temp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._temp)
+            self._temp = None
+
+
+def scan(network: ipaddress.IPv4Network, output: Output, options: SweepOptions,
+         console: Console, sweeper) -> int:
+    """Standalone mode: sweep a network without a server (one sweep, start to end) and write
+    the responders as CSV."""
     why = blocked(network, options.allow, options.exclude)
     if why:
         console.error(f"refusing to scan {network}: it is {why}")
         return EXIT_USAGE
-    result = run_sweep(network, options, console)
-    if output == "-":
-        write_csv(result, sys.stdout)
-        sys.stdout.flush()
-    else:
-        with open(output, "w", encoding="ascii", newline="") as fh:
-            write_csv(result, fh)
+    console.begin(str(network))
+    result = start_sweep(sweeper, network, options, console).result()
+    output.write(result)
     console.info(summary(str(network), result))
     shortfall = incomplete(result)
     if shortfall:
@@ -675,27 +934,56 @@ def scan(network: ipaddress.IPv4Network, output: str, options: SweepOptions,
 
 # --- command line -----------------------------------------------------------------------------
 
-def default_name() -> str:
-    """user@host, the user behind sudo rather than root."""
-    try:
-        user = os.environ.get("SUDO_USER") or getpass.getuser()
-    except (KeyError, OSError):     # no passwd entry (containers)
-        user = "volunteer"
-    return f"{user}@{socket.gethostname()}"
+def systemd_unit(argv: list[str]) -> str:
+    """A systemd service running this client with these flags, restarted when it fails."""
+    flags = [arg for arg in argv if arg != "--print-systemd-unit"]
+    if not any(arg == "--spool" or arg.startswith("--spool=") for arg in flags):
+        flags += ["--spool", UNIT_SPOOL]
+    command = shlex.join([sys.executable, os.path.abspath(__file__), *flags])
+    return f"""\
+# The IPv4 census volunteer as a systemd service. Save as
+# /etc/systemd/system/ipv4-census.service, then:
+#   systemctl daemon-reload && systemctl enable --now ipv4-census
+#   journalctl -u ipv4-census -f
+[Unit]
+Description=IPv4 ICMP census volunteer (ping_client.py)
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+ExecStart={command}
+# exit 0 (the census is complete) ends the service; an error, a crash or a kill restarts it
+Restart=on-failure
+RestartSec=60
+StateDirectory=ipv4-census
+ProtectSystem=strict
+ProtectHome=read-only
+PrivateTmp=yes
+Nice=10
+
+[Install]
+WantedBy=multi-user.target
+"""
 
 
 EPILOG = ("--allow, --exclude and --only take several CIDRs, space- or comma-separated, and\n"
           "may be repeated.\n\n"
           "exit codes:\n"
-          "  0    done (--once: the result was accepted, or the census is complete)\n"
-          "  1    error: no ICMP permission, a local failure, a server answer it cannot go\n"
-          "       on from; with --once also a refused task or result, a sweep cut short or\n"
-          "       failed, or no answer from the server for 10 minutes (a finished result\n"
-          "       stays in the spool and is sent at the next start)\n"
+          "  0    done: the census is complete (--once: or the result was accepted)\n"
+          "  1    error: no ICMP permission, an unusable spool folder or output file, a\n"
+          "       server never reached in 30 s or not a census server, a local failure, a\n"
+          "       server answer it cannot go on from; with --once also a refused task or\n"
+          "       result, a sweep cut short or failed, or no answer from the server for 10\n"
+          "       minutes (a finished result stays in the spool and is sent at the next start)\n"
           "  2    usage: bad flags, or --scan of a network nothing of which may be probed\n"
-          "  130  interrupted (Ctrl-C); a task in hand is released\n"
-          "  143  terminated (SIGTERM); a task in hand is released\n\n"
-          "examples:\n  sudo python3 ping_client.py --server http://HOST:8001\n"
+          "  130  interrupted (Ctrl-C); the tasks in hand are released\n"
+          "  143  terminated (SIGTERM); the tasks in hand are released\n\n"
+          "running unattended: --print-systemd-unit prints a systemd service for the same\n"
+          "flags (Restart=on-failure: it stops when the census is complete, restarts after an\n"
+          "error); a looping client on a complete census says so and exits 0.\n\n"
+          "examples:\n  sudo python3 ping_client.py --server http://HOST:8001 --name NAME\n"
+          "  sudo python3 ping_client.py --server http://HOST:8001 --print-systemd-unit "
+          "> ipv4-census.service\n"
           "  sudo python3 ping_client.py --scan 127.0.0.0/16 --allow 127.0.0.0/8 -o out.csv")
 
 
@@ -717,9 +1005,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="do one task and exit; waits for one if none is free, exits 0 if "
                              "the census is complete, gives up after 10 minutes without an "
                              "answer from the server (default: keep asking for tasks)")
-    parser.add_argument("--name", default=default_name(),
-                        help="contributor name, shown publicly on the dashboard (default: your "
-                             "user@host, %(default)s)")
+    parser.add_argument("--name", default=None,
+                        help="contributor name, shown publicly on the dashboard (default: a "
+                             "stable pseudonym, volunteer-<hash> of a random id kept in the "
+                             "spool folder)")
+    parser.add_argument("--print-systemd-unit", action="store_true",
+                        help="print a systemd service that runs the client with these flags "
+                             "and exit (default: off)")
     _sweep_flags(parser)
     _talk_flags(parser)
     return parser
@@ -734,6 +1026,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("-o/--output goes with --scan")
     if args.once and args.scan is not None:
         parser.error("--once goes with --server")
+    if args.print_systemd_unit and args.server is None:
+        parser.error("--print-systemd-unit goes with --server")
     return args
 
 
@@ -763,19 +1057,25 @@ def _span(first: int, last: int):
                                              ipaddress.IPv4Address(last))
 
 
+def _covered(network: ipaddress.IPv4Network, nets) -> bool:
+    """True if `nets` alone cover every address of `network` (reserved space aside)."""
+    return icmp.wholly_excluded(network, (EVERYWHERE,), nets)
+
+
 def _text(value) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{value!r:.50} is not a CIDR string")
     return value
 
 
-def _exchange(req: urllib.request.Request, timeout: float) -> tuple[int, bytes]:
+def _exchange(req: urllib.request.Request, timeout: float) -> tuple[int, bytes, str]:
+    """(status, body, media type) of one request."""
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
+            return resp.status, resp.read(), resp.headers.get_content_type()
     except urllib.error.HTTPError as err:         # a 4xx/5xx answer is an answer, not a failure
         with err:
-            return err.code, err.read()
+            return err.code, err.read(), err.headers.get_content_type()
 
 
 def _json_object(raw: bytes) -> dict | None:
@@ -819,9 +1119,12 @@ def _sweep_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probes", type=_number(int, 1), default=1, metavar="N",
                         help="rounds per sweep; later rounds re-probe the silent addresses "
                              "(default: %(default)s)")
-    parser.add_argument("--cooldown", type=_number(float, 0), default=1.0, metavar="S",
-                        help="seconds to wait for late replies after a round's last probe "
-                             "(default: %(default)s)")
+    parser.add_argument("--cooldown", type=_number(float, 0), default=icmp.DEFAULT_COOLDOWN,
+                        metavar="S",
+                        help="seconds to wait for late replies after a round's last probe, "
+                             "ended early once every target answered; satellite and cellular "
+                             "networks answer late, and the next task is swept meanwhile, so "
+                             "a long one costs nothing (default: %(default)g)")
     parser.add_argument("--timeout", type=_number(float, 0, above=True), default=None, metavar="S",
                         help="give up a sweep after this many seconds; a task cut short is "
                              "released, not submitted (default: no limit)")
@@ -880,15 +1183,26 @@ def _terminate(signum, frame):
 
 def main(argv=None, *, sleep=time.sleep, clock=time.monotonic) -> int:
     """Run the client; the exit code (0 done, 1 error, 2 usage, 130 interrupted, 143
-    terminated)."""
+    terminated). The output file, the spool folder and ICMP permission are checked first,
+    before any task is leased or any probe sent."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    console, spool = Console(verbosity=args.verbosity), None
+    if args.print_systemd_unit:
+        sys.stdout.write(systemd_unit(argv))
+        return EXIT_OK
+    console, spool, output = Console(verbosity=args.verbosity), None, None
     try:
         if args.scan is not None:
-            return scan(args.scan, args.output or "-", options_from(args), console)
-        spool = Spool(args.spool)
-        return Client(Api(args.server), spool, options_from(args), console, name=args.name,
-                      once=args.once, sleep=sleep, clock=clock).run()
+            output = Output(args.output or "-")
+            with icmp.Sweeper() as sweeper:
+                sweeper.open()
+                return scan(args.scan, output, options_from(args), console, sweeper)
+        spool = Spool.open(args.spool)
+        name = args.name or spool.pseudonym()
+        with icmp.Sweeper() as sweeper:
+            sweeper.open()                    # no ICMP permission: say so before any lease
+            return Client(Api(args.server), spool, options_from(args), console, name=name,
+                          once=args.once, sleep=sleep, clock=clock, sweeper=sweeper).run()
     except KeyboardInterrupt as exc:
         how = "terminated" if isinstance(exc, Terminated) else "interrupted"
         waiting = len(spool.pending()) if spool else 0
@@ -898,6 +1212,9 @@ def main(argv=None, *, sleep=time.sleep, clock=time.monotonic) -> int:
     except (ClientError, OSError) as exc:     # icmp.IcmpPermissionError says what to do
         console.error(str(exc))
         return EXIT_ERROR
+    finally:
+        if output is not None:
+            output.discard()
 
 
 if __name__ == "__main__":

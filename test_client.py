@@ -1,7 +1,8 @@
 """Unit tests of ping_client.py: fakes for the sweep and a tiny fake task server on 127.0.0.1.
 
-No test here sends a packet: icmp.sweep is replaced by a fake, or the real sweep is handed a
-RecordingSocket that keeps what it is given. The reserved block a "server" hands out here
+No test here sends a packet outside a lab: icmp.Sweeper is replaced by a fake, or the real one
+is handed a RecordingSocket that keeps what it is given; the one lab test (conftest.py) runs a
+server and a client inside a sealed namespace. The reserved block a "server" hands out here
 (10.0.0.0/16) only ever meets `no_packets`: a sweep, a socket opener and a socket.socket that
 record and fail on anything ICMP, to prove the client refuses it before anything is sent.
 """
@@ -12,7 +13,9 @@ import io
 import ipaddress
 import json
 import os
+import re
 import socket
+import sys
 import threading
 import time
 import zlib
@@ -52,17 +55,53 @@ def fake_result(network, replied=(), unreachable=(), excluded=(), rtt=100, **sta
 
 
 class FakeSweep:
-    """Stands in for icmp.sweep: records every call, returns a result or raises."""
+    """Stands in for icmp.Sweeper (icmp.Sweeper() gives this one): records every start(),
+    whose sweep is over at once, with a result or an error that its result() raises."""
 
-    def __init__(self, replied=(), error=None):
-        self.calls, self.replied, self.error = [], replied, error
+    def __init__(self, replied=(), error=None, result=None, open_error=None):
+        self.calls, self.replied, self.error, self.result = [], replied, error, result
+        self.open_error = open_error
 
-    def __call__(self, targets, **kwargs):
+    def __call__(self, sock=None, **kwargs):
+        return self
+
+    def open(self):
+        if self.open_error is not None:
+            raise self.open_error
+        return self
+
+    def start(self, targets, **kwargs):
         self.calls.append((targets, kwargs))
+        kwargs["progress"](icmp.Progress(10, 20, 5, 0, 1.0, 10.0))
+        return FakeJob(self.error, self.result or fake_result(targets, self.replied))
+
+    def wait_for(self, predicate, timeout=None):
+        return predicate()
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+class FakeJob:
+    """A FakeSweep's sweep: sent and done from the start."""
+    all_sent = done = True
+
+    def __init__(self, error, result):
+        self.error, self._result, self.cancelled = error, result, False
+
+    def result(self, timeout=None):
         if self.error is not None:
             raise self.error
-        kwargs["progress"](icmp.Progress(10, 20, 5, 0, 1.0, 10.0))
-        return fake_result(targets, self.replied)
+        return self._result
+
+    def cancel(self):
+        self.cancelled = True
 
 
 @pytest.fixture
@@ -80,6 +119,9 @@ def no_packets(monkeypatch):
                 refuse(family, kind, proto)
             super().__init__(family, kind, proto, fileno)
 
+    sweeper = FakeSweep()                   # may be opened (that sends nothing), never started
+    sweeper.start = lambda targets, **kwargs: refuse(targets, kwargs)
+    monkeypatch.setattr(icmp, "Sweeper", sweeper)
     monkeypatch.setattr(icmp, "sweep", refuse)
     monkeypatch.setattr(icmp.IcmpSocket, "open", classmethod(refuse))
     monkeypatch.setattr(socket, "socket", GuardedSocket)
@@ -103,6 +145,9 @@ class RecordingSocket:
         time.sleep(min(timeout, 0.001))
         return []
 
+    def wake(self):
+        pass
+
     def close(self):
         pass
 
@@ -113,7 +158,7 @@ class FakeServer(ThreadingHTTPServer):
     def __init__(self, script):
         super().__init__(("127.0.0.1", 0), ScriptedHandler)
         self.script = {key: list(answers) for key, answers in script.items()}
-        self.requests = []
+        self.requests, self.paths, self.content_type = [], [], "application/json"
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
 
     def answer(self, method, path):
@@ -135,10 +180,11 @@ class ScriptedHandler(BaseHTTPRequestHandler):
     def _serve(self, body):
         path = self.path.split("?")[0]
         self.server.requests.append((self.command, path, body))
+        self.server.paths.append(self.path)
         status, answer = self.server.answer(self.command, path)
         raw = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", self.server.content_type)
         self.send_header("Content-Length", str(len(raw)))
         self.end_headers()
         self.wfile.write(raw)
@@ -381,7 +427,7 @@ def test_submit_retries_5xx_and_drops_refusals(tmp_path, serve, capsys, answers,
 
 def test_once_sweeps_and_submits(tmp_path, serve, monkeypatch):
     sweep = FakeSweep(replied=(1, 2, 300))
-    monkeypatch.setattr(icmp, "sweep", sweep)
+    monkeypatch.setattr(icmp, "Sweeper", sweep)
     server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/submit_result"): [OK]})
     code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8")
     assert code == 0 and spooled(tmp_path) == []
@@ -392,12 +438,12 @@ def test_once_sweeps_and_submits(tmp_path, serve, monkeypatch):
     [(targets, kwargs)] = sweep.calls
     assert targets == ipaddress.IPv4Network(LOOP)
     assert kwargs["allow"] == (ipaddress.IPv4Network("127.0.0.0/8"),)
-    assert (kwargs["rate"], kwargs["probes"], kwargs["cooldown"]) == (10000, 1, 1.0)
+    assert (kwargs["rate"], kwargs["probes"], kwargs["cooldown"]) == (10000, 1, icmp.DEFAULT_COOLDOWN)
 
 
 def test_compact_form_first_then_the_string_form_for_a_server_without_it(tmp_path, serve,
                                                                          monkeypatch):
-    monkeypatch.setattr(icmp, "sweep", FakeSweep(replied=(1, 2, 300)))
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep(replied=(1, 2, 300)))
     old = (400, {"error": "result_data must be a string of 65536 characters"})
     server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/submit_result"): [old, OK]})
     code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8")
@@ -412,7 +458,7 @@ def test_compact_form_first_then_the_string_form_for_a_server_without_it(tmp_pat
 @pytest.mark.parametrize("asked", [10**7, 1e-9, "fast"])
 def test_server_adds_exclusions_and_cannot_change_the_rate(tmp_path, serve, monkeypatch, asked):
     sweep = FakeSweep()
-    monkeypatch.setattr(icmp, "sweep", sweep)
+    monkeypatch.setattr(icmp, "Sweeper", sweep)
     server = serve({("GET", "/get_task"): [(200, task(exclude=["127.0.1.0/24"], rate=asked,
                                                       allow=["0.0.0.0/0"]))],
                     ("POST", "/submit_result"): [OK]})
@@ -430,7 +476,7 @@ def test_server_adds_exclusions_and_cannot_change_the_rate(tmp_path, serve, monk
 
 def test_only_excludes_the_rest_of_the_block(tmp_path, serve, monkeypatch):
     sweep = FakeSweep()
-    monkeypatch.setattr(icmp, "sweep", sweep)
+    monkeypatch.setattr(icmp, "Sweeper", sweep)
     server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/submit_result"): [OK]})
     code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8",
                          "--only", "127.0.0.0/17")
@@ -500,24 +546,31 @@ def test_refuses_an_inconsistent_task(tmp_path, serve, no_packets, answer):
     assert len(server.calls("POST", "/release")) == 1
 
 
-@pytest.mark.parametrize("flags, theirs", [
-    (["--allow", "127.0.0.0/8", "--exclude", "127.0.0.0/12"], []),
-    (["--allow", "127.0.0.0/8", "--exclude", "127.0.0.0/17"], ["127.0.128.0/17"]),
-    (["--allow", "127.0.128.0/17"], ["127.0.128.0/17"]),     # the rest is reserved, not allowed
-    (["--allow", "127.0.0.0/8", "--only", "127.1.0.0/16"], []),   # a task outside --only
+@pytest.mark.parametrize("flags, theirs, why", [
+    (["--allow", "127.0.0.0/8", "--exclude", "127.0.0.0/12"], [], "inside your own --exclude"),
+    (["--allow", "127.0.0.0/8"], ["127.0.0.0/16"], "by the server's exclusions for it"),
+    (["--allow", "127.0.0.0/8", "--exclude", "127.0.0.0/17"], ["127.0.128.0/17"],
+     "by your --exclude and the server's exclusions together"),
+    (["--allow", "127.0.128.0/17"], ["127.0.128.0/17"],      # the rest is reserved, not allowed
+     "by the server's exclusions and reserved space --allow does not open together"),
+    (["--allow", "127.0.0.0/8", "--only", "127.1.0.0/16"], [], "outside --only 127.1.0.0/16"),
+    (["--allow", "127.0.0.0/8", "--only", "127.0.0.0/17"], ["127.0.0.0/17"],
+     "by the server's exclusions and the part outside --only together"),
 ])
-def test_exclusions_covering_the_block_refuse(tmp_path, serve, no_packets, capsys, flags, theirs):
+def test_exclusions_covering_the_block_refuse(tmp_path, serve, no_packets, capsys, flags, theirs,
+                                              why):
     server = serve({("GET", "/get_task"): [(200, task(exclude=theirs))],
                     ("POST", "/release"): [OK]})
     code, _ = run_client(server, tmp_path, "--once", *flags)
     assert code == 1 and no_packets == []
     assert len(server.calls("POST", "/release")) == 1
     assert server.calls("POST", "/submit_result") == []
-    assert "excluded in full" in capsys.readouterr().err
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "refusing task" in line]
+    assert line.endswith(why)                      # the one reason that applies, and only it
 
 
 def test_restart_submits_the_spool_first(tmp_path, serve, monkeypatch, capsys):
-    monkeypatch.setattr(icmp, "sweep", FakeSweep())
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep())
     server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/submit_result"): [OK]})
     old = {"task_index": 99, "result": {"success": True, "result_data": "1" * 65536}}
     spool = Spool(str(tmp_path / "spool"))
@@ -534,7 +587,7 @@ def test_restart_submits_the_spool_first(tmp_path, serve, monkeypatch, capsys):
 
 
 def test_loop_submits_the_spool_before_every_task(tmp_path, serve, monkeypatch):
-    monkeypatch.setattr(icmp, "sweep", FakeSweep())
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep())
     server = serve({("GET", "/get_task"): [(200, task()), (200, NO_TASK)],
                     ("POST", "/submit_result"): [(401, {"error": "who are you"}), OK]})
 
@@ -546,11 +599,11 @@ def test_loop_submits_the_spool_before_every_task(tmp_path, serve, monkeypatch):
     assert code == 130 and spooled(tmp_path) == []
     order = [(method, path) for method, path, _ in server.requests]
     assert order == [("GET", "/get_task"), ("POST", "/submit_result"),
-                     ("POST", "/submit_result"), ("GET", "/get_task")]
+                     ("POST", "/submit_result"), ("GET", "/get_task"), ("GET", "/get_progress")]
 
 
 def test_result_is_spooled_before_it_is_submitted(tmp_path, serve, monkeypatch, capsys):
-    monkeypatch.setattr(icmp, "sweep", FakeSweep())
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep())
     server = serve({("GET", "/get_task"): [(200, task())],
                     ("POST", "/submit_result"): [(503, {"error": "down"})]})
 
@@ -567,7 +620,7 @@ def test_result_is_spooled_before_it_is_submitted(tmp_path, serve, monkeypatch, 
 
 
 def test_no_task_waits_with_backoff_and_says_so(tmp_path, serve, monkeypatch, capsys):
-    monkeypatch.setattr(icmp, "sweep", FakeSweep())
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep())
     server = serve({("GET", "/get_task"): [(200, NO_TASK), (200, NO_TASK), (200, NO_TASK),
                                            (200, task())],
                     ("POST", "/submit_result"): [OK]})
@@ -578,7 +631,7 @@ def test_no_task_waits_with_backoff_and_says_so(tmp_path, serve, monkeypatch, ca
 
 
 def test_original_server_shapes(tmp_path, serve, monkeypatch):
-    monkeypatch.setattr(icmp, "sweep", FakeSweep())
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep())
     server = serve({("GET", "/get_task"): [(200, {"task_index": LOOP_TASK, "task_status": 1})],
                     ("POST", "/submit_result"): [OK]})
     code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8")
@@ -601,7 +654,7 @@ def test_get_task_refused_is_an_error(tmp_path, serve, no_packets, capsys):
 def test_an_incomplete_sweep_is_not_submitted(tmp_path, serve, monkeypatch, capsys, result,
                                               flags, why):
     incomplete = fake_result(LOOP, **result)
-    monkeypatch.setattr(icmp, "sweep", lambda targets, **kwargs: incomplete)
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep(result=incomplete))
     server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/release"): [OK]})
     code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8", *flags)
     assert code == 1 and server.calls("POST", "/submit_result") == []
@@ -610,7 +663,7 @@ def test_an_incomplete_sweep_is_not_submitted(tmp_path, serve, monkeypatch, caps
 
 
 def test_ctrl_c_before_the_result_is_spooled_releases(tmp_path, serve, monkeypatch):
-    monkeypatch.setattr(icmp, "sweep", FakeSweep())
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep())
 
     def put(self, server, body, index):
         raise KeyboardInterrupt
@@ -623,7 +676,7 @@ def test_ctrl_c_before_the_result_is_spooled_releases(tmp_path, serve, monkeypat
 
 
 def test_get_task_retries_when_the_server_is_down(tmp_path, serve, monkeypatch):
-    monkeypatch.setattr(icmp, "sweep", FakeSweep())
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep())
     server = serve({("GET", "/get_task"): [(500, {"error": "x"}), (503, b""), (200, task())],
                     ("POST", "/submit_result"): [OK]})
     code, sleeps = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8")
@@ -631,7 +684,7 @@ def test_get_task_retries_when_the_server_is_down(tmp_path, serve, monkeypatch):
 
 
 def test_ctrl_c_mid_sweep_releases_and_exits_130(tmp_path, serve, monkeypatch):
-    monkeypatch.setattr(icmp, "sweep", FakeSweep(error=KeyboardInterrupt()))
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep(error=KeyboardInterrupt()))
     server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/release"): [OK]})
     code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8")
     assert code == 130
@@ -641,7 +694,7 @@ def test_ctrl_c_mid_sweep_releases_and_exits_130(tmp_path, serve, monkeypatch):
 
 
 def test_sigterm_mid_sweep_releases_and_exits_143(tmp_path, serve, monkeypatch, capsys):
-    monkeypatch.setattr(icmp, "sweep", FakeSweep(error=ping_client.Terminated()))
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep(error=ping_client.Terminated()))
     server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/release"): [OK]})
     code, _ = run_client(server, tmp_path, "--allow", "127.0.0.0/8")
     assert code == 143 and len(server.calls("POST", "/release")) == 1
@@ -651,7 +704,7 @@ def test_sigterm_mid_sweep_releases_and_exits_143(tmp_path, serve, monkeypatch, 
 @pytest.mark.parametrize("once", [True, False])
 def test_no_icmp_permission_releases_and_exits_1(tmp_path, serve, monkeypatch, capsys, once):
     error = icmp.IcmpPermissionError("run me with sudo")
-    monkeypatch.setattr(icmp, "sweep", FakeSweep(error=error))
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep(error=error))
     server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/release"): [OK]})
     code, _ = run_client(server, tmp_path, *(["--once"] if once else []), "--allow", "127.0.0.0/8")
     assert code == 1 and len(server.calls("POST", "/release")) == 1
@@ -659,7 +712,7 @@ def test_no_icmp_permission_releases_and_exits_1(tmp_path, serve, monkeypatch, c
 
 
 def test_a_failing_sweep_is_retried_in_loop_mode(tmp_path, serve, monkeypatch, capsys):
-    monkeypatch.setattr(icmp, "sweep", FakeSweep(error=OSError(100, "Network is down")))
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep(error=OSError(100, "Network is down")))
     server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/release"): [OK]})
     sleep, waits = interrupt_after(3)
     code, _ = run_client(server, tmp_path, "--allow", "127.0.0.0/8", sleep=sleep)
@@ -687,7 +740,7 @@ class FakeClock:
 
 def test_once_gives_up_on_a_silent_server_and_keeps_the_result(tmp_path, serve, monkeypatch,
                                                                 capsys):
-    monkeypatch.setattr(icmp, "sweep", FakeSweep())
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep())
     server = serve({("GET", "/get_task"): [(200, task())],
                     ("POST", "/submit_result"): [(503, {"error": "down"})]})
     clock = FakeClock()
@@ -710,7 +763,7 @@ def test_once_gives_up_on_a_silent_server_and_keeps_the_result(tmp_path, serve, 
 ])
 def test_once_with_the_census_complete_exits_0(tmp_path, serve, monkeypatch, capsys, progress,
                                                waits):
-    monkeypatch.setattr(icmp, "sweep", FakeSweep())
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep())
     server = serve({("GET", "/get_task"): [(200, NO_TASK), (200, task())],
                     ("GET", "/get_progress"): [(200, progress)],
                     ("POST", "/submit_result"): [OK]})
@@ -720,10 +773,205 @@ def test_once_with_the_census_complete_exits_0(tmp_path, serve, monkeypatch, cap
     assert ("census on this server is complete" in capsys.readouterr().err) is (not waits)
 
 
+@pytest.mark.parametrize("progress, complete", [
+    ({"available_tasks": 0, "in_progress": 0, "error_tasks": 0, "done_tasks": 3}, True),
+    ({"available_tasks": 0, "in_progress": 0, "error_tasks": 2, "done_tasks": 1}, False),
+    ({"available_tasks": 0, "in_progress": 1, "error_tasks": 0, "done_tasks": 2}, False),
+], ids=["complete", "errored-tasks", "in-progress"])
+@pytest.mark.parametrize("once", [False, True], ids=["loop", "once"])
+def test_a_complete_census_ends_the_client_with_0_and_errored_tasks_are_not_done(
+        tmp_path, serve, no_packets, capsys, progress, complete, once):
+    server = serve({("GET", "/get_task"): [(200, NO_TASK)], ("GET", "/get_progress"): [(200, progress)]})
+    sleep, waits = interrupt_after(2)
+    code, _ = run_client(server, tmp_path, *(["--once"] if once else []), sleep=sleep)
+    err = capsys.readouterr().err
+    assert code == (0 if complete else 130) and no_packets == []
+    assert ("the census on this server is complete" in err) is complete
+    if not complete:
+        assert ("in error, waiting for the operator" in err) is bool(progress["error_tasks"])
+
+
+class CoolingSweep(FakeSweep):
+    """Sweeps whose last probe is out at once but whose cooldown never ends; a wait for one
+    to end is a Ctrl-C."""
+
+    def start(self, targets, **kwargs):
+        job = super().start(targets, **kwargs)
+        job.done = False
+        self.jobs = getattr(self, "jobs", []) + [job]
+        return job
+
+    def wait_for(self, predicate, timeout=None):
+        if not predicate():
+            raise KeyboardInterrupt
+        return True
+
+
+def test_the_next_task_starts_while_the_last_cools_down_and_ctrl_c_releases_both(
+        tmp_path, serve, monkeypatch, capsys):
+    sweep = CoolingSweep()
+    monkeypatch.setattr(icmp, "Sweeper", sweep)
+    server = serve({("GET", "/get_task"): [(200, task(LOOP_TASK)), (200, task(LOOP_TASK + 1, lease="L2")),
+                                           (200, NO_TASK)],
+                    ("POST", "/release"): [OK]})
+    code, _ = run_client(server, tmp_path, "--allow", "127.0.0.0/8")
+    assert code == 130
+    order = [(method, path) for method, path, _ in server.requests]
+    assert order[:3] == [("GET", "/get_task")] * 3          # leased again while the first listened on
+    assert server.calls("POST", "/submit_result") == []
+    released = sorted((b["task_index"], b["lease"]) for _, _, b in server.calls("POST", "/release"))
+    assert released == [(LOOP_TASK, "L1"), (LOOP_TASK + 1, "L2")]   # every lease in hand goes back
+    assert all(job.cancelled for job in sweep.jobs) and spooled(tmp_path) == []
+
+
+# --- first contact, checks before any lease, what the client tells the server -----------------
+
+def test_a_server_never_reached_fails_fast_and_says_what_to_check(tmp_path, serve, no_packets,
+                                                                capsys):
+    server = serve({})
+    server.shutdown()
+    server.server_close()                          # connection refused from the first try on
+    clock = FakeClock()
+    code, _ = run_client(server, tmp_path, sleep=clock.sleep, clock=clock)
+    assert code == 1 and no_packets == []
+    assert ping_client.FIRST_CONTACT_PATIENCE <= clock.now - 1000 <= ping_client.FIRST_CONTACT_PATIENCE + 1
+    err = capsys.readouterr().err
+    assert f"cannot reach {server.url}: " in err and "(is the server running? is the URL right?)" in err
+
+
+def test_a_server_that_answered_before_gets_the_patient_retry_and_the_spool(tmp_path, serve,
+                                                                          monkeypatch, capsys):
+    server = serve({("GET", "/get_task"): [(200, task())]})
+    sweep = FakeSweep()
+    real_start = sweep.start
+
+    def start_then_lose_the_server(targets, **kwargs):
+        server.shutdown()
+        server.server_close()
+        return real_start(targets, **kwargs)
+
+    sweep.start = start_then_lose_the_server
+    monkeypatch.setattr(icmp, "Sweeper", sweep)
+    clock = FakeClock()
+    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8", sleep=clock.sleep,
+                         clock=clock)
+    assert code == 1 and len(spooled(tmp_path)) == 1           # kept for the next start
+    assert clock.now - 1000 >= ping_client.ONCE_PATIENCE        # patient, not 30 s
+    err = capsys.readouterr().err
+    assert "cannot reach" not in err and "sent at the next start" in err
+
+
+@pytest.mark.parametrize("status", [404, 200])
+def test_a_web_server_that_is_not_a_census_server_fails_at_once(tmp_path, serve, no_packets,
+                                                                capsys, status):
+    server = serve({("GET", "/get_task"): [(status, b"<html><body>It works!</body></html>")]})
+    server.content_type = "text/html; charset=utf-8"
+    code, sleeps = run_client(server, tmp_path)
+    assert code == 1 and sleeps == [] and no_packets == []
+    err = capsys.readouterr().err
+    assert f"{server.url} does not look like a census server (HTTP {status}, text/html)" in err
+    assert "<html>" not in err
+
+
+def test_no_icmp_permission_is_found_before_any_task_is_leased(tmp_path, serve, monkeypatch,
+                                                                capsys):
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep(open_error=icmp.IcmpPermissionError("run me with sudo")))
+    server = serve({("GET", "/get_task"): [(200, task())]})
+    code, _ = run_client(server, tmp_path, "--allow", "127.0.0.0/8")
+    assert code == 1 and server.requests == []
+    assert "run me with sudo" in capsys.readouterr().err
+
+
+def test_an_unusable_spool_folder_is_found_before_any_request(tmp_path, serve, no_packets, capsys):
+    server = serve({("GET", "/get_task"): [(200, task())]})
+    (tmp_path / "spool").write_text("a file, not a folder")
+    code, _ = run_client(server, tmp_path)
+    assert code == 1 and server.requests == []
+    assert f"cannot use the spool folder {tmp_path / 'spool'}" in capsys.readouterr().err
+    assert ping_client.main(["--server", server.url, "--spool", "/proc/no/such/folder"]) == 1
+    assert "choose another with --spool DIR" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["missing-folder", "a-folder"])
+def test_scan_checks_its_output_file_before_any_probe(tmp_path, monkeypatch, capsys, where):
+    sweep = FakeSweep()
+    monkeypatch.setattr(icmp, "Sweeper", sweep)
+    target = tmp_path / "no" / "such" / "out.csv" if where == "missing-folder" else tmp_path
+    assert ping_client.main(["--scan", "127.0.0.0/30", "--allow", "127.0.0.0/8", "-o", str(target)]) == 1
+    assert sweep.calls == [] and f"cannot write {target}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("only, query", [
+    ([], "lease=required&name=tester"),
+    (["--only", "127.0.0.0/9,127.128.0.0/9"],
+     "lease=required&name=tester&within=127.0.0.0/9,127.128.0.0/9"),
+])
+def test_get_task_says_what_the_client_accepts(tmp_path, serve, monkeypatch, only, query):
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep())
+    server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/submit_result"): [OK]})
+    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8", *only)
+    assert code == 0
+    assert [p for p in server.paths if p.startswith("/get_task")] == [f"/get_task?{query}"]
+
+
+def test_without_a_name_a_stable_pseudonym_not_user_at_host(tmp_path, serve, monkeypatch):
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep())
+    server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/submit_result"): [OK]})
+
+    def name_sent(spool):
+        ping_client.main(["--server", server.url, "--spool", str(spool), "--once",
+                          "--allow", "127.0.0.0/8", "-q"], sleep=lambda s: None)
+        return server.calls("POST", "/submit_result")[-1][2]["name"]
+
+    first = name_sent(tmp_path / "a")
+    assert re.fullmatch(r"volunteer-[0-9a-f]{8}", first)
+    assert name_sent(tmp_path / "a") == first                 # stable: the id stays in the spool
+    assert (tmp_path / "a" / ping_client.PSEUDONYM_FILE).exists()
+    assert name_sent(tmp_path / "b") != first                 # another volunteer, another name
+    assert socket.gethostname() not in first
+
+
+def test_print_systemd_unit(tmp_path, serve, capsys):
+    server = serve({})
+    argv = ["--server", server.url, "--name", "alice", "--rate", "5000", "--print-systemd-unit"]
+    assert ping_client.main(argv) == 0 and server.requests == []
+    unit = capsys.readouterr().out
+    assert "[Service]" in unit and "Restart=on-failure" in unit and "[Install]" in unit
+    [command] = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
+    assert command.endswith(f"ping_client.py --server {server.url} --name alice --rate 5000 "
+                            f"--spool {ping_client.UNIT_SPOOL}")
+    assert os.path.isabs(command.split("=", 1)[1].split()[0])
+    with pytest.raises(SystemExit):
+        ping_client.main(["--scan", "127.0.0.0/30", "--print-systemd-unit"])
+
+
+@pytest.mark.parametrize("sent, carried, warned", [
+    ("census@example.org", b"census@example.org ", False),
+    ("x" * 41, b"", True),                                   # too long: left out
+    ("caf\u00e9@example.org", b"", True),                    # not ASCII: left out
+    ("line\nbreak", b"", True),                              # not printable: left out
+])
+def test_probes_carry_the_servers_contact_after_the_tag(tmp_path, serve, monkeypatch, capsys,
+                                                         sent, carried, warned):
+    fake = RecordingSocket()
+    monkeypatch.setattr(icmp.IcmpSocket, "open", classmethod(lambda cls, *a, **kw: fake))
+    server = serve({("GET", "/get_task"): [(200, task(contact=sent))], ("POST", "/submit_result"): [OK]})
+    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8", "--only",
+                         "127.0.0.0/24", "--rate", "0", "--cooldown", "0")
+    assert code == 0 and len(fake.sent) == 256
+    prefix = icmp.TAG + carried
+    assert all(packet[8:].startswith(prefix) and len(packet) <= 8 + 66 for _, packet in fake.sent)
+    assert all(packet[8 + len(icmp.Signer(contact=carried.strip()).prefix):][:4] == addr.to_bytes(4, "big")
+               for addr, packet in fake.sent)
+    err = capsys.readouterr().err
+    assert ("probes carry the tag 'ipv4-census' and the contact 'census@example.org'" in err) is not warned
+    assert ("was left out" in err) is warned
+
+
 # --- standalone scan --------------------------------------------------------------------------
 
 def test_scan_writes_zmap_csv(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(icmp, "sweep", FakeSweep(replied=(1, 3)))
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep(replied=(1, 3)))
     out = tmp_path / "out.csv"
     assert ping_client.main(["--scan", "127.0.0.0/30", "--allow", "127.0.0.0/8",
                              "-o", str(out)]) == 0
@@ -772,7 +1020,8 @@ def test_usage_errors_exit_2(argv):
 def test_defaults():
     args = ping_client.parse_args(["--server", "http://x"])
     assert (args.rate, args.probes, args.once, args.verbosity) == (10000, 1, False, 1)
-    assert "@" in args.name and args.allow == [] and args.exclude == []
+    assert args.name is None and args.allow == [] and args.exclude == []
+    assert args.cooldown == icmp.DEFAULT_COOLDOWN >= 5
     args = ping_client.parse_args(["--scan", LOOP, "--allow", "127.0.0.0/8,10.1.0.0/16",
                                    "10.2.0.0/16", "--allow", "10.3.0.0/16"])
     assert args.allow == [ipaddress.IPv4Network(n) for n in
@@ -817,3 +1066,38 @@ def test_quiet_shows_only_problems():
     console.info("hello")
     console.warn("careful")
     assert stream.getvalue() == "warning: careful\n"
+
+
+# --- in the lab: several tasks in a row with the default cooldown -----------------------------
+
+def test_lab_tasks_in_a_row_overlap_their_cooldowns_and_end_on_a_complete_census(tmp_path, lab):
+    """Four /16s at 40,000 probes/s (1.6 s of sending each) with the default 8 s cooldown,
+    which their silent addresses keep running to the end: one after the other that would be
+    ~39 s; overlapped, the sends follow each other closely and the whole census takes ~15 s."""
+    from test_e2e import FETCH, Proc             # the subprocess helpers of the end-to-end tests
+    net = lab(drop=True)
+    server = Proc([sys.executable, "-u", "ping_server.py", "--host", "127.0.0.1", "--port", "0",
+                   "--scope", "127.0.0.0/14", "--data", str(tmp_path / "data")], popen=net.popen)
+    url = server.wait_for("listening on http://").split("listening on ", 1)[1].strip().rstrip("/")
+    try:
+        client = Proc([sys.executable, "-u", "ping_client.py", "--server", url, "--allow", "127.0.0.0/8",
+                       "--only", "127.0.0.0/8", "--rate", "40000", "--spool", str(tmp_path / "spool"),
+                       "--name", "lab"], popen=net.popen)
+        assert client.wait() == 0, client.output()             # a loop that ends: the census is complete
+        output = client.output()
+        assert "the census on this server is complete" in output and "cooldown 8 s" in output
+        starts = [_stamp(line) for line in output.splitlines() if ": sweeping 127." in line]
+        assert len(starts) == 4 and output.count("result accepted") == 4
+        assert starts[-1] - starts[0] <= 3 * 1.64 * 2 + 3      # loose; one after the other: >= 29 s
+        for index in range(32512, 32516):
+            fetched = net.run([sys.executable, "-c", FETCH, f"{url}/result?id={index}"], check=True)
+            stored = json.loads(fetched.stdout)["result_data"]
+            base = index << 16
+            alive = net.alive(ping_client.task_network(index))
+            assert stored == "".join("1" if base + k in alive else "0" for k in range(65536))
+    finally:
+        server.stop()
+
+
+def _stamp(line: str) -> float:
+    return time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S"))

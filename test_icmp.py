@@ -2,9 +2,11 @@
 the sweep against a fake socket, and, as root, real sweeps on loopback and in lab namespaces
 (conftest.py) with a dead set, unreachables, random loss and the unprivileged socket."""
 import array
+import bisect
 import collections
 import errno
 import ipaddress
+import itertools
 import json
 import os
 import random
@@ -13,6 +15,7 @@ import socket
 import struct
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -96,6 +99,25 @@ def test_probe_layout_golden_bytes():
     assert probe[4:8] + probe[24:] == bytes.fromhex("608d3816b1903d62056b824a")
     assert probe.hex() == "080010a0608d3816697076342d63656e737573207f000007b1903d62056b824a"
     assert icmp.checksum(probe) == 0
+
+
+def test_probe_with_a_contact_golden_bytes_and_bounded():
+    signer = icmp.Signer(SECRET, contact=b"census@example.org")
+    probe = signer.request(addr("127.0.0.7"))
+    assert probe.hex() == ("080075c0608d3816" "697076342d63656e73757320"                # TAG
+                           "63656e737573406578616d706c652e6f7267" "2020"              # contact, padded even
+                           "7f000007" "b1903d62056b824a")                             # destination, MAC
+    assert probe == icmp.echo_request(*signer.sign(addr("127.0.0.7")))
+    assert icmp.checksum(probe) == 0 and probe[8:].startswith(icmp.TAG + b"census@example.org ")
+    reply = icmp.parse(ip_packet(addr("127.0.0.7"), LOOP + 1, echo_reply(probe)))
+    assert signer.check(reply) == (icmp.Verdict.OK, addr("127.0.0.7"))
+    assert icmp.Signer(SECRET).check(reply)[0] == icmp.Verdict.STRAY   # not our layout
+    longest = icmp.Signer(SECRET, contact=b"~" * icmp.CONTACT_MAX).request(addr("127.0.0.7"))
+    assert len(longest) == 8 + 66 and icmp.checksum(longest) == 0
+    for bad in (b"~" * (icmp.CONTACT_MAX + 1), "text", b"tab\there", "caf\u00e9".encode(), b"\x7f"):
+        assert not icmp.is_contact(bad)
+        with pytest.raises(ValueError):
+            icmp.Signer(contact=bad)
 
 
 def test_parse_raw_echo_reply_with_ip_options():
@@ -248,14 +270,74 @@ def test_permutation_is_a_permutation_without_bursts():
     assert same_24 < 65536 * 0.02                    # random order: ~1/256 of neighbours
 
 
-def test_pacer_allows_rate_times_elapsed():
-    now = [100.0]
-    pacer = icmp._Pacer(10_000, clock=lambda: now[0])
-    assert pacer.take(256) == 1                      # one token to start with
-    now[0] += 0.0050001
-    assert pacer.take(256) == 50
-    now[0] += 1.0
-    assert pacer.take(1000) == 100                   # never more than a 10 ms burst
+class FakeTime:
+    """An injected clock and sleep: each sleep wakes up to `late` s late, and every
+    `stall_every` s of sending the machine takes `stall` s away from the sender."""
+
+    def __init__(self, late=0.0, stall=0.0, stall_every=1.0, seed=14):
+        self.now, self.rng, self.late = 1000.0, random.Random(seed), late
+        self.stall, self.stall_every, self.next_stall = stall, stall_every, 1000.0 + stall_every
+        self.sleeps = []
+
+    def clock(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.sleeps.append(seconds)
+        self.now += seconds + self.rng.uniform(0, self.late)
+        if self.stall and self.now >= self.next_stall:
+            self.now += self.stall
+            self.next_stall += self.stall_every
+
+
+def paced(rate, count, fake):
+    """(pacer, [(time, probes)] of each send) for `count` probes paced on `fake` time."""
+    pacer = icmp._Pacer(rate, fake.clock, fake.sleep)
+    sends = []
+    while count:
+        allowed = pacer.take(min(pacer.bucket, count))
+        if allowed:
+            sends.append((fake.now, allowed))
+            count -= allowed
+        fake.now += 20e-6                       # the send call itself
+    return pacer, sends
+
+
+def worst_second(sends, rate):
+    """The largest relative deviation from `rate` of any one-second window starting at a send."""
+    times = [t for t, _ in sends]
+    counts = list(itertools.accumulate(n for _, n in sends))
+    worst = 0.0
+    for k, start in enumerate(times):
+        end = bisect.bisect_left(times, start + 1.0)
+        if end == len(times):
+            break
+        worst = max(worst, abs((counts[end - 1] - (counts[k - 1] if k else 0)) / rate - 1))
+    return worst
+
+
+@pytest.mark.parametrize("late, stall", [(0.0, 0.0), (0.003, 0.0), (0.003, 0.04)],
+                         ids=["exact", "late-wakeups", "stalls"])
+def test_pacer_batches_hold_the_rate_over_the_sweep_and_every_second(late, stall):
+    fake = FakeTime(late=late, stall=stall)
+    pacer, sends = paced(10_000, 65536, fake)
+    assert (pacer.batch, pacer.bucket) == (50, 100)          # 5 ms worth a call, at most 10 ms
+    assert sum(n for _, n in sends) == 65536
+    assert max(n for _, n in sends) <= pacer.bucket           # no burst beyond the bucket
+    assert len(sends) <= 65536 / 50 + 1 and len(fake.sleeps) <= len(sends) + 1
+    duration = sends[-1][0] - sends[0][0]
+    assert abs(65536 / duration / 10_000 - 1) < 0.03            # the rate over the sweep
+    assert worst_second(sends, 10_000) < 0.10                  # ... and over any one second
+    if not late:
+        assert {n for _, n in sends[:-1]} == {50}              # exact batches (the last: 65536 % 50)
+        assert all(abs(s - 0.005) < 1e-4 for s in fake.sleeps[:-1])  # one sleep between sends
+
+
+def test_pacer_at_low_and_no_rate():
+    fake = FakeTime()
+    pacer, sends = paced(50, 100, fake)                        # one probe a call, 20 ms apart
+    assert {n for _, n in sends} == {1} and max(fake.sleeps) <= icmp.PACER_NAP
+    assert abs((sends[-1][0] - sends[0][0]) - 99 / 50) < 0.01
     assert icmp._Pacer(0).take(256) == 256
 
 
@@ -288,6 +370,9 @@ class FakeSocket:
         if not got:
             time.sleep(min(timeout, 0.001))
         return got
+
+    def wake(self):
+        pass
 
     def close(self):
         pass
@@ -441,6 +526,76 @@ def test_a_socket_never_sends_outside_its_outbox():
                 sock.send(outbox, start, stop)
 
 
+class DgramFake(FakeSocket):
+    """A datagram socket's view: the kernel puts its own identifier in every probe (so all
+    sweeps on the socket share it) and hands over bare ICMP messages with their source."""
+    kind = "dgram"
+
+    def __init__(self):
+        super().__init__(lambda target, request: [echo_reply(request[:4] + b"\x42\x42" + request[6:])])
+
+    def recv(self, timeout):     # the source: the probed address, read from the payload
+        return [(packet, int.from_bytes(packet[-12:-8], "big")) for packet, _ in super().recv(timeout)]
+
+
+@pytest.mark.parametrize("kind", ["raw", "dgram"])
+def test_overlapping_sweeps_on_one_socket_each_get_their_own_replies(kind):
+    fake = FakeSocket() if kind == "raw" else DgramFake()
+    net = range(LOOP, LOOP + 2048)
+    with icmp.Sweeper(fake) as sweeper:
+        first = sweeper.start(net, rate=40_000, cooldown=0.3, allow=ALLOW)
+        second = sweeper.start(net, rate=40_000, cooldown=0.3, allow=ALLOW)   # both send at once
+        assert sweeper.wait_for(lambda: first.all_sent and second.all_sent, timeout=10)
+        results = [first.result(timeout=10), second.result(timeout=10)]
+    assert first.signer.secret != second.signer.secret     # what tells their replies apart
+    for result in results:
+        assert set(result.status) == {icmp.Status.ECHO_REPLY}
+        s = result.stats
+        assert (s.sent, s.replies, s.duplicates, s.bad_payload, s.stray) == (2048, 2048, 0, 0, 0)
+        assert s.cpu_seconds > 0
+
+
+class BusyReceiver(FakeSocket):
+    """A receiver that lags: 10 ms per recv() call (a loaded machine, a shared lo), so the
+    replies wait in the queue well past a short cooldown."""
+
+    def recv(self, timeout):
+        time.sleep(0.01)
+        got = []
+        while self.queue and len(got) < icmp.RECV_BATCH:
+            got.append(self.queue.popleft())
+        return got
+
+
+def test_a_cooldown_ends_only_after_the_receiver_caught_up_with_the_queue():
+    fake = BusyReceiver(lambda target, request: [] if target & 0xFF == 7 else
+                        [ip_packet(target, LOOP + 1, echo_reply(request))])
+    result = icmp.sweep(range(LOOP, LOOP + 4096), cooldown=0.02, allow=ALLOW, sock=fake)
+    assert result.stats.replies == 4096 - 16                 # all in the queue by the deadline: all credited
+    assert result.stats.elapsed > 0.1                          # 16 lagging recv() calls, not 20 ms
+
+
+class IdleSocket(FakeSocket):
+    """A silent socket whose recv() blocks for its whole timeout unless woken, like select()."""
+
+    def __init__(self):
+        super().__init__(lambda target, request: [])
+        self.woken = threading.Event()
+
+    def recv(self, timeout):
+        self.woken.wait(timeout)
+        self.woken.clear()
+        return []
+
+    def wake(self):
+        self.woken.set()
+
+
+def test_the_end_of_a_cooldown_does_not_wait_for_an_idle_receiver():
+    result = icmp.sweep(range(LOOP, LOOP + 64), cooldown=0.05, allow=ALLOW, sock=IdleSocket())
+    assert result.stats.replies == 0 and result.stats.elapsed < icmp.RECV_IDLE / 2   # woken, not timed out
+
+
 def test_sweep_stops_at_its_timeout():
     fake = FakeSocket(lambda target, request: [])
     result = icmp.sweep(range(LOOP, LOOP + 1000), rate=20, timeout=0.2, allow=ALLOW, sock=fake)
@@ -547,6 +702,41 @@ def test_lab_probes_6_finds_every_live_address_exactly(lab):
     report = run_sweep(box, "127.0.0.0/16", "--probes", "6", "--cooldown", "0.5")
     assert found(report, "1") == box.alive("127.0.0.0/16")
     assert report["stats"]["rounds"] == 6                      # the dead set keeps every round busy
+
+
+OVERLAP = """
+import ipaddress, json, sys, icmp
+first_address = int(ipaddress.IPv4Address(sys.argv[1]))
+net, allow = range(first_address, first_address + int(sys.argv[2])), ["127.0.0.0/8"]
+with icmp.Sweeper() as sweeper:
+    first = sweeper.start(net, rate=20000, cooldown=2.0, allow=allow)
+    first.wait_sent()                      # its dead targets keep it listening for 2 s ...
+    second = sweeper.start(net, rate=20000, cooldown=0.5, allow=allow)
+    second.wait_sent()                     # ... while the second sends to the same targets
+    overlapped = not first.done
+    results = [first.result(), second.result()]
+digits = bytes.maketrans(bytes(range(5)), b"01234")
+print(json.dumps({"overlapped": overlapped, "sweeps": [
+    {"stats": r.stats._asdict(), "status": bytes(r.status).translate(digits).decode()} for r in results]}))
+"""
+
+
+def test_lab_two_overlapping_sweeps_credit_every_reply_to_its_own(lab):
+    """127.0.96.0 - 127.0.159.255: the first half answers (the "% 7" addresses unreachable),
+    the second half is the silent dead block, which keeps the first sweep's cooldown going."""
+    box = lab(drop=True, unreach=True)
+    done = box.run([sys.executable, "-c", OVERLAP, "127.0.96.0", 16384], cwd=HERE)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["overlapped"]
+    span = box.alive("127.0.96.0/19") | box.alive("127.0.128.0/19")
+    unreachable = box.unreachable("127.0.96.0/19")
+    base = addr("127.0.96.0")
+    for sweep in report["sweeps"]:
+        assert found(sweep, "1", base) == span and len(span) == 32 * 219   # exact, both of them
+        assert found(sweep, "2", base) == unreachable and unreachable
+        stats = sweep["stats"]
+        assert (stats["duplicates"], stats["bad_payload"], stats["wrong_source"]) == (0, 0, 0)
 
 
 def test_lab_unprivileged_dgram_socket_for_real(lab):

@@ -1,13 +1,24 @@
 """Benchmark of icmp.sweep against fping and zmap on a loopback-only lab (not a test).
 
-    sudo python3 bench/sweep.py [--runs 3] [--skip-rate]
+    sudo python3 bench/sweep.py [--runs 3] [--paced-runs 3] [--skip-rate] [--skip-census]
 
-Builds its own network namespace (only `lo`, only 127.0.0.1/8, every address answers; torn
-down whatever happens), then sweeps 127.0.0.0/16 inside it --runs times with icmp.py at
-rate=0, fping and zmap (where installed; the flags of ../shared/lab/peer_bench.sh), taking
-turns, then once with icmp.py at rate=10000. For every run it prints wall seconds (from
-outside, interpreter start-up included), probes/s, replies matched and peak RSS (GNU time),
-then the medians and our ratios to the peers. The machine is shared: run it when idle.
+Builds its own network namespaces (only `lo`, only 127.0.0.1/8; torn down whatever happens)
+and measures, the tools taking turns run by run so that a busy moment hits all alike:
+
+1. Flat out: 127.0.0.0/16 --runs times with icmp.py at rate=0, fping and zmap (where
+   installed): wall seconds (from outside, interpreter start-up included), probes/s, replies
+   matched, peak RSS (GNU time), the medians and our ratios to the peers.
+2. At a volunteer's rate: 127.0.0.0/16 --paced-runs times with icmp.py --rate 10000 and
+   `fping -i 0.1` (fping's 0.1 ms between probes, the same 10,000/s asked): CPU seconds per
+   /16 (user + system, GNU time, the whole process), the ratio ours / fping, the measured
+   rate and its worst one-second deviation.
+3. A volunteer at work: ping_server.py scoped to three /16s and one ping_client.py looping
+   at --rate 10000 in a lab where a seventh of every /24 and 127.0.128.0/17 stay silent (so a
+   cooldown runs to its end, as on the Internet), at the default cooldown and at --cooldown 1:
+   tasks per minute over the census, and start to start (the steady state).
+
+The machine is shared (2 cores, several engineers): CPU and rate figures are noisy; compare
+the peers of one run (the ratios), not runs of different days.
 
 probes/s is measured the same way for every tool: echo requests received by the namespace's
 kernel (Icmp InEchos), divided by the send window seen on the namespace's `lo` (its packet counter
@@ -16,6 +27,7 @@ packets/s, so it includes the last replies). Our own figure (sent / time spent s
 SweepStats) is printed beside it.
 """
 import argparse
+import bisect
 import json
 import os
 import shutil
@@ -33,13 +45,17 @@ import conftest  # noqa: E402  (the lab lives beside the tests)
 
 TARGET = "127.0.0.0/16"   # the only block this bench ever probes
 ICMP_PY = os.path.join(ROOT, "icmp.py")
-TIME = shutil.which("time", path="/usr/bin:/bin")   # GNU time(1), for every tool's peak RSS
+TIME = shutil.which("time", path="/usr/bin:/bin")   # GNU time(1), for every tool's peak RSS and CPU
+PACED_RATE = 10000
+CENSUS_SCOPE = "127.0.0.0/15,127.2.0.0/16"   # three /16s: tasks 32512, 32513, 32514
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="runs of each tool at full speed")
-    parser.add_argument("--skip-rate", action="store_true", help="skip the 6.5 s rate=10000 run")
+    parser.add_argument("--paced-runs", type=int, default=3, help="runs of each tool at 10,000/s")
+    parser.add_argument("--skip-rate", action="store_true", help="skip the runs at 10,000/s")
+    parser.add_argument("--skip-census", action="store_true", help="skip the census runs (~1 min)")
     args = parser.parse_args(argv)
     why = conftest.lab_missing()
     if why:
@@ -48,10 +64,15 @@ def main(argv=None) -> int:
     box = conftest.Lab(conftest.new_lab_name(), drop=False)
     try:
         box.up()
-        rows = run_all(Bench(box), args)
+        bench = Bench(box)
+        rows = run_all(bench, args)
+        paced = [] if args.skip_rate else run_paced(bench, args.paced_runs)
     finally:
         box.down()
+    census = [] if args.skip_census else run_census()
     print_summary(rows)
+    print_paced(paced)
+    print_census(census)
     return 0
 
 
@@ -71,8 +92,12 @@ class Bench:
 
     def time_run(self, argv, timeout=120):
         """(wall s, requests seen, send window s, stdout, peak RSS kB) of one command in the lab."""
+        return self.measure(argv, timeout)[:5]
+
+    def measure(self, argv, timeout=120):
+        """time_run's figures, then CPU s (user + system) and the `lo` samples [(t, packets)]."""
         if TIME:
-            argv = [TIME, "-f", "maxrss_kb=%M", *argv]
+            argv = [TIME, "-f", "maxrss_kb=%M cpu_s=%U+%S", *argv]
         before = self.requests()
         samples, stop = [], threading.Event()
         sampler = threading.Thread(target=self._sample, args=(samples, stop), daemon=True)
@@ -84,8 +109,10 @@ class Bench:
         sampler.join()
         if done.returncode not in (0, 1):   # fping exits 1 when some target is silent
             raise RuntimeError(f"{argv[0]} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
-        rss = [int(line.split("=")[1]) for line in done.stderr.splitlines() if line.startswith("maxrss_kb=")]
-        return wall, self.requests() - before, send_window(samples), done.stdout, (rss or [0])[-1]
+        times = [line.split() for line in done.stderr.splitlines() if line.startswith("maxrss_kb=")]
+        rss = int(times[-1][0].split("=")[1]) if times else 0
+        cpu = sum(map(float, times[-1][1].split("=")[1].split("+"))) if times else 0.0
+        return wall, self.requests() - before, send_window(samples), done.stdout, rss, cpu, samples
 
     def requests(self) -> int:
         """Echo requests the lab's kernel has received (the Icmp InEchos counter)."""
@@ -157,6 +184,92 @@ def run_zmap(bench: Bench, tmp: str, run: int) -> dict:
     return row
 
 
+def run_paced(bench: Bench, runs: int) -> list:
+    """Ours and fping at 10,000 probes/s, taking turns: CPU per /16, rate, worst second."""
+    ours = [sys.executable, ICMP_PY, TARGET, "--allow", "127.0.0.0/8", "--rate", PACED_RATE, "--cooldown", 1]
+    fping = ["fping", "-a", "-q", "-r", "0", "-i", 1000 / PACED_RATE, "-t", "500", "-g", TARGET]
+    tools = [("icmp.py --rate 10000", ours)] + ([("fping -i 0.1", fping)] if shutil.which("fping") else [])
+    rows = []
+    for k in range(runs):
+        for tool, argv in tools:
+            wall, requests, window, out, _, cpu, samples = bench.measure(argv)
+            rate, worst = rate_and_worst_second(samples)
+            row = {"tool": tool, "run": k + 1, "cpu": cpu, "cpu_per_16": cpu * 65536 / max(requests, 1),
+                   "requests": requests, "rate": rate, "worst": worst, "wall": wall}
+            if out.startswith("{"):
+                row["own_cpu"] = json.loads(out)["stats"]["cpu_seconds"]
+            rows.append(row)
+            print(f"{tool:<22} run {k + 1}: CPU {cpu:.2f} s for {requests:,} probes "
+                  f"({row['cpu_per_16']:.2f} s per /16, {cpu / max(requests, 1) * 1e6:.1f} us a probe"
+                  f"{', own count %.2f s' % row['own_cpu'] if 'own_cpu' in row else ''}); "
+                  f"rate {rate:,.0f}/s, worst second {worst:+.1%} of {PACED_RATE:,}; wall {wall:.1f} s", flush=True)
+    return rows
+
+
+def rate_and_worst_second(samples: list) -> tuple[float, float]:
+    """(probes/s over the send window, the one-second window furthest from PACED_RATE as a
+    signed fraction), from `lo`'s packet counter: each probe and its reply cross `lo` once
+    each, so probes are half the packets. Windows start at every sample of the send window."""
+    busy = [k for k, ((t0, n0), (t1, n1)) in enumerate(zip(samples, samples[1:]))
+            if t1 > t0 and (n1 - n0) / (t1 - t0) > 1000]
+    if not busy:
+        return 0.0, 0.0
+    first, last = busy[0], busy[-1] + 1
+    (t_first, n_first), (t_last, n_last) = samples[first], samples[last]
+    rate = (n_last - n_first) / 2 / (t_last - t_first)
+    worst, ends = 0.0, [t for t, _ in samples]
+    for k in range(first, last):
+        end = bisect.bisect_left(ends, samples[k][0] + 1.0, k, last + 1)
+        if end > last:
+            break
+        (t0, n0), (t1, n1) = samples[k], samples[end]
+        deviation = (n1 - n0) / 2 / (t1 - t0) / PACED_RATE - 1
+        worst = deviation if abs(deviation) > abs(worst) else worst
+    return rate, worst
+
+
+def run_census() -> list:
+    """Tasks per minute of one looping client through a three-block census, at the default
+    cooldown and at --cooldown 1, taking turns (a fresh lab and server each run)."""
+    rows = []
+    for cooldown in (None, 1):
+        box = conftest.Lab(conftest.new_lab_name(), drop=True)
+        try:
+            box.up()
+            rows.append(census_run(box, cooldown))
+        finally:
+            box.down()
+        row = rows[-1]
+        print(f"census, cooldown {row['cooldown']}: {row['tasks']} tasks in {row['wall']:.1f} s "
+              f"({row['per_min']:.1f} tasks/min), start to start {row['steady']:.1f} s a task "
+              f"({row['steady_per_min']:.1f} tasks/min; the rate limit allows "
+              f"{60 / (65536 / PACED_RATE):.1f})", flush=True)
+    return rows
+
+
+def census_run(box, cooldown) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        server = box.popen([sys.executable, "-u", os.path.join(ROOT, "ping_server.py"), "--host", "127.0.0.1",
+                            "--port", "0", "--scope", CENSUS_SCOPE, "--data", os.path.join(tmp, "data")],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        url = next(line for line in server.stdout if "listening on http://" in line)
+        url = url.split("listening on ", 1)[1].strip().rstrip("/")
+        argv = [sys.executable, "-u", os.path.join(ROOT, "ping_client.py"), "--server", url,
+                "--allow", "127.0.0.0/8", "--only", "127.0.0.0/8", "--rate", PACED_RATE, "--name", "bench",
+                "--spool", os.path.join(tmp, "spool"), *(["--cooldown", cooldown] if cooldown is not None else [])]
+        started = time.monotonic()
+        client = box.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        starts = [time.monotonic() for line in client.stdout if ": sweeping 127." in line]
+        code, wall = client.wait(timeout=300), time.monotonic() - started
+        server.kill()
+        server.wait()
+    if code != 0:
+        raise RuntimeError(f"the census client exited {code}")
+    steady = (starts[-1] - starts[0]) / (len(starts) - 1) if len(starts) > 1 else 0.0
+    return {"cooldown": "default" if cooldown is None else f"{cooldown} s", "tasks": len(starts), "wall": wall,
+            "per_min": 60 * len(starts) / wall, "steady": steady, "steady_per_min": 60 / steady if steady else 0.0}
+
+
 def row_of(tool, run, wall, requests, window, found, rss_kb) -> dict:
     return {"tool": tool, "run": run, "wall": wall, "requests": requests, "window": window,
             "pps": requests / window if window else 0.0, "found": found, "rss_mb": rss_kb / 1024}
@@ -192,6 +305,31 @@ def print_summary(rows: list) -> None:
     for peer, key, what in (("zmap", "pps", "probes/s"), ("fping", "pps", "probes/s"), ("fping", "wall", "wall")):
         if ours and peer in medians and medians[peer][key]:
             print(f"  icmp.py / {peer} {what}: {ours[key] / medians[peer][key]:.2f}")
+
+
+
+def print_paced(rows: list) -> None:
+    if not rows:
+        return
+    print(f"\nat {PACED_RATE:,} probes/s (medians; CPU = user + system of the whole process, per /16):")
+    medians = {}
+    for tool in dict.fromkeys(r["tool"] for r in rows):
+        mine = [r for r in rows if r["tool"] == tool]
+        medians[tool] = {key: statistics.median(r[key] for r in mine) for key in ("cpu_per_16", "rate")}
+        worst = max((r["worst"] for r in mine), key=abs)
+        print(f"  {tool:<22} CPU {medians[tool]['cpu_per_16']:.2f} s per /16  rate {medians[tool]['rate']:,.0f}/s "
+              f"({medians[tool]['rate'] / PACED_RATE - 1:+.1%})  worst second {worst:+.1%}  ({len(mine)} runs)")
+    ours, fping = medians.get("icmp.py --rate 10000"), medians.get("fping -i 0.1")
+    if ours and fping and fping["cpu_per_16"]:
+        print(f"  CPU ours / fping: {ours['cpu_per_16'] / fping['cpu_per_16']:.2f} (goal: <= 0.5)")
+
+
+def print_census(rows: list) -> None:
+    if rows:
+        print("\na client through a three-block census at 10,000 probes/s:")
+    for row in rows:
+        print(f"  cooldown {row['cooldown']:<8} {row['per_min']:.1f} tasks/min over the census ({row['wall']:.1f} s, "
+              f"the last cooldown included), {row['steady_per_min']:.1f} tasks/min start to start")
 
 
 if __name__ == "__main__":
