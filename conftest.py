@@ -216,6 +216,22 @@ class Running:
         self.store.close()
 
 
+def listening_port(stream, drain=True) -> int:
+    """The port of a ping_server.py subprocess, from the "listening on http://HOST:PORT/" line
+    of its banner (stderr, bytes or text); with `drain` the rest of the stream is then read and
+    dropped in a thread, so that the server never blocks on a full pipe (else the caller reads
+    it). AssertionError if the stream ends first."""
+    seen = []
+    for line in stream:
+        text = line.decode() if isinstance(line, bytes) else line
+        seen.append(text)
+        if "listening on http://" in text:
+            if drain:
+                threading.Thread(target=lambda: [None for _ in stream], daemon=True).start()
+            return int(text.rsplit(":", 1)[1].strip().rstrip("/"))
+    raise AssertionError("the server did not start:\n" + "".join(seen))
+
+
 def answer(conn, method, path, body=None, headers=None):
     """One request on `conn`: (status, response, JSON or bytes); a dict or list body as JSON."""
     if isinstance(body, (dict, list)):

@@ -17,6 +17,7 @@ download ``/ping.zip``.
 
 import argparse
 import base64
+import errno
 import email.utils
 import functools
 import hashlib
@@ -27,8 +28,13 @@ import ipaddress
 import json
 import os
 import re
+import secrets
+import shutil
 import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -42,8 +48,15 @@ import http_front
 import pictures
 import views
 from http_front import CLOSE, KEEP, SUBSCRIBE, Headers
-from store import Refused, Store, network_of, parse_blocklist, remembered_scope
+from store import (LEASE_SECONDS, LOG_FILE, RESERVED, SCOPE_FILE, SNAPSHOT_FILE, Refused, Store,
+                   network_of, parse_blocklist, remembered_scope)
 from trust import FRACTION
+
+try:
+    from store import StoreError        # one line saying what is wrong with --data, what to do
+except ImportError:                     # a store.py without it: OSError/ValueError say it instead
+    class StoreError(Exception):
+        pass
 
 IDLE_TIMEOUT = http_front.IDLE_TIMEOUT      # seconds a connection may sit silent before it is dropped
 KEEPALIVE_EVERY = 15.0              # SSE comment interval
@@ -53,6 +66,10 @@ JSON_TYPE = "application/json"
 MAX_CONTACT = 40                    # bytes of --contact: it rides in every probe's payload
 MAX_ABOUT = 1 << 16                 # characters of --about shown
 HERE = Path(__file__).resolve().parent
+DEFAULT_PORT = 8001
+DEMO_PORT = 8002                    # not the default: a demo and a real census are not confused
+DEMO_SCOPE = ipaddress.IPv4Network("127.0.0.0/16")
+PSEUDONYM_KEY_FILE = "census.key"
 
 
 class HttpError(Exception):
@@ -251,6 +268,8 @@ class EventFeed:
 class CensusServer:
     """The census over HTTP: ROUTES behind an ``http_front.Front`` (see its docstring for the
     connection limits). ``serve_forever`` / ``shutdown`` / ``server_close`` as socketserver's."""
+
+    pseudonym_key = secrets.token_bytes(16)     # main() puts the one kept in --data here
 
     def __init__(self, address, store: Store, *, admin_token=None, idle_timeout=IDLE_TIMEOUT,
                  static_dir=HERE, verbose=False, workers=http_front.WORKERS,
@@ -461,7 +480,8 @@ class Handler:
         stats = data.get("stats")
         if stats is not None and not isinstance(stats, dict):
             raise HttpError(HTTPStatus.BAD_REQUEST, "stats must be an object", success=False)
-        name = (fields["name"] or "").strip()[:64] or None
+        name = ((fields["name"] or "").strip()[:64]
+                or pseudonym(self.server.pseudonym_key, req.client))
         try:
             duplicate = self.server.store.submit(
                 task, result.get("result_data"), holder=req.client, token=fields["lease"],
@@ -484,6 +504,9 @@ class Handler:
 
     def ping(self, req):
         return HTTPStatus.OK, {}
+
+    def join(self, req):
+        return HTTPStatus.OK, {"command": join_command(self.server.site.scope)}
 
     # -- admin ------------------------------------------------------------------------------------
 
@@ -685,6 +708,7 @@ ROUTES = {
     ("POST", "/submit_result"): Handler.submit_result,
     ("POST", "/release"): Handler.release,
     ("GET", "/ping"): Handler.ping,
+    ("GET", "/join"): Handler.join,
     ("POST", "/add_task"): Handler.add_task,
     ("GET", "/revise"): Handler.revise,
     ("GET", "/error/reset"): Handler.reset_errors,
@@ -737,6 +761,48 @@ _FALLBACK_PAGE = (b"<!doctype html><html><head><meta charset='utf-8'><title>IPv4
                   b"<a href='/contributors'>contributors</a>, "
                   b"<a href='/errors'>errors</a>, <a href='/ping.zip'>the client</a>.</p>"
                   b"</body></html>\n")
+
+
+def join_command(scope) -> str:
+    """The line a volunteer pastes to join a census of ``scope`` (None or []: all), with
+    "{origin}" where the page showing it puts its own address. A scope inside reserved space
+    (the demo's loopback) needs the client's --allow, which it never takes from a server; --only
+    keeps the volunteer to the scope whatever a server hands out later."""
+    flags = ""
+    if scope:
+        reserved = [net for net in scope if any(net.subnet_of(r) for r in RESERVED)]
+        if reserved:
+            flags += " --allow " + ",".join(map(str, reserved))
+        only = ",".join(map(str, ipaddress.collapse_addresses(scope)))
+        if only != "0.0.0.0/0":
+            flags += " --only " + only
+    return ("curl -fO {origin}/ping.zip && unzip -o ping.zip && "
+            "sudo python3 ping_client.py --server {origin}" + flags + " --name YOUR_NAME")
+
+
+def pseudonym(key: bytes, address: str) -> str:
+    """The public name of a volunteer who sent none: never its address. Keyed, because a plain
+    hash of an IPv4 address is undone by hashing all 2**32 of them."""
+    return "volunteer-" + hmac.new(key, address.encode(), "sha256").hexdigest()[:8]
+
+
+def load_pseudonym_key(directory) -> bytes:
+    """The census's pseudonym key, made (0600) in ``directory`` at its first start, so that a
+    volunteer keeps one name across restarts."""
+    path = Path(directory) / PSEUDONYM_KEY_FILE
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    key = secrets.token_hex(16).encode()
+    partial = path.with_name(path.name + ".tmp")
+    with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+        out.write(key)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(partial, path)
+    return key
+
 
 
 # -- private helpers ------------------------------------------------------------------------------
@@ -930,76 +996,149 @@ def _prometheus(counters: dict, requests: dict, latency: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _parse_args(argv):
-    env = os.environ.get
+SERVER_EPILOG = f"""\
+files kept in --data:
+  {SNAPSHOT_FILE:14}snapshot of the state (rewritten from time to time)
+  {LOG_FILE:14}journal and results (about 0.5 GB for a whole census)
+  {SCOPE_FILE:14}the scope the census was started with (a restart keeps it)
+  {PSEUDONYM_KEY_FILE:14}the key of the volunteer-XXXXXXXX names of volunteers who send none
+
+environment: PING_HOST, PING_PORT, PING_DATA, PING_SCOPE, PING_EXCLUDE, PING_LEASE,
+PING_ADMIN_TOKEN, PING_MAX_LEASES, PING_VERIFY, PING_WORKERS, PING_MAX_CONNECTIONS, PING_MAX_PER_ADDRESS,
+PING_PROXY, PING_ABOUT and PING_CONTACT set the defaults of the matching options (--demo takes
+none of the first seven).
+
+exit codes:
+  0  stopped by Ctrl-C or SIGTERM (with --demo: after its block was done)
+  1  could not start: port taken or privileged, data folder unusable or held by another
+     server, no ICMP permission for the demo's volunteer (one line says what to do)
+  2  bad flags
+
+examples:
+  sudo python3 ping_server.py --demo            # safe: a census of 127.0.0.0/16, this machine only
+  python3 ping_server.py --host 127.0.0.1 --port 8002 --scope 127.0.0.0/16 --data /tmp/census
+  PING_ADMIN_TOKEN=SECRET python3 ping_server.py --data /var/lib/census --exclude optout.txt
+                                                # a REAL census of the public Internet
+"""
+
+
+def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="The IPv4 census task server.",
-        epilog="Environment: PING_HOST, PING_PORT, PING_DATA, PING_SCOPE, PING_EXCLUDE, "
-               "PING_LEASE, PING_ADMIN_TOKEN, PING_WORKERS, PING_MAX_CONNECTIONS, "
-               "PING_MAX_PER_ADDRESS, PING_PROXY, PING_MAX_LEASES, PING_ABOUT, PING_CONTACT set "
-               "the defaults of the matching options.")
-    parser.add_argument("--host", default=env("PING_HOST", "0.0.0.0"))
-    parser.add_argument("--port", type=int, default=env("PING_PORT", "8001"))
-    parser.add_argument("--data", default=env("PING_DATA", "."), help="folder for the state files")
-    parser.add_argument("--scope", default=env("PING_SCOPE"),
-                        help="CIDR[,CIDR]: limit the census (naming reserved space allows it); "
-                             "'all' = every block outside reserved space. Remembered in the data "
-                             "folder (default: the remembered scope, else all)")
-    parser.add_argument("--exclude", default=env("PING_EXCLUDE"),
-                        help="opt-out list, ZMap blocklist format")
-    parser.add_argument("--lease", type=float, default=env("PING_LEASE", "600"),
-                        help="seconds a volunteer holds a block")
-    parser.add_argument("--admin-token", default=env("PING_ADMIN_TOKEN"),
-                        help="Bearer token for admin actions (else loopback only)")
-    parser.add_argument("--max-leases", type=int, default=env("PING_MAX_LEASES", "16"),
-                        help="live leases one client address may hold, beyond that 429 (0: no "
-                             "limit; default: %(default)s)")
-    parser.add_argument("--verify", type=float, default=env("PING_VERIFY", str(FRACTION)),
-                        metavar="FRACTION",
+        prog="ping_server.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The IPv4 census task server: hands out /16 blocks to volunteers, keeps\n"
+                    "their results and serves the dashboard.",
+        epilog=SERVER_EPILOG)
+    parser.add_argument("--demo", action="store_true",
+                        help="a safe local demo: a census of 127.0.0.0/16 on 127.0.0.1 in a "
+                             "temporary folder (removed at exit), with one built-in volunteer "
+                             "(ping_client.py); nothing leaves 127.0.0.0/8 (default: off)")
+    parser.add_argument("--host", metavar="ADDR",
+                        help="address to listen on; 0.0.0.0 = every interface (default: "
+                             "$PING_HOST, else 0.0.0.0)")
+    parser.add_argument("--port", type=_port, metavar="PORT",
+                        help="TCP port, 0 = any free one (default: $PING_PORT, else "
+                             f"{DEFAULT_PORT}; with --demo {DEMO_PORT})")
+    parser.add_argument("--data", metavar="DIR",
+                        help="folder of the census files, created if missing (default: "
+                             "$PING_DATA, else the current folder)")
+    parser.add_argument("--scope", metavar="CIDR[,CIDR]",
+                        help="the networks in the census; naming reserved space allows it. "
+                             "'all' = every /16 outside reserved space: the public Internet. "
+                             "Remembered in --data (default: $PING_SCOPE, else the remembered "
+                             "scope, else all)")
+    parser.add_argument("--exclude", metavar="FILE",
+                        help="opt-out list, ZMap blocklist format: one CIDR a line, '#' "
+                             "comments (default: $PING_EXCLUDE, else none)")
+    parser.add_argument("--lease", type=float, metavar="SECONDS",
+                        help="seconds a volunteer holds a block before it goes back to the "
+                             f"pool (default: $PING_LEASE, else {LEASE_SECONDS:g})")
+    parser.add_argument("--admin-token", metavar="TOKEN",
+                        help="Bearer token for the admin actions (default: $PING_ADMIN_TOKEN, "
+                             "else none: admin actions from loopback only)")
+    env = os.environ.get
+    parser.add_argument("--max-leases", type=int, metavar="N", default=env("PING_MAX_LEASES", "16"),
+                        help="live leases one client address may hold, beyond that 429; 0 = no "
+                             "limit (default: %(default)s)")
+    parser.add_argument("--verify", type=float, metavar="FRACTION",
+                        default=env("PING_VERIFY", str(FRACTION)),
                         help="share of a trusted contributor's results sent to a second "
                              "holder to check (a new or flagged one's: all of them); 0 = off "
                              "(default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=env("PING_WORKERS", http_front.WORKERS),
+    parser.add_argument("--workers", type=int, metavar="N",
+                        default=env("PING_WORKERS", http_front.WORKERS),
                         help="request worker threads (default: %(default)s)")
-    parser.add_argument("--max-connections", type=int, default=env("PING_MAX_CONNECTIONS"),
+    parser.add_argument("--max-connections", type=int, metavar="N",
+                        default=env("PING_MAX_CONNECTIONS"),
                         help="connections held at once, beyond that 503 (default: what the fd "
                              f"limit allows, less {http_front.RESERVED_FDS})")
-    parser.add_argument("--max-per-address", type=int,
+    parser.add_argument("--max-per-address", type=int, metavar="N",
                         default=env("PING_MAX_PER_ADDRESS", http_front.MAX_PER_ADDRESS),
                         help="connections from one remote address, beyond that 503 "
                              "(default: %(default)s; --proxy peers are not counted)")
-    parser.add_argument("--proxy", default=env("PING_PROXY", ""),
-                        help="ADDR[,ADDR]: reverse proxies whose X-Forwarded-For is trusted for "
-                             "the client address (default: none)")
-    parser.add_argument("--about", default=env("PING_ABOUT"),
+    parser.add_argument("--proxy", metavar="ADDR[,ADDR]", default=env("PING_PROXY", ""),
+                        help="reverse proxies whose X-Forwarded-For is trusted for the client "
+                             "address (default: none)")
+    parser.add_argument("--about", metavar="FILE", default=env("PING_ABOUT"),
                         help="a text file about this census (who runs it, why, how to opt out), "
-                             "shown at /about")
-    parser.add_argument("--contact", default=env("PING_CONTACT"),
+                             "shown at /about (default: none)")
+    parser.add_argument("--contact", metavar="URL_OR_EMAIL", default=env("PING_CONTACT"),
                         help=f"URL or e-mail of the operator (printable ASCII, at most "
                              f"{MAX_CONTACT} bytes): shown on the dashboard and /about, and "
-                             f"carried in every probe's payload by the clients")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
+                             f"carried in every probe's payload by the clients (default: none)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log every request (default: off)")
+    return parser
+
+
+def _parse_args(argv):
+    parser = _build_parser()
     args = parser.parse_args(argv)
-    if args.max_leases < 0:
-        parser.error("--max-leases must be 0 or more")
-    if not 0.0 <= args.verify <= 1.0:
-        parser.error("--verify is a fraction from 0 (off) to 1")
+    if args.demo:
+        given = [f"--{name}" for name in ("host", "data", "scope", "exclude")
+                 if getattr(args, name) is not None]
+        if given:
+            parser.error(f"--demo runs on 127.0.0.1, scoped to {DEMO_SCOPE}, in a temporary "
+                         f"folder: leave out {' '.join(given)}")
+        args.lease = LEASE_SECONDS if args.lease is None else args.lease
+        return _checked(parser, args)
+    env = os.environ.get
     try:
-        args.scope = _parse_scope(args.scope)
-        args.exclude = parse_blocklist(Path(args.exclude).read_text()) if args.exclude else ()
-    except (ValueError, OSError) as exc:
+        args.host = env("PING_HOST", "0.0.0.0") if args.host is None else args.host
+        args.port = _port(env("PING_PORT", str(DEFAULT_PORT))) if args.port is None else args.port
+        args.data = env("PING_DATA", ".") if args.data is None else args.data
+        args.lease = float(env("PING_LEASE", LEASE_SECONDS)) if args.lease is None else args.lease
+        args.admin_token = env("PING_ADMIN_TOKEN") if args.admin_token is None else args.admin_token
+        args.scope = _parse_scope(env("PING_SCOPE") if args.scope is None else args.scope)
+        exclude = env("PING_EXCLUDE") if args.exclude is None else args.exclude
+        args.exclude = parse_blocklist(Path(exclude).read_text()) if exclude else ()
+    except (ValueError, OSError, argparse.ArgumentTypeError) as exc:
         parser.error(str(exc))
-    if args.lease <= 0:
+    return _checked(parser, args)
+
+
+def _checked(parser, args):
+    if not args.lease > 0:
         parser.error("--lease must be positive")
     try:
         args.proxy = [ipaddress.ip_address(p.strip()).compressed
                       for p in args.proxy.split(",") if p.strip()]
     except ValueError as exc:
         parser.error(f"--proxy: {exc}")
+    if args.max_leases < 0:
+        parser.error("--max-leases must be 0 or more")
+    if not 0.0 <= args.verify <= 1.0:
+        parser.error("--verify is a fraction from 0 (off) to 1")
     if args.workers < 1 or (args.max_connections or 1) < 1 or args.max_per_address < 1:
         parser.error("--workers, --max-connections and --max-per-address must be positive")
     _check_site(parser, args)
     return args
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port number, 0 (any free port) to 65535."""
+    if not text.strip().isdecimal() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"port {text!r}: expected a number from 0 to 65535")
+    return int(text)
 
 
 def _check_site(parser, args):
@@ -1028,40 +1167,221 @@ def _describe(scope) -> str:
     return ",".join(map(str, scope)) if scope else "all"
 
 
-def main(argv=None) -> int:
-    args = _parse_args(argv)
-    scope, before = remembered_scope(args.data, args.scope)
-    if args.scope is not None and before is not None and sorted(before) != sorted(scope):
-        print(f"scope changed from {_describe(before)} to {_describe(scope)}", file=sys.stderr)
-    store = Store(args.data, scope=scope or None, exclude=args.exclude, lease_seconds=args.lease,
-                  max_leases=args.max_leases, verify=args.verify)
-    try:
-        fd_limit = http_front.raise_fd_limit()
-        server = CensusServer((args.host, args.port), store, admin_token=args.admin_token,
-                              verbose=args.verbose, workers=args.workers,
-                              max_connections=args.max_connections,
-                              max_per_address=args.max_per_address, proxies=args.proxy,
-                              site=views.Site(args.about, args.contact, tuple(args.exclude),
-                                              tuple(scope or ())))
-    except OSError as exc:
-        store.close()
-        print(f"ping_server.py: cannot listen on {args.host}:{args.port}: {exc.strerror}",
-              file=sys.stderr)
-        return 1
-    print(f"census scope: {_describe(scope)}", file=sys.stderr)
-    print(f"capacity: {server.front.capacity} connections (fd limit {fd_limit}), "
-          f"{args.workers} workers", file=sys.stderr)
-    signal.signal(signal.SIGTERM,
-                  lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+def _reaches_public(scope) -> bool:
+    """Whether a census of ``scope`` (None or []: all) pings anything outside reserved space."""
+    return not scope or any(not any(net.subnet_of(r) for r in RESERVED) for net in scope)
+
+
+def _banner(url, scope, before, args, blocks, capacity="") -> str:
+    """The one start-up banner (stderr): what this census is, where its data is, who may admin."""
+    if _reaches_public(scope):
+        head = ("ping_server.py: a REAL census: its scope reaches public address space, so "
+                "volunteers who join will ping other people's networks on the Internet")
+    else:
+        head = "ping_server.py: a census of reserved address space only: nothing public is probed"
+    what = "all (every /16 outside reserved space: the public Internet)" if not scope else \
+        _describe(scope)
+    if before is not None and sorted(before) != sorted(scope or []):
+        what += f" (changed from {_describe(before)})"
+    token = "set" if args.admin_token else \
+        "none (admin actions only from this machine, never through a proxy)"
+    lines = [head, f"  scope:       {what}: {blocks:,} block{'' if blocks == 1 else 's'} of /16",
+             f"  data folder: {Path(args.data).resolve()}", f"  lease:       {args.lease:g} s",
+             f"  admin token: {token}", *([f"  capacity:    {capacity}"] if capacity else ()),
+             f"  listening on {url}"]
+    if _reaches_public(scope):
+        lines.append("  before anyone joins, publish an about page and an opt-out contact "
+                     "(README: Running a real census)")
+    return "\n".join(lines)
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _cannot_start(problem: str) -> int:
+    _say(f"ping_server.py: {problem}")
+    return 1
+
+
+def _bind_problem(host, port, exc: OSError) -> str:
+    where = f"cannot listen on {host}:{port}"
+    if isinstance(exc, socket.gaierror):
+        return f"{where}: no such address {host!r} (--host takes an address of this machine)"
+    if exc.errno == errno.EADDRINUSE:
+        return f"{where}: the port is taken (another census server?): stop it or pick another --port"
+    if exc.errno == errno.EACCES:
+        return f"{where}: ports below 1024 need root: use --port {DEFAULT_PORT} or another above 1023"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{where}: {host} is not an address of this machine (see --host)"
+    return f"{where}: {exc.strerror or exc}"
+
+
+def _store_problem(directory, exc: Exception) -> str:
+    if isinstance(exc, StoreError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return (f"cannot use the data folder {Path(directory).resolve()}: {exc.strerror or exc}"
+                + (f" ({exc.filename})" if exc.filename else "") + "; see --data")
+    return f"cannot read the census in {Path(directory).resolve()}: {exc}"
+
+
+def _listen(host, port, args) -> CensusServer:
+    """The bound server, with no store yet (see _attach): nothing is written into --data before
+    the port is known to be free."""
+    return CensusServer((host, port), None, admin_token=args.admin_token, verbose=args.verbose,
+                        workers=args.workers, max_connections=args.max_connections,
+                        max_per_address=args.max_per_address, proxies=args.proxy)
+
+
+def _attach(server: CensusServer, store: Store) -> None:
+    server.store = server.events.store = store
+
+
+def _url(server) -> str:
     host, port = server.server_address[:2]
-    print(f"listening on http://{host}:{port}/", flush=True)
+    return f"http://{host}:{port}/"
+
+
+def _serve(server) -> str:
+    """Serve until Ctrl-C or SIGTERM; which of the two it was."""
+    why = ["Ctrl-C"]
+
+    def on_sigterm(*_):
+        why[0] = "SIGTERM"
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
+    return why[0]
+
+
+class _Demo:
+    """--demo's volunteer: the real client as a child process, kept to 127.0.0.0/8, doing the
+    one block; and the line that says when it is done (or why not)."""
+
+    def __init__(self, url: str, store: Store, folder: Path, started: float):
+        self.url, self.store, self.started = url, store, started
+        self.done = threading.Event()
+        self.stopping = threading.Event()
+        self.child = subprocess.Popen(
+            [sys.executable, str(HERE / "ping_client.py"), "--server", url.rstrip("/"),
+             "--allow", "127.0.0.0/8", "--only", "127.0.0.0/8", "--name", "demo", "--once",
+             "--spool", str(folder / "spool")], stdin=subprocess.DEVNULL)
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self):
+        code = self.child.wait()
+        if self.stopping.is_set():
+            return
+        progress = self.store.progress()
+        if code == 0 and progress["done_tasks"]:
+            self.done.set()
+            _say(f"ping_server.py: demo block {DEMO_SCOPE} done in "
+                 f"{time.monotonic() - self.started:.1f} s: {progress['responders']:,} of "
+                 f"{progress['addresses_probed']:,} addresses answered; the dashboard stays up "
+                 f"at {self.url} (Ctrl-C to stop)")
+        else:
+            _say(f"ping_server.py: the demo's volunteer stopped (exit {code}) before its block "
+                 f"was done: see its messages above; the dashboard stays up at {self.url}")
+
+    def stop(self):
+        self.stopping.set()
+        if self.child.poll() is None:
+            self.child.terminate()              # SIGTERM: the client gives its task back
+            try:
+                self.child.wait(10)
+            except subprocess.TimeoutExpired:
+                self.child.kill()
+                self.child.wait()
+
+
+def _icmp_problem() -> str:
+    """'' when this process may send ICMP echo requests (a raw socket, or the unprivileged
+    datagram kind that Linux allows to the groups in net.ipv4.ping_group_range, and macOS to
+    all); else what to do. Opening a socket sends nothing."""
+    for kind in (socket.SOCK_RAW, socket.SOCK_DGRAM):
+        try:
+            socket.socket(socket.AF_INET, kind, socket.IPPROTO_ICMP).close()
+            return ""
+        except OSError:
+            continue
+    return ("the demo's volunteer may not send ICMP here: run the demo with sudo (sudo python3 "
+            "ping_server.py --demo), or allow unprivileged ICMP sockets with: "
+            'sudo sysctl -w net.ipv4.ping_group_range="0 2147483647"')
+
+
+def _run_demo(args) -> int:
+    """--demo: a census of 127.0.0.0/16 on 127.0.0.1, in a temporary folder, with one volunteer;
+    serves until Ctrl-C, then stops the volunteer and removes the folder."""
+    started = time.monotonic()
+    problem = _icmp_problem()
+    if problem:
+        return _cannot_start(problem)
+    try:
+        server = _listen("127.0.0.1", DEMO_PORT if args.port is None else args.port, args)
+    except OSError as exc:
+        if args.port is not None or exc.errno != errno.EADDRINUSE:
+            return _cannot_start(_bind_problem("127.0.0.1", args.port or DEMO_PORT, exc))
+        server = _listen("127.0.0.1", 0, args)      # the usual port is taken: any free one
+    folder = Path(tempfile.mkdtemp(prefix="census-demo-"))
+    demo = None
+    try:
+        _attach(server, Store(folder, scope=[DEMO_SCOPE], lease_seconds=args.lease,
+                              max_leases=args.max_leases))
+        server.site = views.Site(args.about, args.contact, (), (DEMO_SCOPE,))
+        url = _url(server)
+        args.data, args.admin_token = folder, None
+        _say(_banner(url, [DEMO_SCOPE], None, args, 1) +
+             f"\n  demo:        one volunteer, ping_client.py --name demo, does the block; "
+             f"this folder is removed at exit\n  open the dashboard: {url}")
+        demo = _Demo(url, server.store, folder, started)
+        why = _serve(server)
+    finally:
+        if demo:
+            demo.stop()
+        server.server_close()
+        if server.store:
+            server.store.close()
+        shutil.rmtree(folder, ignore_errors=True)
+    _say(f"ping_server.py: demo stopped ({why}); its temporary folder {folder} is removed")
+    return 0 if demo.done.is_set() else 1
+
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
+    if args.demo:
+        return _run_demo(args)
+    fd_limit = http_front.raise_fd_limit()
+    try:
+        server = _listen(args.host, args.port, args)
+    except OSError as exc:
+        return _cannot_start(_bind_problem(args.host, args.port, exc))
+    try:
+        scope, before = remembered_scope(args.data, args.scope)
+        _attach(server, Store(args.data, scope=scope or None, exclude=args.exclude,
+                              lease_seconds=args.lease, max_leases=args.max_leases,
+                              verify=args.verify))
+        server.pseudonym_key = load_pseudonym_key(args.data)
+    except (StoreError, OSError, ValueError) as exc:
+        server.server_close()
+        if server.store:
+            server.store.close()
+        return _cannot_start(_store_problem(args.data, exc))
+    server.site = views.Site(args.about, args.contact, tuple(args.exclude), tuple(scope or ()))
+    capacity = (f"{server.front.capacity} connections (fd limit {fd_limit}), "
+                f"{args.workers} workers")
+    _say(_banner(_url(server), scope, before, args, server.store.progress()["total_tasks"],
+                 capacity))
+    try:
+        why = _serve(server)
     finally:
         server.server_close()
-        store.close()
+        server.store.close()
+    _say(f"ping_server.py: stopped ({why}); the census is kept in {Path(args.data).resolve()}")
     return 0
 
 

@@ -20,7 +20,7 @@ import pytest
 
 import http_front
 import ping_server
-from conftest import answer, result_string
+from conftest import answer, listening_port, result_string
 
 HERE = Path(__file__).resolve().parent
 
@@ -255,7 +255,7 @@ def test_accept_out_of_descriptors_backs_off_and_logs_once(tmp_path):
          "--data", str(tmp_path), "--scope", "127.0.0.0/16", "--max-connections", "500"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=small_limit, cwd=tmp_path)
     try:
-        port = int(server.stdout.readline().decode().rsplit(":", 1)[1].strip(" /\n"))
+        port = listening_port(server.stderr, drain=False)   # the rest is read below
         socks = connect(port, 150)                      # the kernel's backlog holds the rest
         time.sleep(1.0)
         cpu = _cpu_seconds(server.pid)

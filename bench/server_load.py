@@ -35,6 +35,7 @@ import multiprocessing
 import os
 import random
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -85,25 +86,30 @@ def run_bare_server(decode):
     BareHandler.decode = decode
     server = ThreadingHTTPServer((HOST, 0), BareHandler)
     server.daemon_threads = True
-    print(f"listening on http://{HOST}:{server.server_address[1]}/", flush=True)
+    print(f"listening on http://{HOST}:{server.server_address[1]}/", file=sys.stderr, flush=True)
     server.serve_forever()
 
 
-def start(argv, **kw):
-    """A server subprocess and its port (from its 'listening on' line)."""
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, **kw)
-    line = process.stdout.readline().decode()
-    if not line.startswith("listening on "):
-        process.kill()
-        raise RuntimeError(f"server did not start: {line!r}")
-    return process, int(line.rsplit(":", 1)[1].strip(" /\n"))
+def start(argv, quiet=False, **kw):
+    """A server subprocess and its port (from the 'listening on' line of its banner, on
+    stderr; ping_server.py's banner has several lines, the bare server's one). The rest of its
+    stderr is copied to ours, or dropped when `quiet`."""
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, **kw)
+    for line in process.stderr:
+        if b"listening on " in line:
+            rest = open(os.devnull, "wb") if quiet else sys.stderr.buffer
+            threading.Thread(target=shutil.copyfileobj, args=(process.stderr, rest),
+                             daemon=True).start()
+            return process, int(line.decode().rsplit(":", 1)[1].strip(" /\n"))
+    process.kill()
+    raise RuntimeError("server did not start")
 
 
 def census_server(data_dir, scope="0.0.0.0/0", *extra):
     # every simulated client shares 127.0.0.1: no per-address lease cap here
     return start([sys.executable, str(ROOT / "ping_server.py"), "--host", HOST, "--port", "0",
                   "--data", str(data_dir), "--scope", scope, "--max-leases", "0", *extra],
-                 env={**os.environ, "PING_ADMIN_TOKEN": ""}, stderr=subprocess.DEVNULL)
+                 quiet=True, env={**os.environ, "PING_ADMIN_TOKEN": ""})
 
 
 def rss_mb(pid) -> tuple[float, float]:
