@@ -17,6 +17,11 @@ sends while the last one still listens for late replies:
     worker B                    |== send round ==|...... cooldown ......|
     receiver   select() ... credit each reply to the sweep whose secret it proves ...
 
+On a raw socket a sweep files, with each probe it builds, the exact echo reply it expects
+(source + ICMP message) as a dict key: a reply costs one slice, one concatenation and one
+lookup. Whatever is not byte-for-byte that key (errors, strays, IP options, a checksum folded
+the other way) goes through parse() and Signer.check(), as before.
+
 At a limited rate the sender wakes every BATCH_SECONDS and sends what its token bucket holds
 in one call, and the receiver sleeps in select() until packets come, so pacing costs a few
 hundred wake-ups a second, not thousands. `sweep()` is one sweep, start to end. Standard
@@ -605,11 +610,11 @@ class Sweeper:
         for job in list(self._active):
             job.cancel()
         for worker in self._workers:
-            worker.join()
+            _join(worker)
         self._closing = True
         if self._receiver is not None:
             self.sock.wake()
-            self._receiver.join()
+            _join(self._receiver)
         if self._own and self.sock is not None:
             self.sock.close()
 
@@ -642,10 +647,32 @@ class Sweeper:
             active = self._active[::-1]   # the newest first: most replies answer the sweep sending now
             if not active:
                 return
-            takers = [self._take(active, packet, source, now) for packet, source in got]
-        share = (time.thread_time() - begun) / len(takers)   # this batch's CPU, shared by packet
-        for job in takers:
-            job.receive_cpu += share
+            credited = dict.fromkeys(active, 0)
+            for packet, source in got:
+                job = self._claim_echo(active, packet, now) if source is None else None
+                if job is None:
+                    job = self._take(active, packet, source, now)
+                credited[job] += 1
+        share = (time.thread_time() - begun) / len(got)   # this batch's CPU, shared by packet
+        for job, count in credited.items():
+            job.receive_cpu += share * count
+
+    @staticmethod
+    def _claim_echo(active: list, packet: bytes, now: float) -> Optional["Sweep"]:
+        """The fast path, for a raw socket: the echo reply exactly as RFC 792 answers one of
+        our probes (IPv4 header without options) is a key a sweep made when it built the
+        probe, so one slice, one concatenation and one dict lookup prove it (source,
+        checksum, identifier, sequence number, payload and MAC, byte for byte). Anything
+        else, a checksum computed the other way round included, takes the full path."""
+        if packet[0] != 0x45:
+            return None
+        key = packet[12:16] + packet[20:]
+        for job in active:
+            k = job.expected.pop(key, None)
+            if k is not None:
+                job._credit_echo(k, now)
+                return job
+        return None
 
     @staticmethod
     def _take(active: list, packet: bytes, source: Optional[int], now: float) -> "Sweep":
@@ -705,6 +732,9 @@ class Sweep:
         self.sent_at = array.array("d", bytes(8 * count))
         self.index = _indexer(addresses)
         self.signer, self.check_ident = None, True      # the Sweeper picks a free identifier
+        # raw sockets: the echo reply each probe in flight expects -> its target's index (see
+        # Sweeper._claim_echo); the receiver takes a key out as it credits the reply
+        self.expected, self.keyed = {}, False
         self.excluded = self.rounds = self.sent = self.send_errors = 0
         self.stray = self.wrong_source = self.bad_payload = self.duplicates = 0
         self.send_seconds = self.send_cpu = self.receive_cpu = 0.0
@@ -748,7 +778,8 @@ class Sweep:
     def _run(self, sock) -> None:
         begun = time.thread_time()
         try:
-            self.check_ident = sock.kind == "raw"   # a datagram socket's kernel owns the identifier
+            # a datagram socket's kernel owns the identifier (and so the reply's bytes)
+            self.check_ident = self.keyed = sock.kind == "raw"
             order = list(permutation(len(self.addresses)))
             for round_number in range(1, self.probes + 1):
                 todo = [k for k in order if self.status[k] == Status.NO_ANSWER]
@@ -783,6 +814,7 @@ class Sweep:
             send_errors=self.send_errors, send_seconds=self.send_seconds,
             cpu_seconds=self.send_cpu + self.receive_cpu)
         self._result = SweepResult(self.addresses, self.status, self.code, self.rtt_us, stats)
+        self.expected = {}               # no reply reaches it any more
         self._sent.set()
         self._finished.set()
 
@@ -820,7 +852,10 @@ class Sweep:
         for first in range(0, len(todo), OUTBOX_PACKETS):
             part = todo[first:first + OUTBOX_PACKETS]
             addrs = array.array("I", [self.addresses[k] for k in part])
-            outbox = Outbox(b"".join(map(self.signer.request, addrs)), addrs, self.signer.packet_size)
+            requests = list(map(self.signer.request, addrs))
+            if self.keyed:               # before the send: the reply may come back inside it
+                self.expected.update(zip(_echo_reply_keys(addrs, requests), part))
+            outbox = Outbox(b"".join(requests), addrs, self.signer.packet_size)
             pos = 0
             while pos < len(part) and self.clock() < self.deadline and not self.stopping:
                 want = pacer.take(min(chunk, len(part) - pos))
@@ -880,24 +915,32 @@ class Sweep:
         k = self.index(target) if verdict == Verdict.OK else None
         if k is None or self.status[k] == Status.EXCLUDED:
             self._count(verdict)                # OK but not ours to credit: a stray
-            return
-        old = self.status[k]
-        echo = reply.icmp_type == IcmpType.ECHO_REPLY
-        if old == Status.ECHO_REPLY or (old != Status.NO_ANSWER and not echo):
-            self.duplicates += 1
-            return
-        if echo:
-            self.status[k] = Status.ECHO_REPLY
-            # a late answer to an earlier round can beat the re-probe's send time: never < 0
-            self.rtt_us[k] = min(max(int((now - self.sent_at[k]) * 1e6), 0), 0xFFFFFFFF)
+        elif reply.icmp_type == IcmpType.ECHO_REPLY:
+            self._credit_echo(k, now)
+        elif self.status[k] != Status.NO_ANSWER:
+            self.duplicates += 1                # an error after any answer adds nothing
         else:
             unreachable = reply.icmp_type == IcmpType.DEST_UNREACHABLE
             self.status[k] = Status.UNREACHABLE if unreachable else Status.TIME_EXCEEDED
             self.code[k] = reply.code
+            self._answered()
+
+    def _credit_echo(self, k: int, now: float) -> None:
+        """Target k's echo reply (an echo outranks an error that came first)."""
+        old = self.status[k]
+        if old == Status.ECHO_REPLY:
+            self.duplicates += 1
+            return
+        self.status[k] = Status.ECHO_REPLY
+        # a late answer to an earlier round can beat the re-probe's send time: never < 0
+        self.rtt_us[k] = min(max(int((now - self.sent_at[k]) * 1e6), 0), 0xFFFFFFFF)
         if old == Status.NO_ANSWER:
-            self.round_answered += 1
-            if not self.sending and self.round_answered >= self.round_sent:
-                self.quiet.set()
+            self._answered()
+
+    def _answered(self) -> None:
+        self.round_answered += 1
+        if not self.sending and self.round_answered >= self.round_sent:
+            self.quiet.set()
 
     def _count(self, verdict: Verdict) -> None:
         if verdict == Verdict.WRONG_SOURCE:
@@ -935,6 +978,19 @@ def _ip_header(packet: bytes):
     if vihl >> 4 != 4 or start < IP_HEADER.size or packet[9] != socket.IPPROTO_ICMP or len(packet) < start:
         return None
     return start, int.from_bytes(packet[12:16], "big"), int.from_bytes(packet[16:20], "big")
+
+
+def _echo_reply_keys(addrs, requests) -> list:
+    """For each probe, what a raw socket gets when its target answers it as RFC 792 says,
+    less the IPv4 header's fields other than the source: the source, then the request with
+    type 0 and the checksum of that. RFC 1624: the reply's sum is the request's less the type
+    word 0x0800, and the request's is ~checksum; folded as checksum() does (_complement)."""
+    pack, from_bytes, keys = ADDRESS.pack, int.from_bytes, []
+    for addr, request in zip(addrs, requests):
+        summed = 0xFFFF - from_bytes(request[2:4], "big") + 0xFFFF - (IcmpType.ECHO_REQUEST << 8)
+        # to_bytes(4): type 0 and code 0, then the checksum
+        keys.append(pack(addr) + (~((summed - 1) % 0xFFFF + 1) & 0xFFFF).to_bytes(4, "big") + request[4:])
+    return keys
 
 
 def _sums_to_ones(message: bytes) -> bool:
@@ -1037,6 +1093,16 @@ def _span_holding(spans: list, addr: int) -> Optional[tuple]:
     """The span of the sorted, merged `spans` that holds `addr`, or None."""
     k = bisect.bisect_right(spans, (addr, 0xFFFFFFFF)) - 1
     return spans[k] if k >= 0 and addr <= spans[k][1] else None
+
+
+def _join(thread: threading.Thread) -> None:
+    """Join a thread whose start() a signal may have cut short: Ctrl-C or SIGTERM raised in the
+    main thread inside Thread.start() leaves a thread join() refuses ("cannot join thread before
+    it is started"); such a thread is a daemon whose sweep close() has already cancelled."""
+    try:
+        thread.join()
+    except RuntimeError:
+        pass
 
 
 def _addresses(targets) -> Sequence[int]:

@@ -220,6 +220,41 @@ def _parse_both_ways(packet: bytes, signer: icmp.Signer) -> int:
 
 # --- validation --------------------------------------------------------------------------------
 
+def test_echo_reply_key_is_the_reply_a_raw_socket_gets_for_every_checksum():
+    """The fast path's key (source + the reply's ICMP message) against a reply built from
+    scratch: every identifier once, so every checksum value, both ends of the fold included."""
+    def key_of(packet):
+        return packet[12:16] + packet[20:]
+
+    for ident in range(0x10000):
+        request = icmp.echo_request(ident, 0x0102, b"ipv4-census \x7f\x00\x01\x07")
+        assert icmp._echo_reply_keys([LOOP + 7], [request])[0] == key_of(ip_packet(LOOP + 7, LOOP + 1, echo_reply(request)))
+    signer = icmp.Signer(SECRET, contact=b"abuse@example.org")
+    for target in range(LOOP, LOOP + 256):
+        request = signer.request(target)
+        assert icmp._echo_reply_keys([target], [request])[0] == key_of(ip_packet(target, LOOP + 1, echo_reply(request)))
+
+
+def test_plain_echo_replies_take_the_fast_path_and_the_rest_the_full_one(monkeypatch):
+    """A sweep on a raw socket credits an exact echo reply without parse() or check(); a
+    duplicate is still counted, and one with IP options is still credited, by the full path."""
+    checked = collections.Counter()
+    check = icmp.Signer.check
+    monkeypatch.setattr(icmp.Signer, "check", lambda self, *a, **k: checked.update([1]) or check(self, *a, **k))
+
+    def respond(target, request):
+        reply = echo_reply(request)
+        if target & 0xFF == 9:
+            return [ip_packet(target, LOOP + 1, reply, options=b"\x01\x01\x01\x00")]
+        if target & 0xFF == 10:
+            return [ip_packet(target, LOOP + 1, reply)] * 2
+        return [ip_packet(target, LOOP + 1, reply)]
+
+    result = icmp.sweep(range(LOOP, LOOP + 256), cooldown=0.5, allow=ALLOW, sock=FakeSocket(respond))
+    assert set(result.status) == {icmp.Status.ECHO_REPLY} and result.stats.duplicates == 1
+    assert checked[1] == 2      # the reply with options, and the duplicate (its key was taken)
+
+
 def test_only_a_reply_proving_our_probe_to_that_address_counts():
     signer = icmp.Signer(SECRET)
     target = LOOP + 0x0203
@@ -777,3 +812,19 @@ class _world_readable_copy:
 
     def __exit__(self, *exc):
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def test_a_signal_inside_a_sweeps_thread_start_leaves_close_quiet(monkeypatch):
+    """Ctrl-C or SIGTERM raised in the main thread while Thread.start() runs leaves a thread
+    that join() refuses; closing the sweeper must still end in the KeyboardInterrupt alone."""
+    real_start = threading.Thread.start
+
+    def interrupted(thread):
+        if thread.name == "icmp-sweep":
+            raise KeyboardInterrupt          # as the signal handler would, before it started
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with icmp.Sweeper(FakeSocket()) as sweeper:
+            sweeper.start(range(LOOP, LOOP + 256), cooldown=0.1, allow=ALLOW)
