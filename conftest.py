@@ -191,10 +191,10 @@ def result_string(ones=()) -> str:
 class Running:
     """A CensusServer on ('127.0.0.1', 0) in a thread, with its store and clock."""
 
-    def __init__(self, data_dir, scope, clock, lease_seconds, **server_kw):
+    def __init__(self, data_dir, scope, clock, lease_seconds, store_kw=None, **server_kw):
         self.clock = clock
         self.store = Store(data_dir, scope=[ipaddress.IPv4Network(scope)], clock=clock,
-                           lease_seconds=lease_seconds)
+                           lease_seconds=lease_seconds, **(store_kw or {}))
         self.server = CensusServer(("127.0.0.1", 0), self.store, **server_kw)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
@@ -247,13 +247,15 @@ def answer(conn, method, path, body=None, headers=None):
 @pytest.fixture
 def census_server(tmp_path):
     """A factory: census_server(scope="127.0.0.0/8", clock=Clock(), lease_seconds=60,
-    static_dir=tmp_path, **CensusServer options) -> Running, each stopped afterwards."""
+    store_kw=None (more Store options), static_dir=tmp_path, **CensusServer options) ->
+    Running, each stopped afterwards."""
     made = []
 
-    def make(scope="127.0.0.0/8", *, clock=None, lease_seconds=60, **server_kw) -> Running:
+    def make(scope="127.0.0.0/8", *, clock=None, lease_seconds=60, store_kw=None,
+             **server_kw) -> Running:
         server_kw.setdefault("static_dir", tmp_path)
         running = Running(tmp_path / f"data{len(made)}", scope, clock or Clock(), lease_seconds,
-                          **server_kw)
+                          store_kw, **server_kw)
         made.append(running)
         return running
 

@@ -2,8 +2,9 @@
 
 The codec (checksum, build, parse) does no I/O and never raises on what comes off the wire:
 anything truncated, corrupt or not an answer to an echo request parses to None. Every probe
-carries TAG and a keyed hash of its destination under a per-sweep secret (`Signer`), so a reply
-counts only when it proves it answers our probe to that very address; an unreachable or time
+carries TAG, and its identifier, sequence number and payload MAC are a keyed hash of its
+destination under a per-sweep secret (`Signer`), so a reply counts only when it proves it
+answers our probe to that very address; an unreachable or time
 exceeded is credited to the address its quote names. `IcmpSocket` is a raw ICMP socket, or the
 unprivileged datagram ICMP socket when raw ones are not allowed (Linux, macOS).
 
@@ -63,8 +64,10 @@ RESERVED = tuple(ipaddress.IPv4Network(n) for n in (
 IP_HEADER = struct.Struct("!BBHHHBBH4s4s")  # RFC 791: version/IHL ... source, destination
 ICMP_HEADER = struct.Struct("!BBHHH")       # RFC 792: type, code, checksum, identifier, sequence
 ADDRESS = struct.Struct("!I")
-DIGEST_SIZE = 10                            # 2 bytes of sequence number + an 8-byte MAC
-PAYLOAD_SIZE = len(TAG) + ADDRESS.size + DIGEST_SIZE - 2      # without a contact
+_IDENT_SEQ = struct.Struct("!HH")            # the probe's identifier and sequence number
+_TYPE_CODE_SUM = struct.Struct("!BBH")
+DIGEST_SIZE = 12                            # identifier, sequence number, an 8-byte MAC
+PAYLOAD_SIZE = len(TAG) + ADDRESS.size + DIGEST_SIZE - _IDENT_SEQ.size   # without a contact
 PACKET_SIZE = ICMP_HEADER.size + PAYLOAD_SIZE
 CONTACT_MAX = 40         # bytes of the server's contact a probe may carry after TAG
 
@@ -124,7 +127,7 @@ class Status(IntEnum):
 class Verdict(IntEnum):
     OK = 0
     STRAY = 1          # not one of our probes: another ping, garbage, a target we never had
-    BAD_PAYLOAD = 2    # carries our tag or identifier but not the keyed hash we sent
+    BAD_PAYLOAD = 2    # carries our tag but not the keyed hash we sent
     WRONG_SOURCE = 3   # a genuine echo reply of ours, but it came from another address
 
 
@@ -219,63 +222,80 @@ def parse(packet: bytes, source: Optional[int] = None) -> Optional[Reply]:
 
 
 class Signer:
-    """The per-sweep secret: it gives each destination its sequence number and payload MAC,
-    and checks that a reply carries exactly those for the address it claims to answer.
+    """The per-sweep secret: a keyed hash of each destination gives its probe's identifier,
+    sequence number and payload MAC, and a reply counts only if it carries exactly those for
+    the address it claims to answer.
 
     A probe's payload is TAG, then the census's contact and a space or two when there is one (a
     network operator who sees the probe learns whom to ask; padded to an even length), then the
     destination and the MAC: at most 12 + 42 + 4 + 8 = 66 bytes.
 
-        "ipv4-census " ["abuse@example.org  "] | destination (4) | MAC (8)"""
+        "ipv4-census " ["abuse@example.org  "] | destination (4) | MAC (8)
 
-    def __init__(self, secret: Optional[bytes] = None, ident: Optional[int] = None, contact: bytes = b""):
+    An unreachable or time exceeded may quote only the 8 bytes RFC 792 requires: type, code,
+    checksum, identifier and sequence number. Both come from the hash of the quoted target, so
+    a forged error must guess 32 keyed bits even when it knows the identifier of every other
+    probe (a fixed per-sweep identifier left only the 16-bit sequence); each byte quoted
+    beyond the 8 must match too. On a datagram socket the kernel chooses the identifier
+    (check_ident=False): there the sequence number and the quoted payload are what is left.
+    Concurrent sweeps are told apart by their secrets alone."""
+
+    def __init__(self, secret: Optional[bytes] = None, contact: bytes = b""):
         if not is_contact(contact):
             raise ValueError(f"a contact is printable ASCII of at most {CONTACT_MAX} bytes: {contact!r:.60}")
         self.secret = secret if secret is not None else secrets.token_bytes(16)
-        self.ident = ident if ident is not None else secrets.randbelow(0x10000)
         self.prefix = TAG + contact + b" " if contact else TAG
         self.prefix += b" " * (len(self.prefix) % 2)   # even, so what follows sits on 16-bit words
-        self.payload_size = len(self.prefix) + ADDRESS.size + DIGEST_SIZE - 2
+        self.payload_size = len(self.prefix) + ADDRESS.size + DIGEST_SIZE - _IDENT_SEQ.size
         self.packet_size = ICMP_HEADER.size + self.payload_size
         self._keyed = hashlib.blake2b(key=self.secret, digest_size=DIGEST_SIZE)
-        # the words every request shares, summed once (type/code, identifier, the prefix)
-        self._fixed_sum = (IcmpType.ECHO_REQUEST << 8) + self.ident + int.from_bytes(self.prefix, "big")
+        # the words every request shares, summed once (type/code, the prefix)
+        self._fixed_sum = (IcmpType.ECHO_REQUEST << 8) + int.from_bytes(self.prefix, "big")
 
-    def sign(self, addr: int) -> tuple[int, bytes]:
-        """(sequence number, payload) of the probe to `addr`."""
+    def sign(self, addr: int) -> tuple[int, int, bytes]:
+        """(identifier, sequence number, payload) of the probe to `addr`."""
         dest, digest = self._digest(addr)
-        return int.from_bytes(digest[:2], "big"), self.prefix + dest + digest[2:]
+        ident, seq = _IDENT_SEQ.unpack_from(digest)
+        return ident, seq, self.prefix + dest + digest[_IDENT_SEQ.size:]
 
     def request(self, addr: int) -> bytes:
-        """echo_request(self.ident, *self.sign(addr)), built faster: it runs once per target.
-        The checksum adds the per-target words (destination, sequence, MAC) to the fixed sum,
-        the same big-integer-modulo-0xFFFF sum as checksum()."""
+        """echo_request(*self.sign(addr)), built faster: it runs once per target. The
+        checksum adds the per-target words (identifier, sequence, destination, MAC) to the
+        fixed sum, the same big-integer-modulo-0xFFFF sum as checksum()."""
         dest, digest = self._digest(addr)
         summed = _complement(self._fixed_sum + int.from_bytes(dest + digest, "big"))
-        seq = int.from_bytes(digest[:2], "big")
-        return ICMP_HEADER.pack(IcmpType.ECHO_REQUEST, 0, summed, self.ident, seq) + self.prefix + dest + digest[2:]
+        return (_TYPE_CODE_SUM.pack(IcmpType.ECHO_REQUEST, 0, summed) + digest[:_IDENT_SEQ.size]
+                + self.prefix + dest + digest[_IDENT_SEQ.size:])
 
     def check(self, reply: Reply, check_ident: bool = True) -> tuple[Verdict, int]:
         """(verdict, probed address). Datagram sockets pass check_ident=False: there the
         kernel chose the identifier and only delivers replies that carry it. An error
         (unreachable, time exceeded) may come from any router on the path, so only its quote
-        is checked; an echo reply must come from the address its payload names."""
-        if check_ident and reply.ident != self.ident:
-            return Verdict.STRAY, reply.target
+        is checked; an echo reply must come from the address its payload names. What shows
+        neither our tag nor our hash (another program's ping, another sweep's 8-byte quote)
+        is a stray."""
         if reply.icmp_type != IcmpType.ECHO_REPLY:
-            seq, payload = self.sign(reply.target)
-            quoted = reply.payload[:len(payload)]
-            good = reply.seq == seq and quoted == payload[:len(quoted)]
-            return (Verdict.OK if good else Verdict.BAD_PAYLOAD), reply.target
+            return self._check_quote(reply, check_ident), reply.target
         payload, start = reply.payload, len(self.prefix)
         if len(payload) != self.payload_size or not payload.startswith(self.prefix):
             return Verdict.STRAY, reply.target
         dest, digest = self._digest_of(payload[start:start + ADDRESS.size])
         probed = int.from_bytes(dest, "big")
+        ident, seq = _IDENT_SEQ.unpack_from(digest)
         # what sign(probed) would give, compared in place: this runs once per reply
-        if reply.seq != int.from_bytes(digest[:2], "big") or payload[start + ADDRESS.size:] != digest[2:]:
+        if ((check_ident and reply.ident != ident) or reply.seq != seq
+                or payload[start + ADDRESS.size:] != digest[_IDENT_SEQ.size:]):
             return Verdict.BAD_PAYLOAD, probed
         return (Verdict.OK if probed == reply.source else Verdict.WRONG_SOURCE), probed
+
+    def _check_quote(self, reply: Reply, check_ident: bool) -> Verdict:
+        ident, seq, expected = self.sign(reply.target)
+        quoted = reply.payload[:len(expected)]
+        if ((reply.ident == ident or not check_ident) and reply.seq == seq
+                and quoted == expected[:len(quoted)]):
+            return Verdict.OK
+        tagged = len(quoted) > 0 and quoted[:len(TAG)] == TAG[:len(quoted)]
+        return Verdict.BAD_PAYLOAD if tagged else Verdict.STRAY
 
     def _digest(self, addr: int) -> tuple[bytes, bytes]:
         return self._digest_of(ADDRESS.pack(addr))
@@ -572,7 +592,7 @@ class Sweeper:
         with self._lock:
             if self.failure is not None:
                 raise self.failure
-            job.signer = Signer(ident=self._free_ident(), contact=contact)
+            job.signer = Signer(contact=contact)     # its own secret: replies find their sweep
             self._active.append(job)
         worker = threading.Thread(target=job._run, args=(self.sock,), name="icmp-sweep", daemon=True)
         self._workers = [w for w in self._workers if w.is_alive()] + [worker]
@@ -657,7 +677,7 @@ class Sweeper:
     @staticmethod
     def _take(active: list, packet: bytes, source: Optional[int], now: float) -> "Sweep":
         """Credit one packet to the sweep whose secret it proves; what none can claim counts
-        against the one whose identifier it carries (BAD_PAYLOAD), else the newest (STRAY)."""
+        against the one whose tag it carries with a bad hash (BAD_PAYLOAD), else the newest (STRAY)."""
         reply = parse(packet, source)
         blamed, verdict = active[0], Verdict.STRAY
         if reply is not None:
@@ -688,12 +708,6 @@ class Sweeper:
     def _notify(self) -> None:
         with self._changed:
             self._changed.notify_all()
-
-    def _free_ident(self) -> int:
-        taken = {job.signer.ident for job in self._active}
-        while (ident := secrets.randbelow(0x10000)) in taken:
-            pass
-        return ident
 
 
 class Sweep:
@@ -918,7 +932,8 @@ class Sweep:
             self.duplicates += 1
             return
         self.status[k] = Status.ECHO_REPLY
-        self.rtt_us[k] = min(int((now - self.sent_at[k]) * 1e6), 0xFFFFFFFF)
+        # a late answer to an earlier round can beat the re-probe's send time: never < 0
+        self.rtt_us[k] = min(max(int((now - self.sent_at[k]) * 1e6), 0), 0xFFFFFFFF)
         if old == Status.NO_ANSWER:
             self._answered()
 

@@ -38,11 +38,13 @@ import json
 import math
 import os
 import random
+import re
 import secrets
 import shlex
 import shutil
 import signal
 import socket
+import struct
 import sys
 import tempfile
 import threading
@@ -72,6 +74,10 @@ PSEUDONYM_FILE = "volunteer-id"    # in the spool folder: the random id behind t
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
 _REPLIED = bytes(0x31 if s == icmp.Status.ECHO_REPLY else 0x30 for s in range(256))
+_ERROR_TYPES = {icmp.Status.UNREACHABLE: icmp.IcmpType.DEST_UNREACHABLE,
+                icmp.Status.TIME_EXCEEDED: icmp.IcmpType.TIME_EXCEEDED}
+_ERROR_ENTRY = struct.Struct("!HBB")   # offset in the block, ICMP type, ICMP code
+_EXCLUDED_RUN = re.compile(re.escape(bytes([icmp.Status.EXCLUDED])) + b"+")
 
 
 class ClientError(Exception):
@@ -241,19 +247,55 @@ def decode_rtt(text: str) -> array.array:
     return arr
 
 
-def submission_body(task: Task, result, name: str) -> dict:
-    """The /submit_result body: the original shape plus lease, name, rtt_us and stats."""
+def compact_bitmap(status) -> str:
+    """The compact form's "bitmap": base64 of zlib of one bit per address, address 0 the top
+    bit of the first byte (bit k is character k of result_string)."""
+    bits = int(result_string(status), 2).to_bytes(len(status) // 8, "big")
+    return base64.b64encode(zlib.compress(bits)).decode("ascii")
+
+
+def encode_icmp_errors(status, code) -> str:
+    """"icmp_errors": base64 of zlib of (offset uint16 big-endian, ICMP type, code) for each
+    unreachable or time exceeded answer, in address order ('' when there is none)."""
+    entries = b"".join(_ERROR_ENTRY.pack(k, _ERROR_TYPES[st], code[k])
+                       for k, st in enumerate(status) if st in _ERROR_TYPES)
+    return base64.b64encode(zlib.compress(entries)).decode("ascii") if entries else ""
+
+
+def skipped_networks(network: ipaddress.IPv4Network, status) -> list[str]:
+    """The CIDRs of `network` the sweep did not probe (its exclusions, --only, reserved space)."""
+    base = int(network.network_address)
+    return [str(net) for run in _EXCLUDED_RUN.finditer(bytes(status))
+            for net in _span(base + run.start(), base + run.end() - 1)]
+
+
+def string_form(body: dict) -> dict:
+    """A compact /submit_result body in the original form: result_data in place of bitmap."""
+    bits = zlib.decompress(base64.b64decode(body["result"]["bitmap"]))
+    result = {key: value for key, value in body["result"].items() if key != "bitmap"}
+    result["result_data"] = format(int.from_bytes(bits, "big"), f"0{8 * len(bits)}b")
+    return {**body, "result": result}
+
+
+def submission_body(task: Task, result, name: str, compact: bool = True) -> dict:
+    """The /submit_result body: the original shape (or, `compact`, the bitmap in place of
+    result_data) plus lease, name, rtt_us, stats, icmp_errors and skipped."""
     status = result.status
     if len(status) != BLOCK or result.addresses[0] != int(task.network.network_address):
         raise ClientError(f"sweep result does not cover {task.network} in address order")
     replied = icmp.Status.ECHO_REPLY
     rtts = (rtt for st, rtt in zip(status, result.rtt_us) if st == replied)
     probed, excluded, _, unreachable = tally(result)
-    body = {"task_index": task.index,
-            "result": {"success": True, "result_data": result_string(status)},
+    data = {"bitmap": compact_bitmap(status)} if compact else {"result_data": result_string(status)}
+    body = {"task_index": task.index, "result": {"success": True, **data},
             "name": name, "rtt_us": encode_rtt(rtts),
             "stats": {"probed": probed, "excluded": excluded, "unreachable": unreachable,
                       "sent": result.stats.sent}}
+    errors, skipped = encode_icmp_errors(status, result.code), skipped_networks(task.network, status)
+    if errors:
+        body["icmp_errors"] = errors
+    if skipped:
+        body["skipped"] = skipped
     if task.lease is not None:
         body["lease"] = task.lease
     return body
@@ -630,8 +672,9 @@ class Client:
 
     def task_path(self) -> str:
         """/get_task with what this client accepts: a lease, and blocks inside --only (a server
-        that does not know these parameters ignores them)."""
-        query = {"lease": "required"}
+        that does not know these parameters ignores them); the name keeps the server from
+        handing us a check of our own results."""
+        query = {"lease": "required", "name": self.name}
         if self.options.only:
             query["within"] = ",".join(map(str, self.options.only))
         return "/get_task?" + urllib.parse.urlencode(query, safe="/,")
@@ -759,6 +802,11 @@ class Client:
             self.spool.drop(spooled.path)
             return True
         reason = f"HTTP {status}: {answer.get('error') or answer}"
+        if status == 400 and "bitmap" in spooled.body.get("result", {}):
+            # a server that knows only the original form gets the same result as a string
+            self.console.warn(f"task {index}: the server refused the compact form ({reason}); "
+                              f"sending it as a string")
+            return self.submit(spooled._replace(body=string_form(spooled.body)))
         if status == 200 or status in DROP_STATUSES:
             self.console.error(f"task {index}: the server refused the result ({reason}); dropped")
             self.spool.drop(spooled.path)

@@ -50,6 +50,7 @@ import views
 from http_front import CLOSE, KEEP, SUBSCRIBE, Headers
 from store import (LEASE_SECONDS, LOG_FILE, RESERVED, SCOPE_FILE, SNAPSHOT_FILE, Refused, Store,
                    network_of, parse_blocklist, remembered_scope)
+from trust import FRACTION
 
 try:
     from store import StoreError        # one line saying what is wrong with --data, what to do
@@ -448,7 +449,8 @@ class Handler:
         lease = req.query.get("lease")
         if lease not in (None, "", "required"):
             raise HttpError(HTTPStatus.BAD_REQUEST, "lease must be 'required' (or absent)")
-        options = {"within": _within(req.query), "lease_required": lease == "required"}
+        options = {"within": _within(req.query), "lease_required": lease == "required",
+                   "name": (req.query.get("name") or "").strip()[:64] or None}
         try:
             handout = self.server.store.get_task(req.client,
                                                  **{k: v for k, v in options.items() if v})
@@ -473,7 +475,8 @@ class Handler:
         failure = None
         if result.get("success") is not True:
             failure = str(result.get("error") or result.get("message") or "no result")
-        fields = {key: _optional_str(data, key) for key in ("lease", "name", "rtt_us")}
+        fields = {key: _optional_str(data, key)
+                  for key in ("lease", "name", "rtt_us", "icmp_errors")}
         stats = data.get("stats")
         if stats is not None and not isinstance(stats, dict):
             raise HttpError(HTTPStatus.BAD_REQUEST, "stats must be an object", success=False)
@@ -482,7 +485,9 @@ class Handler:
         try:
             duplicate = self.server.store.submit(
                 task, result.get("result_data"), holder=req.client, token=fields["lease"],
-                name=name, rtt=fields["rtt_us"], stats=stats, failure=failure)
+                name=name, rtt=fields["rtt_us"], stats=stats, failure=failure,
+                bitmap=result.get("bitmap"), icmp_errors=fields["icmp_errors"],
+                skipped=data.get("skipped"))
         except Refused as exc:
             raise _store_refusal(exc, success=False) from None
         return HTTPStatus.OK, ({"success": True, "duplicate": True} if duplicate
@@ -574,10 +579,11 @@ class Handler:
 
 
     def contributors(self, req):
+        store = self.server.store
         ranked = [{"rank": rank, "name": c.name, "tasks_done": c.tasks_done,
                    "addresses_probed": c.addresses_probed, "responders": c.responders,
-                   "first_seen": c.first_seen, "last_seen": c.last_seen}
-                  for rank, c in enumerate(self.server.store.contributors(), 1)]
+                   "first_seen": c.first_seen, "last_seen": c.last_seen, **store.standing(c.name)}
+                  for rank, c in enumerate(store.contributors(), 1)]
         name = req.query.get("name")
         if name is not None:
             ranked = [c for c in ranked if c["name"] == name]
@@ -965,8 +971,19 @@ def _prometheus(counters: dict, requests: dict, latency: dict) -> str:
     for name, key, text in (("census_damaged_records", "damaged_records",
                              "Log records found damaged at start (reported, tasks re-queued)."),
                             ("census_store_degraded", "degraded", "1 while the disk refuses "
-                             "writes.")):
+                             "writes."),
+                            ("census_contributors_flagged", "flagged",
+                             "Contributors flagged for disagreeing too often.")):
         lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge", f"{name} {counters[key]}"]
+    for name, key, text in (("census_verification_agreements_total", "agreements",
+                             "Results found to agree with the kept result of their block."),
+                            ("census_verification_disputes_total", "disputes",
+                             "Results found to disagree with the kept result of their block.")):
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} counter", f"{name} {counters[key]}"]
+    lines += ["# HELP census_blocks_verification Done blocks by verification status.",
+              "# TYPE census_blocks_verification gauge"]
+    lines += [f'census_blocks_verification{{status="{s}"}} {n}'
+              for s, n in counters["verification"].items()]
     lines += ["# HELP census_http_requests_total HTTP requests by endpoint and status.",
               "# TYPE census_http_requests_total counter"]
     lines += [f'census_http_requests_total{{endpoint="{e}",code="{c}"}} {n}'
@@ -987,7 +1004,7 @@ files kept in --data:
   {PSEUDONYM_KEY_FILE:14}the key of the volunteer-XXXXXXXX names of volunteers who send none
 
 environment: PING_HOST, PING_PORT, PING_DATA, PING_SCOPE, PING_EXCLUDE, PING_LEASE,
-PING_ADMIN_TOKEN, PING_MAX_LEASES, PING_WORKERS, PING_MAX_CONNECTIONS, PING_MAX_PER_ADDRESS,
+PING_ADMIN_TOKEN, PING_MAX_LEASES, PING_VERIFY, PING_WORKERS, PING_MAX_CONNECTIONS, PING_MAX_PER_ADDRESS,
 PING_PROXY, PING_ABOUT and PING_CONTACT set the defaults of the matching options (--demo takes
 none of the first seven).
 
@@ -1042,6 +1059,11 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-leases", type=int, metavar="N", default=env("PING_MAX_LEASES", "16"),
                         help="live leases one client address may hold, beyond that 429; 0 = no "
                              "limit (default: %(default)s)")
+    parser.add_argument("--verify", type=float, metavar="FRACTION",
+                        default=env("PING_VERIFY", str(FRACTION)),
+                        help="share of a trusted contributor's results sent to a second "
+                             "holder to check (a new or flagged one's: all of them); 0 = off "
+                             "(default: %(default)s)")
     parser.add_argument("--workers", type=int, metavar="N",
                         default=env("PING_WORKERS", http_front.WORKERS),
                         help="request worker threads (default: %(default)s)")
@@ -1104,6 +1126,8 @@ def _checked(parser, args):
         parser.error(f"--proxy: {exc}")
     if args.max_leases < 0:
         parser.error("--max-leases must be 0 or more")
+    if not 0.0 <= args.verify <= 1.0:
+        parser.error("--verify is a fraction from 0 (off) to 1")
     if args.workers < 1 or (args.max_connections or 1) < 1 or args.max_per_address < 1:
         parser.error("--workers, --max-connections and --max-per-address must be positive")
     _check_site(parser, args)
@@ -1339,7 +1363,8 @@ def main(argv=None) -> int:
     try:
         scope, before = remembered_scope(args.data, args.scope)
         _attach(server, Store(args.data, scope=scope or None, exclude=args.exclude,
-                              lease_seconds=args.lease, max_leases=args.max_leases))
+                              lease_seconds=args.lease, max_leases=args.max_leases,
+                              verify=args.verify))
         server.pseudonym_key = load_pseudonym_key(args.data)
     except (StoreError, OSError, ValueError) as exc:
         server.server_close()

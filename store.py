@@ -31,6 +31,7 @@ import ipaddress
 import json
 import operator
 import os
+import random
 import secrets
 import threading
 import time
@@ -40,6 +41,8 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import NamedTuple
 
+import results
+import trust
 from journal import (HEADER, LOG_FILE, SNAPSHOT_EVERY, SNAPSHOT_FILE, SNAPSHOT_SECONDS, TAG_BASE,
                      TAIL_BYTES, Copy, Journal, StoreError, WriteFailed, make_folder, say,
                      write_atomic)
@@ -90,6 +93,13 @@ class ResultMeta(NamedTuple):
     holder: str
     crc: int = 0          # CRC-32 of the bytes at offset: checked on every read, and the
                           # digest a retry must match (then its bytes too) to be a duplicate
+    errors_len: int = 0   # after the rtt array: the ICMP error entries (results.ERROR_ENTRY)
+    holes: tuple = ()     # (first, last) offsets NOT probed (not "no answer"), to hand out again
+
+    @property
+    def size(self) -> int:
+        """Bytes at offset: bitmap, rtt array, ICMP error entries."""
+        return self.bitmap_len + self.rtt_len + self.errors_len
 
 
 class Contributor(NamedTuple):
@@ -106,7 +116,13 @@ class Packed(NamedTuple):
     bitmap: bytes         # 8,192 bytes, one bit per address, address 0 the top bit
     rtt: bytes            # the client's zlib'd uint32 array, or b""
     responders: int
-    crc: int              # CRC-32 of bitmap + rtt, computed outside the lock (see _commit)
+    crc: int              # CRC-32 of the blob, computed outside the lock (see _commit)
+    errors: bytes = b""   # ICMP error entries, raw
+    skipped: tuple = ()   # (first, last) offsets the client did not probe
+
+    @property
+    def blob(self) -> bytes:
+        return self.bitmap + self.rtt + self.errors
 
 
 class Handout(NamedTuple):
@@ -215,10 +231,15 @@ class Census:
     lock (``_lock``); knows nothing of files. Its changes return the record of what changed
     (a dict), which ``Store`` makes durable."""
 
-    def __init__(self, *, scope=None, exclude=(), lease_seconds=LEASE_SECONDS, clock=time.time):
+    def __init__(self, *, scope=None, exclude=(), lease_seconds=LEASE_SECONDS, clock=time.time,
+                 verify=trust.FRACTION, rng=random.random):
         self.lease_seconds = float(lease_seconds)
         self.clock = clock
+        self._verify, self._rng = verify, rng     # trust.Verifier's fraction and random source
         self._inside, parts = plan_scope(scope, exclude)
+        # what explains a client's skipped range besides the operator's exclusions: reserved
+        # space, unless the operator named it in the scope (a loopback lab does)
+        self._reserved_explains = scope is None
         # Blocks an administrator may bring in later (/add_task): any block not wholly reserved
         # (unless the scope allowed it) nor wholly opted out; their opted-out parts go with them.
         addable, addable_parts = plan_scope(None, exclude)
@@ -239,7 +260,17 @@ class Census:
         return self._version
 
     def exclude_of(self, task: int) -> list:
-        return [str(n) for n in self._parts.get(task, ())]
+        """The hand-out's exclude: the operator's exclusions, and for a block that came back
+        with holes, the parts already probed."""
+        parts = [str(n) for n in self._parts.get(task, ())]
+        meta = self._results.get(task)
+        if meta is None or not meta.holes:
+            return parts
+        probed = results.merge([(0, RESULT_LEN - 1)])
+        for first, last in meta.holes:
+            probed = _cut(probed, first, last)
+        return parts + [str(n) for first, last in probed for n in _span_nets(task, first, last)]
+
 
     def progress(self) -> dict:
         """The /get_progress numbers."""
@@ -259,6 +290,7 @@ class Census:
                    "responders": self._responders, "tasks_per_min": round(recent / 5, 2),
                    "probes_per_min": round(probes / 5, 2), "eta_seconds": None,
                    "contributors": len(self._contributors), "version": self._version}
+            out.update(self._verification_progress(counts[State.DONE]))
         if out["total_tasks"]:
             out["progress"] = round(100 * out["done_tasks"] / out["total_tasks"], 3)
         left = out["total_tasks"] - out["done_tasks"]
@@ -307,7 +339,9 @@ class Census:
                 "contributor": meta.contributor if meta else None,
                 "finished_at": meta.finished_at if meta else None,
                 "responders": meta.responders if meta else None,
-                "probed": meta.probed if meta else None, "exclude": self.exclude_of(task)}
+                "probed": meta.probed if meta else None, "exclude": self.exclude_of(task),
+                "not_probed": _hole_nets(task, meta),
+                "verification": self._verification_of(task)}
 
     def map_bytes(self) -> tuple[int, bytes]:
         """(version, 131,072 bytes): state then answer fraction (0..255) for each task."""
@@ -321,6 +355,36 @@ class Census:
             people = list(self._contributors.values())
         people.sort(key=lambda c: (-c.tasks_done, -c.responders, c.name))
         return people
+
+    def standing(self, name: str) -> dict:
+        """A contributor's verification: results verified (agreed with), disputed (lost),
+        the rest unverified; flagged: every result checked, credit only once verified."""
+        with self._lock:
+            standing = self._verifier.standing(name)
+            person = self._contributors.get(name)
+        done = person.tasks_done if person else 0
+        return {"verified": standing.agreed, "disputed": standing.disputed,
+                "unverified": max(0, done - standing.agreed), "flagged": standing.flagged}
+
+    def _verification_progress(self, done) -> dict:
+        counts = self._verifier.counts()
+        verified = counts["verified"]
+        return {"verified_tasks": verified, "unverified_tasks": counts["unverified"],
+                "checks_waiting": counts["waiting"] + counts["disputed"],
+                "disputed_tasks": counts["disputed"] + counts["unresolved"],
+                "verified_share": round(verified / done, 4) if done else 0.0,
+                "verify_fraction": self._verify}
+
+    def _verification_of(self, task) -> dict | None:
+        """/task and /result: how far the block's kept result is verified."""
+        with self._lock:
+            block = self._verifier.blocks.get(task)
+            checking = task in self._checks
+        if block is None:
+            return None
+        return {"status": block.status.name.lower(), "opinions": len(block.opinions),
+                "contributors": [o.contributor for o in block.opinions],
+                "kept": block.opinions[block.kept].contributor, "checking": checking}
 
     def wait_change(self, version: int, timeout: float) -> int:
         """Block until the version differs from ``version`` (or timeout); returns the version."""
@@ -336,14 +400,17 @@ class Census:
                  "leases": dict(self._leases), "old": dict(self._old),
                  "errors": dict(self._errors),
                  "contributors": list(self._contributors.values()),
-                 "pinned": sorted(self._pinned)}
+                 "pinned": sorted(self._pinned), "checks": dict(self._checks),
+                 "trust": {t: _block_record(b) for t, b in self._verifier.blocks.items()},
+                 "standings": dict(self._verifier.standings)}
         if results:
             state["results"] = dict(self._results)
         return state
 
     def live_bytes(self) -> int:
         return self._result_bytes + 2 * TASKS + 160 * (
-            len(self._leases) + len(self._errors) + len(self._contributors) + 2 * len(self._old))
+            len(self._leases) + len(self._errors) + len(self._contributors) + 2 * len(self._old)
+            + len(self._checks) + 2 * len(self._verifier.blocks))
 
     # -- private: changes (call holding the lock; each returns the record of what changed) -----
 
@@ -357,6 +424,8 @@ class Census:
         self._contributors: dict[str, Contributor] = {}
         self._pinned: set[int] = set()            # tasks an administrator set: scope ignored
         self._held: dict[str, int] = {}           # live leases per holder
+        self._checks: dict[int, Lease] = {}       # done tasks leased for a second opinion
+        self._verifier = trust.Verifier(self._verify, rng=self._rng)
         self._version = self._submissions = 0
         self._probed = self._responders = self._result_bytes = 0
         self._pool, self._expiry, self._recent_t, self._recent_p = [], [], [], []
@@ -395,7 +464,7 @@ class Census:
     def _requeue(self, task, why) -> dict:
         """A task whose record or result was lost: back to the pool, the loss noted."""
         note = f"{why}; handed out again"
-        change = {**self._retire_lease(task), **self._drop_result(task), "e": note}
+        change = {**self._retire_lease(task), **self._discard_result(task), "e": note}
         self._errors[task] = note
         change.update(self._make_available(task))
         return change
@@ -405,7 +474,7 @@ class Census:
         self._results[task] = meta
         self._probed += meta.probed
         self._responders += meta.responders
-        self._result_bytes += _RECORD_SIZE + meta.bitmap_len + meta.rtt_len
+        self._result_bytes += _RECORD_SIZE + meta.size
         if count:
             self._recent_t.append(meta.finished_at)
             self._recent_p.append((self._recent_p[-1] if self._recent_p else 0) + meta.probed)
@@ -418,8 +487,13 @@ class Census:
             return {}
         self._probed -= meta.probed
         self._responders -= meta.responders
-        self._result_bytes -= _RECORD_SIZE + meta.bitmap_len + meta.rtt_len
+        self._result_bytes -= _RECORD_SIZE + meta.size
         return {"r": None}
+
+    def _discard_result(self, task) -> dict:
+        """The result goes, and with it every opinion of the block and any check of it."""
+        self._verifier.forget(task)
+        return {**self._drop_result(task), **self._retire_check(task), "t": None}
 
     def _trim_recent(self, since):
         first = bisect.bisect_left(self._recent_t, since)
@@ -452,23 +526,37 @@ class Census:
         if lease is None:
             return {}
         self._old[task] = (self._old.get(task, []) + [lease])[-OLD_LEASES_KEPT:]
-        left = self._held.get(lease.holder, 1) - 1
-        if left:
-            self._held[lease.holder] = left
-        else:
-            self._held.pop(lease.holder, None)
+        self._unhold(lease.holder)
         return {"l": None}
+
+    def _unhold(self, holder):
+        """One live lease fewer for ``holder`` (the lease cap counts them)."""
+        left = self._held.get(holder, 1) - 1
+        if left:
+            self._held[holder] = left
+        else:
+            self._held.pop(holder, None)
 
     def _make_available(self, task) -> dict:
         heapq.heappush(self._pool, _rank(task))
         return self._set_state(task, State.AVAILABLE)
 
-    def _pop_available(self):
-        while self._pool:
-            task = _rank(heapq.heappop(self._pool))
-            if self._states[task] == State.AVAILABLE:
-                return task
-        return None
+    def _pop_available(self, holder=None):
+        """The next available task; a block whose holes ``holder`` itself left (its own
+        --exclude or --only) is kept for someone else."""
+        passed, task = [], None
+        while self._pool and task is None:
+            candidate = _rank(heapq.heappop(self._pool))
+            if self._states[candidate] != State.AVAILABLE:
+                continue
+            meta = self._results.get(candidate)
+            if meta is not None and meta.holes and meta.holder == holder:
+                passed.append(candidate)
+            else:
+                task = candidate
+        for other in passed:
+            heapq.heappush(self._pool, _rank(other))
+        return task
 
     def _expire_due(self, now):
         """Expire leases whose deadline passed, in memory only (no record: replay expires them
@@ -479,6 +567,10 @@ class Census:
             if lease is not None and lease.token == token:
                 self._retire_lease(task)
                 self._make_available(task)
+                self.leases_expired += 1
+            check = self._checks.get(task)
+            if check is not None and check.token == token:
+                self._retire_check(task)          # the block stays queued for a check
                 self.leases_expired += 1
 
     def _set_state(self, task, state) -> dict:
@@ -511,6 +603,12 @@ class Census:
         self._errors = {int(t): e for t, e in snap["errors"].items()}
         self._contributors = {c[0]: Contributor(*c) for c in snap["contributors"]}
         self._pinned = set(snap.get("pinned", ()))
+        self._checks = {int(t): Lease(*v) for t, v in snap.get("checks", {}).items()}
+        self._verifier = trust.Verifier(self._verify, rng=self._rng)
+        for task, record in snap.get("trust", {}).items():
+            self._verifier.restore(int(task), _block_from(record))
+        self._verifier.standings = {n: trust.Standing(*w)
+                                    for n, w in snap.get("standings", {}).items()}
 
     def _replay(self, cut_torn=True):
         """Apply the log's records after the snapshot, their JSON decoded in one call (half
@@ -538,8 +636,14 @@ class Census:
             _put(self._errors, task, rec["e"])
         if "s" in rec:
             self._states[task] = rec["s"]
-        if rec.get("c"):
-            self._contributors[rec["c"][0]] = Contributor(*rec["c"])
+        for person in ([rec["c"]] if rec.get("c") else []) + rec.get("cs", []):
+            self._contributors[person[0]] = Contributor(*person)
+        if "k" in rec:
+            _put(self._checks, task, rec["k"] and Lease(*rec["k"]))
+        if "t" in rec:
+            self._verifier.restore(task, rec["t"] and _block_from(rec["t"]))
+        for name, standing in rec.get("w", {}).items():
+            self._verifier.standings[name] = trust.Standing(*standing)
         if "p" in rec:
             self._pinned.add(task)
         self._version = rec.get("v", self._version)
@@ -551,7 +655,7 @@ class Census:
         self._probed = sum(map(_PROBED, metas))
         self._responders = sum(map(_RESPONDERS, metas))
         self._result_bytes = (_RECORD_SIZE * len(metas) + sum(map(_BITMAP_LEN, metas))
-                              + sum(map(_RTT_LEN, metas)))
+                              + sum(map(_RTT_LEN, metas)) + sum(map(_ERRORS_LEN, metas)))
         since = self.clock() - 3600
         recent = sorted((m for m in metas if m.finished_at >= since), key=_FINISHED_AT)
         self._recent_t = list(map(_FINISHED_AT, recent))
@@ -576,12 +680,14 @@ class Census:
         self._rebuild_totals()
         self._pool = [_rank(t) for t in range(TASKS) if self._states[t] == State.AVAILABLE]
         heapq.heapify(self._pool)
-        self._expiry = [(lease.deadline, t, lease.token) for t, lease in self._leases.items()]
+        leases = [*self._leases.items(), *self._checks.items()]
+        self._expiry = [(lease.deadline, t, lease.token) for t, lease in leases]
         heapq.heapify(self._expiry)
         self._held = {}
-        for lease in self._leases.values():
+        for _, lease in leases:
             self._held[lease.holder] = self._held.get(lease.holder, 0) + 1
-        if self._states.count(State.DONE) != len(self._results):
+        if self._states.count(State.DONE) != sum(self._states[t] == State.DONE
+                                                 for t in self._results):
             missing = [t for t in range(TASKS) if self._states[t] == State.DONE
                        and t not in self._results]
             for task in missing:
@@ -598,8 +704,10 @@ class Store(Census):
 
     def __init__(self, directory, *, scope=None, exclude=(), lease_seconds=LEASE_SECONDS,
                  clock=time.time, snapshot_every=SNAPSHOT_EVERY,
-                 snapshot_seconds=SNAPSHOT_SECONDS, tail_bytes=TAIL_BYTES, max_leases=None):
-        super().__init__(scope=scope, exclude=exclude, lease_seconds=lease_seconds, clock=clock)
+                 snapshot_seconds=SNAPSHOT_SECONDS, tail_bytes=TAIL_BYTES, max_leases=None,
+                 verify=trust.FRACTION, rng=random.random):
+        super().__init__(scope=scope, exclude=exclude, lease_seconds=lease_seconds, clock=clock,
+                         verify=verify, rng=rng)
         self.dir = Path(directory)
         self.max_leases = max_leases
         self._closing = False
@@ -616,8 +724,12 @@ class Store(Census):
 
     # -- volunteers -------------------------------------------------------------------------------
 
-    def get_task(self, holder: str, *, within=None, lease_required=False) -> Handout | None:
+    def get_task(self, holder: str, *, within=None, lease_required=False,
+                 name=None) -> Handout | None:
         """Lease the next available task (spread over the space) to ``holder``; None if none.
+        A done block owed a check (trust.Verifier) that this holder may give comes first: its
+        result is already kept, so checks never hold up the census; ``name``, if the client
+        says it, keeps a contributor from checking its own results from another address.
 
         ``within``: a list of IPv4Networks; only a block whose /16 overlaps one of them (those
         wholly inside first). ``lease_required``: the lease is usable only with its token.
@@ -627,16 +739,21 @@ class Store(Census):
             now = self.clock()
             self._expire_due(now)
             self._check_cap(holder)
-            task = self._pop_available() if within is None else self._find_within(within)
-            if task is None:
-                return None
-            lease, change = self._new_lease(task, now, holder, lease_required)
+            task = self._next_check(name or holder, holder, within)
+            if task is not None:
+                lease, change = self._new_check(task, now, holder, lease_required)
+            else:
+                task = (self._pop_available(holder) if within is None
+                        else self._find_within(within))
+                if task is None:
+                    return None
+                lease, change = self._new_lease(task, now, holder, lease_required)
             ticket = self._commit(task, change)
         self._wait(ticket)
         return Handout(task, lease, network_of(task), self.exclude_of(task))
 
     def submit(self, task: int, result_data, *, holder: str, token=None, name=None, rtt=None,
-               stats=None, failure=None) -> bool:
+               stats=None, failure=None, bitmap=None, icmp_errors=None, skipped=None) -> bool:
         """Record a result; True when it repeats the submission that already completed it
         (same sender, same data).
 
@@ -644,27 +761,43 @@ class Store(Census):
         one), 409 done by another / with other data / leased to another, 400 bad data (the
         task goes to error only if the sender holds the live lease), 503 storage unavailable.
         ``failure``: the client's own error message when its result says success false.
+        The result is ``result_data`` (the original string) or ``bitmap`` (the compact form),
+        with ``rtt``, ``icmp_errors`` and ``skipped`` beside it (see results.py). A submission
+        for a check lease is compared with the block's kept result instead (trust.py).
         """
-        problem, packed = _pack_result(result_data, rtt)      # the costly part, outside the lock
+        problem, packed = _pack_result(task, result_data, bitmap=bitmap, rtt=rtt,  # outside
+                                       icmp_errors=icmp_errors, skipped=skipped)  # the lock
         if failure is not None:
             problem, packed = f"client reported: {failure}"[:200], None
         token = token or None                               # an empty token is no token
         self._writable()
+        prior = self._prior_bitmaps(task)       # what a check is compared with: read unlocked
+        partial = self._partial(task)           # a result with holes this one may fill
+        duplicate = refusal = None
         with self._lock:
             now = self.clock()
             self._expire_due(now)
-            duplicate, live = self._authorise_submit(task, token, holder, packed)
-            if duplicate:
-                ticket = None
-            elif problem is None:
-                ticket = self._accept(task, packed, now, holder, token, name, stats)
-            elif live:
-                ticket = self._fail(task, problem)
+            check = self._checks.get(task) if isinstance(task, int) else None
+            if check is not None and _matches(check, token, holder):
+                ticket, refusal = self._accept_check(task, packed, problem, prior, now, holder,
+                                                     token, name, stats)
+                problem = None
             else:
-                raise self._refuse(HTTPStatus.BAD_REQUEST, problem)
+                duplicate, live = self._authorise_submit(task, token, holder, packed)
+                if duplicate:
+                    ticket = None
+                elif problem is None:
+                    ticket = self._accept(task, packed, now, holder, token, name, stats,
+                                          partial)
+                elif live:
+                    ticket = self._fail(task, problem)
+                else:
+                    raise self._refuse(HTTPStatus.BAD_REQUEST, problem)
         if duplicate:
             return self._same_as_stored(task, duplicate, packed)
         self._wait(ticket)
+        if refusal is not None:
+            raise Refused(*refusal)
         if problem is not None:
             raise Refused(HTTPStatus.BAD_REQUEST, problem)
         return False
@@ -724,7 +857,7 @@ class Store(Census):
             if self._states[task] == State.DONE and code != State.DONE and not force:
                 raise self._refuse(HTTPStatus.CONFLICT,
                                    "task is done: revising it discards its result (use force=1)")
-            change = {**self._retire_lease(task), **self._drop_result(task), "e": None, "p": 1}
+            change = {**self._retire_lease(task), **self._discard_result(task), "e": None, "p": 1}
             self._errors.pop(task, None)
             self._pinned.add(task)
             change.update(self._set_to(task, code, holder))
@@ -764,21 +897,27 @@ class Store(Census):
         data = self._read_result(task, meta)
         if data is None:
             raise Refused(HTTPStatus.NOT_FOUND, "task has no result")
-        meta, bitmap, rtt_z = data
+        meta, bitmap, rtt_z, errors = data
         digits = format(int.from_bytes(bitmap, "big"), f"0{RESULT_LEN}b")
         return {"task_index": task, "result_data": digits,
                 "rtt_us": base64.b64encode(rtt_z).decode() if rtt_z else None,
-                "contributor": meta.contributor, "finished_at": meta.finished_at}
+                "icmp_errors": [[k, kind, icmp_type, code] for k, kind, icmp_type, code
+                                in results.icmp_error_rows(errors)],
+                "contributor": meta.contributor, "finished_at": meta.finished_at,
+                "not_probed": _hole_nets(task, meta),
+                "verification": self._verification_of(task)}
 
-    def bitmaps(self):
+
+    def bitmaps(self, with_errors=False):
         """(task, 8,192-byte bitmap) of every done task in index order, read lazily (a result
-        whose bytes fail their CRC is left out, and its task handed out again)."""
+        whose bytes fail their CRC is left out, and its task handed out again); with_errors:
+        (task, bitmap, ICMP error entries) (see results.icmp_error_rows)."""
         with self._lock:
             done = sorted(self._results.items())
         for task, meta in done:
             data = self._read_result(task, meta)
             if data is not None:
-                yield task, data[1]
+                yield (task, data[1], data[3]) if with_errors else (task, data[1])
 
     def counters(self) -> dict:
         """Numbers for /metrics."""
@@ -787,7 +926,10 @@ class Store(Census):
         return {"states": states, "submissions": self._submissions, "rejects": self.rejects,
                 "leases_expired": self.leases_expired, "version": self._version,
                 "damaged_results": self.damaged_results,
-                "damaged_records": self.damaged_records, "degraded": int(bool(self.degraded))}
+                "damaged_records": self.damaged_records, "degraded": int(bool(self.degraded)),
+                "agreements": self._verifier.agreements, "disputes": self._verifier.disputes,
+                "flagged": sum(w.flagged for w in self._verifier.standings.values()),
+                "verification": self._verifier.counts()}
 
     def close(self) -> None:
         """Flush, compact if worth it, write a final snapshot, let the folder go."""
@@ -798,7 +940,7 @@ class Store(Census):
 
     def live_records(self):
         """What a compaction keeps: a copy of each result record, then the rest as one."""
-        copies = [Copy(task, meta.offset, meta.bitmap_len + meta.rtt_len, meta.crc,
+        copies = [Copy(task, meta.offset, meta.size, meta.crc,
                        lambda offset, meta=meta: _JSON.encode(
                            {"r": meta._replace(offset=offset)}).encode())
                   for task, meta in self._results.items()]
@@ -880,28 +1022,77 @@ class Store(Census):
             return None, False                          # late, but nobody else finished it
         raise self._not_yours(lease, token)
 
-    def _accept(self, task, packed, now, holder, token, name, stats):
-        offset = self._journal.next_blob_offset      # where _commit below puts the bytes
-        excluded = sum(n.num_addresses for n in self._parts.get(task, ()))
-        excluded = _stat(stats, "excluded", excluded)
-        probed = _stat(stats, "probed", RESULT_LEN - excluded)
-        meta = ResultMeta(offset, len(packed.bitmap), len(packed.rtt), name or holder, now,
-                          packed.responders, probed, excluded, token, holder, packed.crc)
+    def _accept(self, task, packed, now, holder, token, name, stats, partial=None):
+        """A result for a block; one with holes (not probed, not explained by the operator's
+        exclusions) goes back to the pool for those parts, and fills those of a result before."""
+        credit = trust.Opinion(name or holder, holder, packed.responders,
+                               _stat(stats, "probed", RESULT_LEN))
+        before = self._results.get(task)
+        if before is not None and before.holes and partial is not None and partial[0] == before:
+            packed = self._filled(partial, packed)
+        holes = self._unexplained(task, packed.skipped)
+        meta = self._result_meta(task, packed, now, holder, token, name, stats)
+        meta = meta._replace(holes=holes, probed=RESULT_LEN - meta.excluded - _count(holes)
+                             if holes or before is not None else meta.probed)
         change = self._retire_lease(task)
         self._old.pop(task, None)
         if self._errors.pop(task, None) is not None:
             change["e"] = None
         self._submissions += 1
+        change.update(self._drop_result(task))
         self._apply_result(task, meta, count=True)
+        if holes:                                 # handed out again for the holes alone
+            change.update(self._make_available(task), r=meta, n=self._submissions,
+                          cs=[self._credit(credit, 1, now)])
+            return self._commit(task, change, packed.blob, packed.crc)
         change.update(self._set_state(task, State.DONE))
-        person = self._contributors.get(meta.contributor) or Contributor(
-            meta.contributor, 0, 0, 0, now, now)
-        person = person._replace(tasks_done=person.tasks_done + 1, last_seen=now,
-                                 addresses_probed=person.addresses_probed + meta.probed,
-                                 responders=person.responders + meta.responders)
-        self._contributors[person.name] = person
-        change.update({"r": meta, "c": person, "n": self._submissions})
-        return self._commit(task, change, packed.bitmap + packed.rtt, packed.crc)
+        opinion = trust.Opinion(meta.contributor, holder, meta.responders, meta.probed)
+        outcome = self._verifier.add(task, opinion)
+        change.update(self._settled(task, outcome, now), r=meta, n=self._submissions)
+        return self._commit(task, change, packed.blob, packed.crc)
+
+    def _partial(self, task):
+        """(meta, bitmap, rtt, errors) of a result with holes (call unlocked: it reads)."""
+        with self._lock:
+            meta = self._results.get(task) if isinstance(task, int) else None
+        if meta is None or not meta.holes:
+            return None
+        return self._read_result(task, meta)
+
+    def _filled(self, partial, packed):
+        """The result before, its holes filled from this one (results.fill_holes)."""
+        meta, bitmap, rtt, errors = partial
+        old = results.Packed(bitmap, rtt, meta.responders, errors)
+        new = results.Packed(packed.bitmap, packed.rtt, packed.responders, packed.errors,
+                             packed.skipped)
+        both = results.fill_holes(old, meta.holes, new)
+        blob = both.bitmap + both.rtt + both.errors
+        return Packed(both.bitmap, both.rtt, both.responders, zlib.crc32(blob), both.errors,
+                      both.skipped)
+
+    def _unexplained(self, task, skipped) -> tuple:
+        """The skipped spans that neither the operator's exclusions nor (with no scope given)
+        reserved space explain: holes."""
+        spans = list(skipped)
+        base = task << 16
+        explained = list(self._parts.get(task, ()))
+        if self._reserved_explains:
+            explained += [n for n in RESERVED if n.overlaps(_block_net(task))]
+        for net in explained:
+            first = max(int(net.network_address) - base, 0)
+            last = min(int(net.broadcast_address) - base, RESULT_LEN - 1)
+            spans = _cut(spans, first, last)
+        return tuple(spans)
+
+    def _result_meta(self, task, packed, now, holder, token, name, stats):
+        """The metadata of a result about to be committed (its bytes go where the next
+        record's blob will: commit it before any other record)."""
+        excluded = sum(n.num_addresses for n in self._parts.get(task, ()))
+        excluded = _stat(stats, "excluded", excluded)
+        probed = _stat(stats, "probed", RESULT_LEN - excluded)
+        return ResultMeta(self._journal.next_blob_offset, len(packed.bitmap), len(packed.rtt),
+                          name or holder, now, packed.responders, probed, excluded, token,
+                          holder, packed.crc, len(packed.errors))
 
     def _fail(self, task, problem):
         self.rejects += 1
@@ -913,7 +1104,7 @@ class Store(Census):
     def _same_as_stored(self, task, meta, packed) -> bool:
         """True if ``packed`` is byte for byte the stored result, else Refused 409."""
         stored = self._read_result(task, meta)
-        if stored is None or (stored[1], stored[2]) != (packed.bitmap, packed.rtt):
+        if stored is None or stored[1:] != (packed.bitmap, packed.rtt, packed.errors):
             raise self._refuse(HTTPStatus.CONFLICT, _OTHER_DATA)
         return True
 
@@ -929,11 +1120,12 @@ class Store(Census):
         for _ in range(2):                          # a compaction may move it meanwhile
             if meta is None:
                 return None
-            if not self._journal.durable_through(meta.offset + meta.bitmap_len + meta.rtt_len):
+            if not self._journal.durable_through(meta.offset + meta.size):
                 self._wait(self._journal.last_ticket())   # its bytes may still be queued
-            data = self._journal.read_blob(meta.offset, meta.bitmap_len + meta.rtt_len, meta.crc)
+            data = self._journal.read_blob(meta.offset, meta.size, meta.crc)
             if data is not None:
-                return meta, data[:meta.bitmap_len], data[meta.bitmap_len:]
+                rtt_end = meta.bitmap_len + meta.rtt_len
+                return meta, data[:meta.bitmap_len], data[meta.bitmap_len:rtt_end], data[rtt_end:]
             with self._lock:
                 current = self._results.get(task)
                 if current == meta:
@@ -959,6 +1151,97 @@ class Store(Census):
         with self._changed:
             self._changed.notify_all()
         return ticket
+
+    # -- private: verification (call with self._lock held, unless said) --------------------------
+
+    def _next_check(self, name, holder, within):
+        wanted = None if within is None else (
+            lambda task: any(_block_net(task).overlaps(net) for net in within))
+        return self._verifier.next_check(name, holder, busy=self._checks, wanted=wanted)
+
+    def _new_check(self, task, now, holder, bound):
+        lease = Lease(self._token(), now + self.lease_seconds, holder, bound)
+        self._checks[task] = lease
+        self._held[holder] = self._held.get(holder, 0) + 1
+        heapq.heappush(self._expiry, (lease.deadline, task, lease.token))
+        return lease, {"k": lease}
+
+    def _retire_check(self, task) -> dict:
+        lease = self._checks.pop(task, None)
+        if lease is None:
+            return {}
+        self._unhold(lease.holder)
+        return {"k": None}
+
+    def _prior_bitmaps(self, task):
+        """The bitmaps of a block's opinions, if it wants another (call unlocked: it reads)."""
+        with self._lock:
+            block = self._verifier.blocks.get(task) if isinstance(task, int) else None
+            meta = self._results.get(task)
+        if block is None or not block.wants_opinion or meta is None:
+            return []
+        data = self._read_result(task, meta)
+        kept = data[1] if data else bytes(RESULT_LEN // 8)
+        return [kept if i == block.kept else base64.b64decode(o.ref or "")
+                for i, o in enumerate(block.opinions)]
+
+    def _accept_check(self, task, packed, problem, prior, now, holder, token, name, stats):
+        """A check's result: (ticket, None) or (ticket, (status, why)) to refuse it with."""
+        change = self._retire_check(task)
+        block = self._verifier.blocks.get(task)
+        if problem is None and not self._verifier.may_check(task, name or holder, holder):
+            problem = ("your results disagree with others too often: you are given no checks"
+                       if self._verifier.standing(name or holder).flagged
+                       else "this contributor or address already gave this block a result")
+            return self._commit(task, change), (HTTPStatus.CONFLICT, problem)
+        if problem is not None or len(prior) != len(block.opinions):
+            problem = problem or "the block changed meanwhile: sweep it again"
+            return self._commit(task, change), (HTTPStatus.BAD_REQUEST, problem)
+        meta = self._result_meta(task, packed, now, holder, token, name, stats)
+        opinion = trust.Opinion(meta.contributor, holder, meta.responders, meta.probed)
+        agrees = [trust.agreement(packed.bitmap, other).agrees for other in prior]
+        outcome = self._verifier.add(task, opinion, agrees)
+        self._submissions += 1
+        if not outcome.block.wants_opinion:      # settled: the bitmaps kept for comparing go
+            block = outcome.block._replace(opinions=tuple(
+                o._replace(ref=None) for o in outcome.block.opinions))
+        elif outcome.block.kept != len(prior):   # unsettled: keep the newcomer's for the next
+            newest = outcome.block.opinions[-1]._replace(
+                ref=base64.b64encode(packed.bitmap).decode())
+            block = outcome.block._replace(opinions=outcome.block.opinions[:-1] + (newest,))
+        self._verifier.restore(task, block)
+        change.update(self._settled(task, outcome._replace(block=block), now),
+                      n=self._submissions)
+        for again in outcome.requeued:           # a flagged contributor's unverified results
+            self._commit(again, {"t": _block_record(self._verifier.blocks[again])})
+        if not outcome.kept_changed:
+            return self._commit(task, change), None
+        change.update(self._drop_result(task))
+        meta = meta._replace(offset=self._journal.next_blob_offset)
+        self._apply_result(task, meta, count=False)
+        change.update(self._set_state(task, State.DONE), r=meta)
+        return self._commit(task, change, packed.blob, packed.crc), None
+
+    def _settled(self, task, outcome, now) -> dict:
+        """The record of a verifier outcome: the block, its contributors' standing and
+        credit (a credit counts a result for its contributor, a debit takes it back)."""
+        people = {}
+        for opinions, sign in ((outcome.credit, 1), (outcome.debit, -1)):
+            for opinion in opinions:
+                people[opinion.contributor] = self._credit(opinion, sign, now)
+        standings = {o.contributor: self._verifier.standing(o.contributor)
+                     for o in outcome.block.opinions}
+        return {"t": _block_record(outcome.block), "w": standings, "cs": list(people.values())}
+
+    def _credit(self, opinion, sign, now):
+        person = self._contributors.get(opinion.contributor) or Contributor(
+            opinion.contributor, 0, 0, 0, now, now)
+        person = person._replace(tasks_done=person.tasks_done + sign,
+                                 addresses_probed=person.addresses_probed + sign * opinion.probed,
+                                 responders=person.responders + sign * opinion.responders,
+                                 last_seen=max(person.last_seen, now) if sign > 0 else person.last_seen)
+        self._contributors[person.name] = person
+        return person
 
     # -- private: load ----------------------------------------------------------------------------
 
@@ -1019,7 +1302,7 @@ _JSON = json.JSONEncoder(separators=(",", ":"))   # one encoder: json.dumps buil
 _OTHER_DATA = "task already done with different data"
 _PROBED, _RESPONDERS = operator.attrgetter("probed"), operator.attrgetter("responders")
 _BITMAP_LEN, _RTT_LEN = operator.attrgetter("bitmap_len"), operator.attrgetter("rtt_len")
-_FINISHED_AT = operator.attrgetter("finished_at")
+_FINISHED_AT, _ERRORS_LEN = operator.attrgetter("finished_at"), operator.attrgetter("errors_len")
 _DIGITS = bytes.maketrans(bytes(range(5)), b"01234")
 _UNDIGITS = bytes.maketrans(b"01234", bytes(range(5)))
 _REV8 = bytes(int(f"{b:08b}"[::-1], 2) for b in range(256))
@@ -1037,6 +1320,49 @@ def _collector_paused():
     finally:
         if enabled:
             gc.enable()
+
+
+def _count(spans) -> int:
+    return sum(last - first + 1 for first, last in spans)
+
+
+def _cut(spans, first, last) -> list:
+    """`spans` less first..last (sorted, merged, inclusive)."""
+    out = []
+    for a, b in spans:
+        if b < first or a > last:
+            out.append((a, b))
+            continue
+        if a < first:
+            out.append((a, first - 1))
+        if b > last:
+            out.append((last + 1, b))
+    return out
+
+
+def _span_nets(task, first, last):
+    base = task << 16
+    return ipaddress.summarize_address_range(ipaddress.IPv4Address(base + first),
+                                             ipaddress.IPv4Address(base + last))
+
+
+def _hole_nets(task, meta) -> list:
+    """A result's holes as CIDRs (what /result and /task call "not_probed")."""
+    if meta is None:
+        return []
+    return [str(n) for first, last in meta.holes for n in _span_nets(task, first, last)]
+
+
+def _block_record(block: trust.Block) -> list:
+    """A trust.Block as plain JSON values (its opinions as lists)."""
+    return [[list(o) for o in block.opinions], [list(p) for p in block.agreeing], block.kept,
+            int(block.status)]
+
+
+def _block_from(record) -> trust.Block:
+    opinions, agreeing, kept, status = record
+    return trust.Block(tuple(trust.Opinion(*o) for o in opinions),
+                       tuple(tuple(p) for p in agreeing), kept, trust.Status(status))
 
 
 def _rank(task: int) -> int:
@@ -1058,35 +1384,17 @@ def _same(given: str, secret: str) -> bool:
     return hmac.compare_digest(given.encode(), secret.encode())
 
 
-def _pack_result(result_data, rtt):
-    """(problem, None) or (None, Packed): the result checked and bit-packed, rtt_us checked."""
+def _pack_result(task, result_data, *, bitmap=None, rtt=None, icmp_errors=None, skipped=None):
+    """(problem, None) or (None, Packed): the result checked (results.pack) and hashed."""
+    block = _block_net(task) if isinstance(task, int) and 0 <= task < TASKS else _block_net(0)
     try:
-        digits = result_data if isinstance(result_data, bytes) else result_data.encode("ascii")
-    except (AttributeError, UnicodeEncodeError):
-        digits = b""
-    if len(digits) != RESULT_LEN:
-        return f"result_data must be a string of {RESULT_LEN} characters", None
-    # int() checks the digits as it converts (a separate pass would cost 16 us more), but it
-    # also takes blanks around, a sign, a 0b prefix and '_' between digits: refuse those first.
-    try:
-        if digits[:2].strip(b"01") or digits[-1:].strip(b"01") or b"_" in digits:
-            raise ValueError
-        bits = int(digits, 2)                   # character k is bit k from the top
-    except ValueError:
-        return "result_data may hold only '0' and '1'", None
-    ones = bits.bit_count()
-    bitmap = bits.to_bytes(RESULT_LEN // 8, "big")
-    if not rtt:
-        return None, Packed(bitmap, b"", ones, zlib.crc32(bitmap))
-    try:
-        rtt_z = base64.b64decode(rtt, validate=True)
-        inflater = zlib.decompressobj()
-        raw = inflater.decompress(rtt_z, 4 * RESULT_LEN + 1)
-        if not inflater.eof or len(raw) != 4 * ones:
-            raise ValueError("length")
-    except (ValueError, TypeError, zlib.error):
-        return "rtt_us must be base64 of zlib'd uint32s, one per '1' of result_data", None
-    return None, Packed(bitmap, rtt_z, ones, zlib.crc32(rtt_z, zlib.crc32(bitmap)))
+        checked = results.pack(result_data, bitmap, block=block, rtt=rtt,
+                               icmp_errors=icmp_errors, skipped=skipped)
+    except results.Invalid as exc:
+        return str(exc), None
+    blob = checked.bitmap + checked.rtt + checked.errors
+    return None, Packed(checked.bitmap, checked.rtt, checked.responders, zlib.crc32(blob),
+                        checked.errors, checked.skipped)
 
 
 def _stat(stats, key, default):

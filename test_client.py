@@ -290,7 +290,7 @@ def test_normal_url():
 def test_result_encoding():
     result = fake_result(LOOP, replied=(0, 258, 65535), unreachable=(2,), excluded=(3, 4))
     body = ping_client.submission_body(ping_client.parse_task(task()), result, "alice")
-    data = body["result"]["result_data"]
+    data = ping_client.string_form(body)["result"]["result_data"]
     assert len(data) == 65536 and set(data) == {"0", "1"}
     assert [k for k, c in enumerate(data) if c == "1"] == [0, 258, 65535]
     assert list(ping_client.decode_rtt(body["rtt_us"])) == [100, 358, 65635]
@@ -432,13 +432,27 @@ def test_once_sweeps_and_submits(tmp_path, serve, monkeypatch):
     code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8")
     assert code == 0 and spooled(tmp_path) == []
     [(_, _, body)] = server.calls("POST", "/submit_result")
-    assert [k for k, c in enumerate(body["result"]["result_data"]) if c == "1"] == [1, 2, 300]
+    assert [k for k, c in enumerate(ping_client.string_form(body)["result"]["result_data"]) if c == "1"] == [1, 2, 300]
     assert list(ping_client.decode_rtt(body["rtt_us"])) == [101, 102, 400]
     assert (body["lease"], body["name"], body["task_index"]) == ("L1", "tester", LOOP_TASK)
     [(targets, kwargs)] = sweep.calls
     assert targets == ipaddress.IPv4Network(LOOP)
     assert kwargs["allow"] == (ipaddress.IPv4Network("127.0.0.0/8"),)
     assert (kwargs["rate"], kwargs["probes"], kwargs["cooldown"]) == (10000, 1, icmp.DEFAULT_COOLDOWN)
+
+
+def test_compact_form_first_then_the_string_form_for_a_server_without_it(tmp_path, serve,
+                                                                         monkeypatch):
+    monkeypatch.setattr(icmp, "Sweeper", FakeSweep(replied=(1, 2, 300)))
+    old = (400, {"error": "result_data must be a string of 65536 characters"})
+    server = serve({("GET", "/get_task"): [(200, task())], ("POST", "/submit_result"): [old, OK]})
+    code, _ = run_client(server, tmp_path, "--once", "--allow", "127.0.0.0/8")
+    assert code == 0 and spooled(tmp_path) == []
+    [(_, _, compact), (_, _, string)] = server.calls("POST", "/submit_result")
+    assert "result_data" not in compact["result"] and "bitmap" not in string["result"]
+    assert string["result"]["result_data"] == ping_client.string_form(compact)["result"]["result_data"]
+    assert [k for k, c in enumerate(string["result"]["result_data"]) if c == "1"] == [1, 2, 300]
+    assert string["rtt_us"] == compact["rtt_us"] and string["lease"] == "L1"
 
 
 @pytest.mark.parametrize("asked", [10**7, 1e-9, "fast"])
@@ -486,7 +500,7 @@ def test_real_sweep_skips_both_exclusion_lists_and_tags_every_probe(tmp_path, se
     assert sorted(targets) == [a for a in range(base, base + 65536) if a not in skipped]
     assert all(packet[8:8 + len(icmp.TAG)] == icmp.TAG for _, packet in fake.sent)
     [(_, _, body)] = server.calls("POST", "/submit_result")
-    assert body["result"]["result_data"] == "0" * 65536
+    assert ping_client.string_form(body)["result"]["result_data"] == "0" * 65536
     assert body["stats"] == {"probed": 65024, "excluded": 512, "unreachable": 0, "sent": 65024}
 
 
@@ -888,8 +902,9 @@ def test_scan_checks_its_output_file_before_any_probe(tmp_path, monkeypatch, cap
 
 
 @pytest.mark.parametrize("only, query", [
-    ([], "lease=required"),
-    (["--only", "127.0.0.0/9,127.128.0.0/9"], "lease=required&within=127.0.0.0/9,127.128.0.0/9"),
+    ([], "lease=required&name=tester"),
+    (["--only", "127.0.0.0/9,127.128.0.0/9"],
+     "lease=required&name=tester&within=127.0.0.0/9,127.128.0.0/9"),
 ])
 def test_get_task_says_what_the_client_accepts(tmp_path, serve, monkeypatch, only, query):
     monkeypatch.setattr(icmp, "Sweeper", FakeSweep())

@@ -336,7 +336,7 @@ def test_forwarded_for_is_trusted_only_from_proxy_peers(census_server):
     for running, holder in ((plain, "127.0.0.1"), (proxied, "203.0.113.9")):
         seen = []
         leased = running.store.get_task
-        running.store.get_task = lambda who: seen.append(who) or leased(who)
+        running.store.get_task = lambda who, **options: seen.append(who) or leased(who)
         assert running.call("GET", "/get_task", headers=forwarded)[0] == 200
         assert seen == [holder]
     # token-less admin for a forwarded client: refused (it is not loopback)
@@ -383,7 +383,7 @@ def test_internal_errors_and_storage_failures_are_logged_with_traceback(census_s
     def broken():
         raise RuntimeError("bug in progress()")
 
-    def full(holder):
+    def full(holder, **options):
         raise OSError(28, "No space left on device")
 
     running.store.progress, running.store.get_task = broken, full

@@ -87,28 +87,31 @@ def test_echo_request_golden_bytes():
 
 
 def test_probe_layout_golden_bytes():
-    signer = icmp.Signer(SECRET, ident=0xBEEF)
+    signer = icmp.Signer(SECRET)
     probe = signer.request(addr("127.0.0.7"))
-    assert probe == icmp.echo_request(0xBEEF, *signer.sign(addr("127.0.0.7")))
+    ident, seq, payload = signer.sign(addr("127.0.0.7"))
+    assert probe == icmp.echo_request(ident, seq, payload)
     assert len(probe) == icmp.PACKET_SIZE == 32
-    assert probe[:2] == b"\x08\x00" and probe[4:6] == b"\xbe\xef"
+    assert probe[:2] == b"\x08\x00" and probe[4:8] == struct.pack("!HH", ident, seq)
     assert probe[8:20] == icmp.TAG == b"ipv4-census "
     assert probe[20:24] == bytes([127, 0, 0, 7])
-    assert probe.hex() == "0800fde6beef1c0c697076342d63656e737573207f00000761809a364d73fdde"
+    # identifier, sequence number and MAC: blake2b(127.0.0.7, key=SECRET, 12 bytes)
+    assert probe[4:8] + probe[24:] == bytes.fromhex("608d3816b1903d62056b824a")
+    assert probe.hex() == "080010a0608d3816697076342d63656e737573207f000007b1903d62056b824a"
     assert icmp.checksum(probe) == 0
 
 
 def test_probe_with_a_contact_golden_bytes_and_bounded():
-    signer = icmp.Signer(SECRET, ident=0xBEEF, contact=b"census@example.org")
+    signer = icmp.Signer(SECRET, contact=b"census@example.org")
     probe = signer.request(addr("127.0.0.7"))
-    assert probe.hex() == ("08006307beef1c0c" "697076342d63656e73757320"                # TAG
+    assert probe.hex() == ("080075c0608d3816" "697076342d63656e73757320"                # TAG
                            "63656e737573406578616d706c652e6f7267" "2020"              # contact, padded even
-                           "7f000007" "61809a364d73fdde")                             # destination, MAC
-    assert probe == icmp.echo_request(0xBEEF, *signer.sign(addr("127.0.0.7")))
+                           "7f000007" "b1903d62056b824a")                             # destination, MAC
+    assert probe == icmp.echo_request(*signer.sign(addr("127.0.0.7")))
     assert icmp.checksum(probe) == 0 and probe[8:].startswith(icmp.TAG + b"census@example.org ")
     reply = icmp.parse(ip_packet(addr("127.0.0.7"), LOOP + 1, echo_reply(probe)))
     assert signer.check(reply) == (icmp.Verdict.OK, addr("127.0.0.7"))
-    assert icmp.Signer(SECRET, ident=0xBEEF).check(reply)[0] == icmp.Verdict.STRAY   # not our layout
+    assert icmp.Signer(SECRET).check(reply)[0] == icmp.Verdict.STRAY   # not our layout
     longest = icmp.Signer(SECRET, contact=b"~" * icmp.CONTACT_MAX).request(addr("127.0.0.7"))
     assert len(longest) == 8 + 66 and icmp.checksum(longest) == 0
     for bad in (b"~" * (icmp.CONTACT_MAX + 1), "text", b"tab\there", "caf\u00e9".encode(), b"\x7f"):
@@ -143,7 +146,7 @@ def test_parse_rejects_requests_corruption_and_truncation():
 
 
 def test_unreachable_quote_is_credited_to_the_probed_target():
-    signer = icmp.Signer(SECRET, ident=0x4242)
+    signer = icmp.Signer(SECRET)
     target, router = LOOP + 0x0107, LOOP + 0x00FE
     request = signer.request(target)
     for keep in (28, 20 + len(request)):              # RFC 792's 8 bytes, or the whole probe
@@ -153,13 +156,40 @@ def test_unreachable_quote_is_credited_to_the_probed_target():
         assert signer.check(reply) == (icmp.Verdict.OK, target)
     exceeded = with_checksum(b"\x0b\x00" + unreachable(target, request)[2:])
     assert icmp.parse(ip_packet(router, LOOP + 1, exceeded)).icmp_type == icmp.IcmpType.TIME_EXCEEDED
-    forged = unreachable(target, icmp.Signer(b"x" * 16, ident=0x4242).request(target))
-    assert signer.check(icmp.parse(ip_packet(router, LOOP + 1, forged)))[0] == icmp.Verdict.BAD_PAYLOAD
+    for keep, verdict in ((28, icmp.Verdict.STRAY), (60, icmp.Verdict.BAD_PAYLOAD)):
+        forged = unreachable(target, icmp.Signer(b"x" * 16).request(target), keep=keep)
+        assert signer.check(icmp.parse(ip_packet(router, LOOP + 1, forged)))[0] == verdict
+
+
+def test_a_forged_8_byte_quote_error_is_credited_at_no_more_than_the_2_to_the_minus_32_rate():
+    """An attacker who sees the identifier of one real probe (its own address was probed)
+    forges unreachables quoting only 8 bytes for random targets of the sweep: the identifier
+    must match the target's keyed hash too, so none of 2**20 is credited, where a fixed
+    per-sweep identifier left only the 16-bit sequence number to guess (16 expected)."""
+    signer = icmp.Signer(SECRET)
+    router = LOOP + 0xFFFE
+    ident = icmp.parse(ip_packet(router, LOOP + 1, echo_reply(signer.request(router)))).ident
+    rng = random.Random(2 ** 32)
+    tries, credited = 1 << 20, 0
+    check, reply, ok = signer.check, icmp.Reply, icmp.Verdict.OK
+    guesses = [divmod(bits, 1 << 16) for bits in map(rng.getrandbits, [32] * tries)]
+    for offset, seq in guesses:                      # a random target, a random sequence
+        credited += check(reply(router, LOOP + offset, 3, 1, ident, seq, b""))[0] == ok
+    assert credited <= tries / 2 ** 32              # i.e. none
+    ident_of = [signer.sign(LOOP + offset)[0] for offset in range(1 << 16)]
+    ident_matched = sum(ident_of[offset] == ident for offset, _ in guesses)
+    # the identifier alone is worth 16 bits: about tries / 2**16 targets share it
+    assert 2 <= ident_matched <= 48
+    # the full 8 bytes of a real forged packet go through parse() to the same verdict
+    target = LOOP + 0x0102
+    forged = icmp.echo_request(ident, 0x0001, b"")[:8]
+    packet = ip_packet(router, LOOP + 1, unreachable(target, forged + bytes(20), keep=28))
+    assert signer.check(icmp.parse(packet)) == (icmp.Verdict.STRAY, target)
 
 
 def test_parser_never_raises_on_100k_random_and_truncated_packets():
     rng = random.Random(792)
-    signer = icmp.Signer(SECRET, ident=1)
+    signer = icmp.Signer(SECRET)
     request = signer.request(LOOP + 3)
     seeds = [ip_packet(LOOP + 3, LOOP + 1, echo_reply(request)),
              ip_packet(LOOP + 9, LOOP + 1, unreachable(LOOP + 3, request, keep=60))]
@@ -226,7 +256,7 @@ def test_plain_echo_replies_take_the_fast_path_and_the_rest_the_full_one(monkeyp
 
 
 def test_only_a_reply_proving_our_probe_to_that_address_counts():
-    signer = icmp.Signer(SECRET, ident=0x7777)
+    signer = icmp.Signer(SECRET)
     target = LOOP + 0x0203
     request = signer.request(target)
 
@@ -240,15 +270,17 @@ def test_only_a_reply_proving_our_probe_to_that_address_counts():
     wrong_mac = bytearray(echo_reply(request))
     wrong_mac[-1] ^= 1
     assert check(with_checksum(bytes(wrong_mac)))[0] == icmp.Verdict.BAD_PAYLOAD
-    other_sweep = icmp.Signer(b"another secret!!", ident=0x7777).request(target)
+    other_sweep = icmp.Signer(b"another secret!!").request(target)
     assert check(echo_reply(other_sweep))[0] == icmp.Verdict.BAD_PAYLOAD     # a replay
     assert check(echo_reply(request), src=LOOP + 0x0204) == (icmp.Verdict.WRONG_SOURCE, target)
-    stranger = icmp.echo_request(0x7778, 1, request[8:])                    # another ping's ident
-    assert check(echo_reply(stranger))[0] == icmp.Verdict.STRAY
-    foreign = icmp.echo_request(0x7777, 1, b"abcdefghijklmnopqrstuvwx")     # our ident, not our tag
+    ident, seq, payload = signer.sign(target)
+    wrong_ident = icmp.echo_request(ident ^ 1, seq, payload)                # our tag, not our hash
+    assert check(echo_reply(wrong_ident))[0] == icmp.Verdict.BAD_PAYLOAD
+    foreign = icmp.echo_request(ident, seq, b"abcdefghijklmnopqrstuvwx")   # our hash, not our tag
     assert check(echo_reply(foreign))[0] == icmp.Verdict.STRAY
-    dgram = icmp.parse(echo_reply(icmp.echo_request(0x1111, *signer.sign(target))), target)
+    dgram = icmp.parse(echo_reply(icmp.echo_request(0x1111, seq, payload)), target)
     assert signer.check(dgram, check_ident=False) == (icmp.Verdict.OK, target)
+    assert signer.check(dgram)[0] == icmp.Verdict.BAD_PAYLOAD              # the kernel's ident
 
 
 def test_reserved_ranges_and_exclusions():
@@ -550,7 +582,7 @@ def test_overlapping_sweeps_on_one_socket_each_get_their_own_replies(kind):
         second = sweeper.start(net, rate=40_000, cooldown=0.3, allow=ALLOW)   # both send at once
         assert sweeper.wait_for(lambda: first.all_sent and second.all_sent, timeout=10)
         results = [first.result(timeout=10), second.result(timeout=10)]
-    assert first.signer.ident != second.signer.ident or kind == "dgram"
+    assert first.signer.secret != second.signer.secret     # what tells their replies apart
     for result in results:
         assert set(result.status) == {icmp.Status.ECHO_REPLY}
         s = result.stats

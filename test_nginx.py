@@ -82,7 +82,7 @@ def test_volunteers_seen_with_their_forwarded_address(behind_nginx):
     running, port = behind_nginx
     seen = []
     leased = running.store.get_task
-    running.store.get_task = lambda who: seen.append(who) or leased(who)
+    running.store.get_task = lambda who, **options: seen.append(who) or leased(who)
     status, task = through(port, "GET", "/get_task")
     assert status == 200 and seen == [VOLUNTEER]
     submission = {"task_index": task["task_index"], "lease": task["lease"],

@@ -69,7 +69,8 @@ def test_original_read_endpoints(srv):
     assert {"progress", "done_tasks", "total_tasks", "in_progress", "error_tasks",
             "excluded_tasks", "available_tasks", "addresses_probed", "responders",
             "tasks_per_min", "probes_per_min", "eta_seconds", "contributors",
-            "version"} == set(progress)
+            "version", "verified_tasks", "unverified_tasks", "checks_waiting", "disputed_tasks",
+            "verified_share", "verify_fraction"} == set(progress)
     assert (progress["total_tasks"], progress["in_progress"]) == (256, 1)
     assert set(srv.call("GET", "/rate")[2]) == {"rate", "submissions_last_hour"}
     assert srv.call("GET", "/healthz")[::2] == (200, {"status": "ok"})

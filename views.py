@@ -8,9 +8,9 @@ requests to them. Everything that comes from data or from the operator is HTML-e
     history(finished_at, now)           blocks done per hour since the first result
 
 Export rows carry ZMap's field names. What kind of answer an address gave comes from
-``answers_of``: today a result says only "answered" (an echo reply), so every row is
-``echoreply``, type 0, code 0; once results carry negative answers (unreachable and the rest),
-``answers_of`` is the one place that reads them.
+``answers_of``: a responder is ``echoreply``, type 0, code 0; an export that asks for
+classification, type or code also has a row for each negative answer the result carries
+(``unreach`` type 3, ``timxceed`` type 11, with their code), in address order.
 """
 
 import array
@@ -24,6 +24,7 @@ import zlib
 from typing import NamedTuple
 
 import pictures
+from results import answered_offsets, icmp_error_rows
 
 EXPORT_FIELDS = ("saddr", "rtt_ms", "classification", "type", "code")
 LIST_PAGE = 1024                    # blocks a /list page shows
@@ -58,22 +59,23 @@ class Site(NamedTuple):
     scope: tuple = ()               # IPv4Networks (--scope); empty: the whole space
 
 
-def answers_of(result: dict):
+def answers_of(result: dict, negative: bool = False):
     """(address offset k in the block, rtt in microseconds or None, Answer) of every address of
-    a /result that answered, in address order. The one place a per-address classification is
-    read: today every answer is an echo reply."""
+    a /result that answered, in address order; `negative`: its ICMP errors too (/result's
+    "icmp_errors": [offset, classification, type, code] each). The one place a per-address
+    classification is read."""
     data = result["result_data"]
     bitmap = int(data, 2).to_bytes(8192, "big") if isinstance(data, str) else data
     rtts = decode_rtt(result.get("rtt_us"))
     offsets = answered_offsets(bitmap)
     if rtts is None or len(rtts) != len(offsets):
         rtts = [None] * len(offsets)
-    return zip(offsets, rtts, [ECHOREPLY] * len(offsets))
-
-
-def answered_offsets(bitmap: bytes) -> list:
-    """The offsets k (0..65535) whose bit is set, in order."""
-    return [8 * j + bit for j, byte in enumerate(bitmap) if byte for bit in _BITS[byte]]
+    echoes = zip(offsets, rtts, [ECHOREPLY] * len(offsets))
+    errors = result.get("icmp_errors") if negative else None
+    if not errors:
+        return echoes
+    return sorted([*echoes, *((k, None, Answer(kind, icmp_type, code))
+                              for k, kind, icmp_type, code in errors)], key=lambda row: row[0])
 
 
 def decode_rtt(text):
@@ -131,8 +133,9 @@ def csv_chunks(store, fields=("saddr",), network=None):
     for task, result in _results(store, fields, network):
         base = task << 16
         lo, hi = _offset_range(task, network)
-        rows = [_row(fields, base + k, rtt, answer) for k, rtt, answer in answers_of(result)
-                if lo <= k < hi]
+        negative = bool({"classification", "type", "code"} & set(fields))
+        rows = [_row(fields, base + k, rtt, answer)
+                for k, rtt, answer in answers_of(result, negative) if lo <= k < hi]
         if rows:
             yield "".join(rows).encode()
 
@@ -272,7 +275,6 @@ def contact_html(contact: str) -> str:
 
 # -- private helpers ------------------------------------------------------------------------------
 
-_BITS = tuple(tuple(bit for bit in range(8) if byte & (0x80 >> bit)) for byte in range(256))
 _FORMAT = {"saddr": lambda a, rtt, answer: f"{a >> 24}.{a >> 16 & 255}.{a >> 8 & 255}.{a & 255}",
            "rtt_ms": lambda a, rtt, answer: "" if rtt is None else f"{rtt / 1000:.3f}",
            "classification": lambda a, rtt, answer: answer.classification,
@@ -293,8 +295,8 @@ def _results(store, fields, network):
     """(task, /result-like dict) of the done blocks to export; the whole census without rtt_ms
     is read in one pass of bitmaps, anything else a block at a time."""
     if network is None and "rtt_ms" not in fields:
-        for task, bitmap in store.bitmaps():
-            yield task, {"result_data": bitmap}
+        for task, bitmap, errors in store.bitmaps(with_errors=True):
+            yield task, {"result_data": bitmap, "icmp_errors": list(icmp_error_rows(errors))}
         return
     _, states = store.map_bytes()
     first, last = (0, 65535) if network is None else (

@@ -15,6 +15,10 @@
    server RSS, and (b) as a share of (a). The hostile sockets live in a process of their own.
 5. Churn: one client doing GET /get_task + POST /release (no results): log bytes per 1,000
    cycles, and the folder's size before and after the compaction at a clean stop.
+6. Compact: the load of 1. with our client's compact form (bitmap: zlib'd, base64'd) and with the
+   string form, against ping_server and the bare json server each; body sizes and ratios.
+7. Verify: a census of --verify-scope (default 0.0.0.0/4, 4,096 blocks) by clients each at its own
+   loopback address, --verify 0.05: the extra sweeps the checks cost, and the verified share.
 
 The clients run in their own processes (the machine may have only 2 cores; clients and server
 share them). Servers bind to 127.0.0.1 only.
@@ -24,6 +28,7 @@ share them). Servers bind to 127.0.0.1 only.
 """
 
 import argparse
+import base64
 import http.client
 import json
 import multiprocessing
@@ -38,11 +43,14 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
+sys.path.insert(0, str(ROOT))
+import trust  # noqa: E402  (the server's trust rule, for the figures it prints)
 
 
 class BareHandler(BaseHTTPRequestHandler):
@@ -115,15 +123,27 @@ def rss_mb(pid) -> tuple[float, float]:
 
 # -- clients --------------------------------------------------------------------------------------
 
-def results_pool(seed, count=8):
-    """Realistic results: about 10 % of addresses answer."""
+def results_pool(seed, count=8, form="string"):
+    """Realistic results: about 10 % of addresses answer; each as the "result" members of the
+    original form (result_data) or of our client's compact one (bitmap)."""
     rng = random.Random(seed)
-    return [("".join("1" if rng.random() < 0.1 else "0" for _ in range(65536))).encode()
-            for _ in range(count)]
+    digits = [("".join("1" if rng.random() < 0.1 else "0" for _ in range(65536))).encode()
+              for _ in range(count)]
+    return [result_members(d, form) for d in digits]
 
 
-def client_thread(port, deadline, pool, name, out, until_empty):
-    conn = http.client.HTTPConnection(HOST, port, timeout=60)
+def result_members(digits: bytes, form: str) -> bytes:
+    if form == "string":
+        return b'"result_data":"' + digits + b'"'
+    packed = zlib.compress(int(digits, 2).to_bytes(8192, "big"))
+    return b'"bitmap":"' + base64.b64encode(packed) + b'"'
+
+
+def client_thread(port, deadline, pool, name, out, until_empty, source=None):
+    """get + submit cycles; `source`: the loopback address to send from (a holder of its own);
+    with it, a block's result is the same whoever sweeps it (so that checks agree)."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=60,
+                                      source_address=(source, 0) if source else None)
     latencies, cycles = [], 0
     while until_empty or time.perf_counter() < deadline:
         started = time.perf_counter()
@@ -132,9 +152,10 @@ def client_thread(port, deadline, pool, name, out, until_empty):
         if "task_index" not in task:
             break
         middle = time.perf_counter()
+        pick = task["task_index"] if source else cycles
         body = (b'{"task_index":%d,"lease":"%s","name":"%s","result":{"success":true,'
-                b'"result_data":"' % (task["task_index"], task["lease"].encode(), name.encode())
-                + pool[cycles % len(pool)] + b'"}}')
+                % (task["task_index"], task["lease"].encode(), name.encode())
+                + pool[pick % len(pool)] + b'}}')
         conn.request("POST", "/submit_result", body, {"Content-Type": "application/json"})
         answer = json.loads(conn.getresponse().read())
         if not answer.get("success"):
@@ -146,13 +167,15 @@ def client_thread(port, deadline, pool, name, out, until_empty):
     out.extend(latencies)
 
 
-def client_process(port, threads, seconds, first, until_empty, queue):
-    pool = results_pool(first)
+def client_process(port, threads, seconds, first, until_empty, queue, form="string",
+                   own_address=False):
+    pool = results_pool(0 if own_address else first, form=form)
     started = time.perf_counter()
     deadline = started + seconds
     out = []
     workers = [threading.Thread(target=client_thread,
-                                args=(port, deadline, pool, f"c{first + n}", out, until_empty))
+                                args=(port, deadline, pool, f"c{first + n}", out, until_empty,
+                                      _address(first + n) if own_address else None))
                for n in range(threads)]
     for worker in workers:
         worker.start()
@@ -161,13 +184,16 @@ def client_process(port, threads, seconds, first, until_empty, queue):
     queue.put((out, time.perf_counter() - started))
 
 
-def drive(port, clients, procs, seconds=0.0, until_empty=False):
-    """Run the clients in ``procs`` processes; (latency triples, seconds the clients ran)."""
+def drive(port, clients, procs, seconds=0.0, until_empty=False, form="string",
+          own_address=False):
+    """Run the clients in ``procs`` processes; (latency triples, seconds the clients ran).
+    form: "string" or "compact" results; own_address: each client sends from 127.0.x.y."""
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     per = [clients // procs + (1 if n < clients % procs else 0) for n in range(procs)]
     workers = [ctx.Process(target=client_process,
-                           args=(port, per[n], seconds, sum(per[:n]), until_empty, queue))
+                           args=(port, per[n], seconds, sum(per[:n]), until_empty, queue, form,
+                                 own_address))
                for n in range(procs) if per[n]]
     for worker in workers:
         worker.start()
@@ -182,10 +208,10 @@ def cpu_seconds(pid) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measured(pid, port, clients, procs, seconds=0.0, until_empty=False):
+def measured(pid, port, clients, procs, seconds=0.0, until_empty=False, **how):
     """drive() plus the server's CPU use over the run."""
     cpu = cpu_seconds(pid)
-    latencies, wall = drive(port, clients, procs, seconds, until_empty)
+    latencies, wall = drive(port, clients, procs, seconds, until_empty, **how)
     return latencies, wall, (cpu_seconds(pid) - cpu) / wall
 
 
@@ -343,6 +369,63 @@ def folder_bytes(data) -> int:
     return sum(path.stat().st_size for path in Path(data).iterdir() if path.is_file())
 
 
+def compact_phase(args, tmp):
+    """Our client's compact form beside the original string form: ping_server and the bare
+    json server, each fed both, in the same run."""
+    size = {form: len(results_pool(0, 1, form)[0]) for form in ("string", "compact")}
+    print(f"compact: result per /16 in the body: string {size['string']:,} bytes, compact "
+          f"{size['compact']:,} bytes (10 % answer; RTTs, the same in both, not sent here)",
+          flush=True)
+    rates = {}
+    for form in ("string", "compact"):
+        bare, port = start([sys.executable, __file__, "--bare-server", "json"])
+        try:
+            drive(port, args.clients, args.procs, 1.0, form=form)
+            rates["bare", form] = summary(f"bare {form}", *measured(
+                bare.pid, port, args.clients, args.procs, args.seconds, form=form), bare.pid)
+        finally:
+            bare.kill()
+            bare.wait()
+        server, port = census_server(tmp / f"compact-{form}")
+        try:
+            drive(port, args.clients, args.procs, 1.0, form=form)
+            rates["ours", form] = summary(f"ours {form}", *measured(
+                server.pid, port, args.clients, args.procs, args.seconds, form=form), server.pid)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait()
+    print(f"       ratio: compact {rates['ours', 'compact'] / rates['bare', 'string']:.0%} of the "
+          f"bare json server fed strings ({rates['ours', 'compact'] / rates['bare', 'compact']:.0%}"
+          f" of it fed compact bodies); string {rates['ours', 'string'] / rates['bare', 'string']:.0%}"
+          " (every ping_server answer durable)", flush=True)
+
+
+def verify_phase(args, tmp):
+    """A census of --verify-scope by clients each at its own loopback address (a block's
+    result the same whoever sweeps it), --verify 0.05: what the checks cost in sweeps."""
+    server, port = census_server(tmp / "verify", args.verify_scope, "--verify", "0.05")
+    print(f"verify: {args.verify_scope} by {args.verify_clients} clients at their own "
+          f"addresses, --verify 0.05", flush=True)
+    try:
+        latencies, wall, cpu = measured(server.pid, port, args.verify_clients, args.procs,
+                                        until_empty=True, form="compact", own_address=True)
+        summary("verify", latencies, wall, cpu, server.pid)
+        progress = get_json(port, "/get_progress")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait()
+    done, sweeps = progress["done_tasks"], len(latencies)
+    print(f"      checks: {sweeps:,} sweeps for {done:,} blocks: {sweeps - done:,} extra "
+          f"({(sweeps - done) / max(done, 1):.1%}; each contributor's first "
+          f"{trust.TRUST_AFTER} checked, then 5 %); verified share {progress['verified_share']:.1%}",
+          flush=True)
+
+
+def _address(n: int) -> str:
+    """The loopback address of client n: 127.0.1.1, 127.0.1.2, ..."""
+    return f"127.0.{1 + n // 250}.{1 + n % 250}"
+
+
 def hostile_phase(args, tmp):
     """(a) plain load, (b) the same under hostile connections, (c) a mass close."""
     print(f"hostile: (b) {args.streams} /events + {args.idle} idle + {args.slow} slow heads; "
@@ -456,6 +539,10 @@ def main(argv=None):
     parser.add_argument("--skip-census", action="store_true")
     parser.add_argument("--skip-churn", action="store_true")
     parser.add_argument("--skip-hostile", action="store_true")
+    parser.add_argument("--skip-compact", action="store_true")
+    parser.add_argument("--skip-verify", action="store_true")
+    parser.add_argument("--verify-scope", default="0.0.0.0/4", help="the verify phase's census")
+    parser.add_argument("--verify-clients", type=int, default=32)
     parser.add_argument("--streams", type=int, default=10000, help="hostile (b): /events streams")
     parser.add_argument("--idle", type=int, default=2000, help="hostile (b): idle connections")
     parser.add_argument("--slow", type=int, default=200, help="hostile (b): slow heads")
@@ -468,6 +555,10 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="census-bench-") as tmp:
         if not args.skip_load:
             load_phase(args, Path(tmp))
+        if not args.skip_compact:
+            compact_phase(args, Path(tmp))
+        if not args.skip_verify:
+            verify_phase(args, Path(tmp))
         if not args.skip_hostile:
             hostile_phase(args, Path(tmp))
         if not args.skip_census:
