@@ -2,10 +2,11 @@
 
 HTTP/1.0 and 1.1 with keep-alive, served by ``http_front`` (one selectors loop owns every socket,
 a fixed pool of worker threads runs the requests, one broadcaster feeds every /events stream).
-One handler class and a route table keyed on (method, path): route functions return
-``(HTTPStatus, body)``; a dict or list body is serialised as JSON in one place, and every refusal
-is an ``HttpError`` turned into ``{"error": ...}`` there too. State lives in ``store.Store``
-(crash-safe, answers only once a change is durable). Also serves the dashboard
+A route table keyed on (method, path) of route functions ``(Request) -> (HTTPStatus, body)``
+(volunteers, admin, reading the census, pictures and pages), and one ``Handler`` class, the
+plumbing: it routes a request and serialises a dict or list body as JSON in one place, where
+every refusal, an ``HttpError``, is turned into ``{"error": ...}`` too. State lives in
+``store.Store`` (crash-safe, answers only once a change is durable). Also serves the dashboard
 (``dashboard.html`` beside this file), its data endpoints, Prometheus metrics and the client
 download ``/ping.zip``.
 
@@ -93,6 +94,7 @@ class Request(NamedTuple):
     body: bytes
     client: str             # remote address (the forwarded one from a --proxy peer)
     headers: Headers
+    server: "CensusServer"  # the census answering: its store, site, admin token
 
 
 class Raw(NamedTuple):
@@ -309,8 +311,9 @@ class CensusServer:
 
 
 class Handler:
-    """One request, in a worker thread: routed through ROUTES, answered on its channel. The
-    route methods below take a Request and return (HTTPStatus, body)."""
+    """The plumbing of one request, in a worker thread: routed through ROUTES to a route
+    function (below the class), whose (HTTPStatus, body) is answered on the channel: JSON made
+    here, a refusal turned into JSON here, caching headers and 304s here."""
 
     def __init__(self, server: CensusServer, channel: http_front.Channel,
                  message: http_front.Message):
@@ -375,8 +378,8 @@ class Handler:
                                                   max_num_fields=32).items()}
         except ValueError:
             raise HttpError(HTTPStatus.BAD_REQUEST, "bad query string") from None
-        return route(self, Request(method, url.path, query, self.message.body, self.client,
-                                   self.headers))
+        return route(Request(method, url.path, query, self.message.body, self.client,
+                             self.headers, self.server))
 
     def _cached(self, path, status, body):
         """Read endpoints: Cache-Control beside an ETag (the body's digest), and 304 for a
@@ -443,299 +446,328 @@ class Handler:
         self.channel.send(head + b"retry: 3000\n\n" + latest)
         self.after = SUBSCRIBE
 
-    # -- volunteers -------------------------------------------------------------------------------
 
-    def get_task(self, req):
-        lease = req.query.get("lease")
-        if lease not in (None, "", "required"):
-            raise HttpError(HTTPStatus.BAD_REQUEST, "lease must be 'required' (or absent)")
-        options = {"within": _within(req.query), "lease_required": lease == "required",
-                   "name": (req.query.get("name") or "").strip()[:64] or None}
-        try:
-            handout = self.server.store.get_task(req.client,
-                                                 **{k: v for k, v in options.items() if v})
-        except Refused as exc:
-            raise _store_refusal(exc) from None
-        if handout is None:
-            return HTTPStatus.OK, {"error": "No tasks available"}
-        lease_seconds = self.server.store.lease_seconds
-        return HTTPStatus.OK, {
-            "task_index": handout.task, "task_status": 1, "lease": handout.lease.token,
-            "deadline": handout.lease.deadline,
-            "lease_seconds": int(lease_seconds) if lease_seconds.is_integer() else lease_seconds,
-            "network": handout.network, "exclude": handout.exclude,
-            **({"contact": self.server.site.contact} if self.server.site.contact else {})}
+# -- routes: volunteers ---------------------------------------------------------------------------
 
-    def submit_result(self, req):
-        data = _submission(req.body)
-        task = _task_index(data.get("task_index"), success=False)
-        result = data.get("result")
-        if not isinstance(result, dict):
-            raise HttpError(HTTPStatus.BAD_REQUEST, "result must be an object", success=False)
-        failure = None
-        if result.get("success") is not True:
-            failure = str(result.get("error") or result.get("message") or "no result")
-        fields = {key: _optional_str(data, key)
-                  for key in ("lease", "name", "rtt_us", "icmp_errors")}
-        stats = data.get("stats")
-        if stats is not None and not isinstance(stats, dict):
-            raise HttpError(HTTPStatus.BAD_REQUEST, "stats must be an object", success=False)
-        name = ((fields["name"] or "").strip()[:64]
-                or pseudonym(self.server.pseudonym_key, req.client))
-        try:
-            duplicate = self.server.store.submit(
-                task, result.get("result_data"), holder=req.client, token=fields["lease"],
-                name=name, rtt=fields["rtt_us"], stats=stats, failure=failure,
-                bitmap=result.get("bitmap"), icmp_errors=fields["icmp_errors"],
-                skipped=data.get("skipped"))
-        except Refused as exc:
-            raise _store_refusal(exc, success=False) from None
-        return HTTPStatus.OK, ({"success": True, "duplicate": True} if duplicate
-                               else {"success": True})
-
-    def release(self, req):
-        data = _json_object(req.body, success=False)
-        task = _task_index(data.get("task_index"), success=False)
-        try:
-            self.server.store.release(task, holder=req.client, token=_optional_str(data, "lease"))
-        except Refused as exc:
-            raise _store_refusal(exc, success=False) from None
-        return HTTPStatus.OK, {"success": True}
-
-    def ping(self, req):
-        return HTTPStatus.OK, {}
-
-    def join(self, req):
-        return HTTPStatus.OK, {"command": join_command(self.server.site.scope)}
-
-    # -- admin ------------------------------------------------------------------------------------
-
-    def _admin(self, req):
-        check_admin(self.server.admin_token, req.headers.get("Authorization"), req.client,
-                    req.headers.get("Sec-Fetch-Site"), host=req.headers.get("Host"),
-                    forwarded=any(name in req.headers for name in FORWARDING_HEADERS))
-
-    def add_task(self, req):
-        self._admin(req)
-        data = _json_object(req.body, success=False)
-        status = _task_index(data.get("task_status", 0), "task_status")
-        wanted = data.get("task_index")                 # optional: that task, else the first
-        task = self.server.store.add_task(status, req.client,
-                                          None if wanted is None else _task_index(wanted))
-        return HTTPStatus.OK, {"success": True, "task_index": task}
-
-    def revise(self, req):
-        self._admin(req)
-        task = _task_index(req.query.get("id"), "id")
-        code = _task_index(req.query.get("code"), "code")
-        force = req.query.get("force", "").lower() in ("1", "true", "yes", "on")
-        self.server.store.revise(task, code, force=force, holder=req.client)
-        return HTTPStatus.OK, {"success": True, "task_index": task, "task_status": code}
-
-    def reset_errors(self, req):
-        self._admin(req)
-        ident = req.query.get("id")
-        task = -1 if ident is not None and ident.strip() == "-1" else _task_index(ident, "id")
-        count = self.server.store.reset_errors(task)
-        return HTTPStatus.OK, {"success": True, "reset": count}
-
-    # -- reading the census -----------------------------------------------------------------------
-
-    def error_list(self, req):
-        return HTTPStatus.OK, [{"task_index": t, "error": e} for t, e in self.server.store.errors()]
-
-    def error_page(self, req):
-        rows = "".join(f"<tr><td>{t}</td><td>{html.escape(str(network_of(t)))}</td>"
-                       f"<td>{html.escape(e)}</td></tr>\n" for t, e in self.server.store.errors())
-        page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Census errors</title>"
-                f"</head><body><h1>Tasks in error</h1><p><a href='/'>dashboard</a></p>"
-                f"<table border='1'><tr><th>task</th><th>network</th><th>error</th></tr>\n"
-                f"{rows}</table></body></html>\n")
-        return HTTPStatus.OK, Raw("text/html; charset=utf-8", page.encode())
-
-    def get_pending(self, req):
-        return HTTPStatus.OK, {str(t): 1 for t in self.server.store.pending()}
-
-    def get_latest_task(self, req):
-        task = self.server.store.latest_available()
-        if task is None:
-            return HTTPStatus.OK, {"error": "No tasks available"}
-        return HTTPStatus.OK, {"task_index": task, "task_status": 0}
-
-    def get_progress(self, req):
-        return HTTPStatus.OK, self.server.store.progress()
-
-    def rate(self, req):
-        return HTTPStatus.OK, self.server.store.rate()
-
-    def result(self, req):
-        return HTTPStatus.OK, self.server.store.result(_task_index(req.query.get("id"), "id"))
-
-    def task(self, req):
-        info = self.server.store.task_info(_task_index(req.query.get("id"), "id"))
-        if info["state"] == 4:
-            info["reason"] = views.exclusion_reason(info["task_index"], self.server.site)
-        return HTTPStatus.OK, info
+def get_task(req):
+    lease = req.query.get("lease")
+    if lease not in (None, "", "required"):
+        raise HttpError(HTTPStatus.BAD_REQUEST, "lease must be 'required' (or absent)")
+    options = {"within": _within(req.query), "lease_required": lease == "required",
+               "name": (req.query.get("name") or "").strip()[:64] or None}
+    try:
+        handout = req.server.store.get_task(req.client,
+                                             **{k: v for k, v in options.items() if v})
+    except Refused as exc:
+        raise _store_refusal(exc) from None
+    if handout is None:
+        return HTTPStatus.OK, {"error": "No tasks available"}
+    lease_seconds = req.server.store.lease_seconds
+    return HTTPStatus.OK, {
+        "task_index": handout.task, "task_status": 1, "lease": handout.lease.token,
+        "deadline": handout.lease.deadline,
+        "lease_seconds": int(lease_seconds) if lease_seconds.is_integer() else lease_seconds,
+        "network": handout.network, "exclude": handout.exclude,
+        **({"contact": req.server.site.contact} if req.server.site.contact else {})}
 
 
-    def contributors(self, req):
-        store = self.server.store
-        ranked = [{"rank": rank, "name": c.name, "tasks_done": c.tasks_done,
-                   "addresses_probed": c.addresses_probed, "responders": c.responders,
-                   "first_seen": c.first_seen, "last_seen": c.last_seen, **store.standing(c.name)}
-                  for rank, c in enumerate(store.contributors(), 1)]
-        name = req.query.get("name")
-        if name is not None:
-            ranked = [c for c in ranked if c["name"] == name]
-            if not ranked:
-                raise HttpError(HTTPStatus.NOT_FOUND, "no such contributor")
-        return HTTPStatus.OK, {"contributors": ranked}
-
-    def census_map(self, req):
-        version, data = self.server.store.map_bytes()
-        etag = f'"{version}"'
-        headers = (("ETag", etag), ("Cache-Control", "no-cache"))
-        if req.headers.get("If-None-Match", "").strip() == etag:
-            return HTTPStatus.NOT_MODIFIED, Raw("application/octet-stream", b"", headers)
-        return HTTPStatus.OK, Raw("application/octet-stream", data, headers)
-
-    def export_csv(self, req):
-        try:
-            fields = views.parse_fields(req.query.get("fields"))
-            network = views.parse_network(req.query.get("network"))
-        except ValueError as exc:
-            raise HttpError(HTTPStatus.BAD_REQUEST, str(exc)) from None
-        chunks = views.csv_chunks(self.server.store, fields, network)
-        headers = (("Vary", "Accept-Encoding"),)
-        if views.wants_gzip(req.headers.get("Accept-Encoding")):
-            chunks, headers = views.gzipped(chunks), headers + (("Content-Encoding", "gzip"),)
-        return HTTPStatus.OK, Stream("text/csv; charset=utf-8", chunks, headers)
+def submit_result(req):
+    data = _submission(req.body)
+    task = _task_index(data.get("task_index"), success=False)
+    result = data.get("result")
+    if not isinstance(result, dict):
+        raise HttpError(HTTPStatus.BAD_REQUEST, "result must be an object", success=False)
+    failure = None
+    if result.get("success") is not True:
+        failure = str(result.get("error") or result.get("message") or "no result")
+    fields = {key: _optional_str(data, key)
+              for key in ("lease", "name", "rtt_us", "icmp_errors")}
+    stats = data.get("stats")
+    if stats is not None and not isinstance(stats, dict):
+        raise HttpError(HTTPStatus.BAD_REQUEST, "stats must be an object", success=False)
+    name = ((fields["name"] or "").strip()[:64]
+            or pseudonym(req.server.pseudonym_key, req.client))
+    try:
+        duplicate = req.server.store.submit(
+            task, result.get("result_data"), holder=req.client, token=fields["lease"],
+            name=name, rtt=fields["rtt_us"], stats=stats, failure=failure,
+            bitmap=result.get("bitmap"), icmp_errors=fields["icmp_errors"],
+            skipped=data.get("skipped"))
+    except Refused as exc:
+        raise _store_refusal(exc, success=False) from None
+    return HTTPStatus.OK, ({"success": True, "duplicate": True} if duplicate
+                           else {"success": True})
 
 
-    def events(self, req):
-        return HTTPStatus.OK, Subscription()
+def release(req):
+    data = _json_object(req.body, success=False)
+    task = _task_index(data.get("task_index"), success=False)
+    try:
+        req.server.store.release(task, holder=req.client, token=_optional_str(data, "lease"))
+    except Refused as exc:
+        raise _store_refusal(exc, success=False) from None
+    return HTTPStatus.OK, {"success": True}
 
-    def metrics(self, req):
-        text = _prometheus(self.server.store.counters(), *self.server.metrics.copy())
-        return HTTPStatus.OK, Raw("text/plain; version=0.0.4; charset=utf-8", text.encode())
 
-    def healthz(self, req):
-        degraded = getattr(self.server.store, "degraded", None)
-        reason = degraded() if callable(degraded) else degraded
-        if isinstance(reason, str) and reason:
-            return HTTPStatus.SERVICE_UNAVAILABLE, {"status": "degraded", "error": reason}
-        return HTTPStatus.OK, {"status": "ok"}
+def ping(req):
+    return HTTPStatus.OK, {}
 
-    def ping_zip(self, req):
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-            for name in ("ping_client.py", "icmp.py"):
-                path = self.server.static_dir / name
-                if not path.is_file():
-                    raise HttpError(HTTPStatus.NOT_FOUND, f"{name} is missing on the server")
-                archive.write(path, name)
-        return HTTPStatus.OK, Raw("application/zip", buffer.getvalue(),
-                                  (("Content-Disposition", 'attachment; filename="ping.zip"'),))
 
-    def dashboard(self, req):
-        path = self.server.static_dir / "dashboard.html"
-        page = path.read_bytes() if path.is_file() else _FALLBACK_PAGE
-        return HTTPStatus.OK, Raw("text/html; charset=utf-8", page)
+def join(req):
+    return HTTPStatus.OK, {"command": join_command(req.server.site.scope)}
 
-    # -- pictures and pages for people (pictures.py, views.py) ------------------------------------
 
-    def block_png(self, req):
-        task = _task_index(req.query.get("id"), "id")
-        info = self.server.store.task_info(task)
-        etag = f'"{task}-{info["state"]}-{info["finished_at"]}"'
-        headers = (("ETag", etag),)             # Cache-Control: CACHE_CONTROL's
-        if req.headers.get("If-None-Match", "").strip() == etag:
-            return HTTPStatus.NOT_MODIFIED, Raw("image/png", b"", headers)
-        result = self.server.store.result(task)             # 404 unless done
-        not_probed = pictures.excluded_ranges(task, info["exclude"])
-        return HTTPStatus.OK, Raw("image/png", pictures.block_png(result["result_data"],
-                                                                  not_probed), headers)
+# -- routes: admin --------------------------------------------------------------------------------
 
-    def map_png(self, req):
-        size = req.query.get("size", "4096").strip()
-        if not size.isdecimal() or int(size) not in pictures.MAP_SIZES:
-            raise HttpError(HTTPStatus.BAD_REQUEST, "size must be one of "
-                            + ", ".join(map(str, pictures.MAP_SIZES)))
-        size = int(size)
-        painter = self.server.maps.get(size) or self.server.maps.setdefault(
-            size, pictures.CensusMap(size))
-        wanted = req.headers.get("If-None-Match", "").strip()
-        if wanted == f'"{self.server.store.version}-{size}"':
-            return HTTPStatus.NOT_MODIFIED, Raw("image/png", b"", (("ETag", wanted),))
-        version, data = painter.render(self.server.store)
-        return HTTPStatus.OK, Raw("image/png", data, (("ETag", f'"{version}-{size}"'),))
+def _admin(req):
+    check_admin(req.server.admin_token, req.headers.get("Authorization"), req.client,
+                req.headers.get("Sec-Fetch-Site"), host=req.headers.get("Host"),
+                forwarded=any(name in req.headers for name in FORWARDING_HEADERS))
 
-    def block_list(self, req):
-        page = _task_index(req.query.get("page", "1"), "page")
-        state = req.query.get("state")
-        state = None if state in (None, "") else _task_index(state, "state")
-        if page < 1 or state not in (None, 0, 1, 2, 3, 4):
-            raise HttpError(HTTPStatus.BAD_REQUEST, "page counts from 1; state is 0..4")
-        version, states = self.server.store.map_bytes()
-        if req.query.get("format") == "json":
-            return HTTPStatus.OK, views.list_json(states, version, page, state)
-        return HTTPStatus.OK, _html(views.list_page(states, version, page, state))
 
-    def details(self, req):
-        task = _task_index(req.path.removeprefix("/details/"), "the block in /details/<id>")
-        info = self.server.store.task_info(task)
-        result = self.server.store.result(task) if info["state"] == 2 else None
-        reason = (views.exclusion_reason(task, self.server.site) if info["state"] == 4
-                  else None)
-        return HTTPStatus.OK, _html(views.details_page(info, result, reason))
+def add_task(req):
+    _admin(req)
+    data = _json_object(req.body, success=False)
+    status = _task_index(data.get("task_status", 0), "task_status")
+    wanted = data.get("task_index")                 # optional: that task, else the first
+    task = req.server.store.add_task(status, req.client,
+                                      None if wanted is None else _task_index(wanted))
+    return HTTPStatus.OK, {"success": True, "task_index": task}
 
-    def about(self, req):
-        return HTTPStatus.OK, _html(views.about_page(self.server.site))
 
-    def about_json(self, req):
-        site = self.server.site
-        return HTTPStatus.OK, {"about": site.about, "contact": site.contact,
-                               "scope": [str(net) for net in site.scope] or "all"}
+def revise(req):
+    _admin(req)
+    task = _task_index(req.query.get("id"), "id")
+    code = _task_index(req.query.get("code"), "code")
+    force = req.query.get("force", "").lower() in ("1", "true", "yes", "on")
+    req.server.store.revise(task, code, force=force, holder=req.client)
+    return HTTPStatus.OK, {"success": True, "task_index": task, "task_status": code}
 
-    def history(self, req):
-        store = self.server.store
-        return HTTPStatus.OK, views.history(store.finished_times(), store.clock())
 
+def reset_errors(req):
+    _admin(req)
+    ident = req.query.get("id")
+    task = -1 if ident is not None and ident.strip() == "-1" else _task_index(ident, "id")
+    count = req.server.store.reset_errors(task)
+    return HTTPStatus.OK, {"success": True, "reset": count}
+
+
+# -- routes: reading the census -------------------------------------------------------------------
+
+def error_list(req):
+    return HTTPStatus.OK, [{"task_index": t, "error": e} for t, e in req.server.store.errors()]
+
+
+def error_page(req):
+    rows = "".join(f"<tr><td>{t}</td><td>{html.escape(str(network_of(t)))}</td>"
+                   f"<td>{html.escape(e)}</td></tr>\n" for t, e in req.server.store.errors())
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Census errors</title>"
+            f"</head><body><h1>Tasks in error</h1><p><a href='/'>dashboard</a></p>"
+            f"<table border='1'><tr><th>task</th><th>network</th><th>error</th></tr>\n"
+            f"{rows}</table></body></html>\n")
+    return HTTPStatus.OK, Raw("text/html; charset=utf-8", page.encode())
+
+
+def get_pending(req):
+    return HTTPStatus.OK, {str(t): 1 for t in req.server.store.pending()}
+
+
+def get_latest_task(req):
+    task = req.server.store.latest_available()
+    if task is None:
+        return HTTPStatus.OK, {"error": "No tasks available"}
+    return HTTPStatus.OK, {"task_index": task, "task_status": 0}
+
+
+def get_progress(req):
+    return HTTPStatus.OK, req.server.store.progress()
+
+
+def rate(req):
+    return HTTPStatus.OK, req.server.store.rate()
+
+
+def result(req):
+    return HTTPStatus.OK, req.server.store.result(_task_index(req.query.get("id"), "id"))
+
+
+def task(req):
+    info = req.server.store.task_info(_task_index(req.query.get("id"), "id"))
+    if info["state"] == 4:
+        info["reason"] = views.exclusion_reason(info["task_index"], req.server.site)
+    return HTTPStatus.OK, info
+
+
+def contributors(req):
+    store = req.server.store
+    ranked = [{"rank": rank, "name": c.name, "tasks_done": c.tasks_done,
+               "addresses_probed": c.addresses_probed, "responders": c.responders,
+               "first_seen": c.first_seen, "last_seen": c.last_seen, **store.standing(c.name)}
+              for rank, c in enumerate(store.contributors(), 1)]
+    name = req.query.get("name")
+    if name is not None:
+        ranked = [c for c in ranked if c["name"] == name]
+        if not ranked:
+            raise HttpError(HTTPStatus.NOT_FOUND, "no such contributor")
+    return HTTPStatus.OK, {"contributors": ranked}
+
+
+def census_map(req):
+    version, data = req.server.store.map_bytes()
+    etag = f'"{version}"'
+    headers = (("ETag", etag), ("Cache-Control", "no-cache"))
+    if req.headers.get("If-None-Match", "").strip() == etag:
+        return HTTPStatus.NOT_MODIFIED, Raw("application/octet-stream", b"", headers)
+    return HTTPStatus.OK, Raw("application/octet-stream", data, headers)
+
+
+def export_csv(req):
+    try:
+        fields = views.parse_fields(req.query.get("fields"))
+        network = views.parse_network(req.query.get("network"))
+    except ValueError as exc:
+        raise HttpError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+    chunks = views.csv_chunks(req.server.store, fields, network)
+    headers = (("Vary", "Accept-Encoding"),)
+    if views.wants_gzip(req.headers.get("Accept-Encoding")):
+        chunks, headers = views.gzipped(chunks), headers + (("Content-Encoding", "gzip"),)
+    return HTTPStatus.OK, Stream("text/csv; charset=utf-8", chunks, headers)
+
+
+def events(req):
+    return HTTPStatus.OK, Subscription()
+
+
+def metrics(req):
+    text = _prometheus(req.server.store.counters(), *req.server.metrics.copy())
+    return HTTPStatus.OK, Raw("text/plain; version=0.0.4; charset=utf-8", text.encode())
+
+
+def healthz(req):
+    degraded = getattr(req.server.store, "degraded", None)
+    reason = degraded() if callable(degraded) else degraded
+    if isinstance(reason, str) and reason:
+        return HTTPStatus.SERVICE_UNAVAILABLE, {"status": "degraded", "error": reason}
+    return HTTPStatus.OK, {"status": "ok"}
+
+
+def ping_zip(req):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name in ("ping_client.py", "icmp.py"):
+            path = req.server.static_dir / name
+            if not path.is_file():
+                raise HttpError(HTTPStatus.NOT_FOUND, f"{name} is missing on the server")
+            archive.write(path, name)
+    return HTTPStatus.OK, Raw("application/zip", buffer.getvalue(),
+                              (("Content-Disposition", 'attachment; filename="ping.zip"'),))
+
+
+def dashboard(req):
+    path = req.server.static_dir / "dashboard.html"
+    page = path.read_bytes() if path.is_file() else _FALLBACK_PAGE
+    return HTTPStatus.OK, Raw("text/html; charset=utf-8", page)
+
+
+# -- routes: pictures and pages for people (pictures.py, views.py) --------------------------------
+
+def block_png(req):
+    task = _task_index(req.query.get("id"), "id")
+    info = req.server.store.task_info(task)
+    etag = f'"{task}-{info["state"]}-{info["finished_at"]}"'
+    headers = (("ETag", etag),)             # Cache-Control: CACHE_CONTROL's
+    if req.headers.get("If-None-Match", "").strip() == etag:
+        return HTTPStatus.NOT_MODIFIED, Raw("image/png", b"", headers)
+    result = req.server.store.result(task)             # 404 unless done
+    not_probed = pictures.excluded_ranges(task, info["exclude"])
+    return HTTPStatus.OK, Raw("image/png", pictures.block_png(result["result_data"],
+                                                              not_probed), headers)
+
+
+def map_png(req):
+    size = req.query.get("size", "4096").strip()
+    if not size.isdecimal() or int(size) not in pictures.MAP_SIZES:
+        raise HttpError(HTTPStatus.BAD_REQUEST, "size must be one of "
+                        + ", ".join(map(str, pictures.MAP_SIZES)))
+    size = int(size)
+    painter = req.server.maps.get(size) or req.server.maps.setdefault(
+        size, pictures.CensusMap(size))
+    wanted = req.headers.get("If-None-Match", "").strip()
+    if wanted == f'"{req.server.store.version}-{size}"':
+        return HTTPStatus.NOT_MODIFIED, Raw("image/png", b"", (("ETag", wanted),))
+    version, data = painter.render(req.server.store)
+    return HTTPStatus.OK, Raw("image/png", data, (("ETag", f'"{version}-{size}"'),))
+
+
+def block_list(req):
+    page = _task_index(req.query.get("page", "1"), "page")
+    state = req.query.get("state")
+    state = None if state in (None, "") else _task_index(state, "state")
+    if page < 1 or state not in (None, 0, 1, 2, 3, 4):
+        raise HttpError(HTTPStatus.BAD_REQUEST, "page counts from 1; state is 0..4")
+    version, states = req.server.store.map_bytes()
+    if req.query.get("format") == "json":
+        return HTTPStatus.OK, views.list_json(states, version, page, state)
+    return HTTPStatus.OK, _html(views.list_page(states, version, page, state))
+
+
+def details(req):
+    task = _task_index(req.path.removeprefix("/details/"), "the block in /details/<id>")
+    info = req.server.store.task_info(task)
+    result = req.server.store.result(task) if info["state"] == 2 else None
+    reason = (views.exclusion_reason(task, req.server.site) if info["state"] == 4
+              else None)
+    return HTTPStatus.OK, _html(views.details_page(info, result, reason))
+
+
+def about(req):
+    return HTTPStatus.OK, _html(views.about_page(req.server.site))
+
+
+def about_json(req):
+    site = req.server.site
+    return HTTPStatus.OK, {"about": site.about, "contact": site.contact,
+                           "scope": [str(net) for net in site.scope] or "all"}
+
+
+def history(req):
+    store = req.server.store
+    return HTTPStatus.OK, views.history(store.finished_times(), store.clock())
 
 
 ROUTES = {
-    ("GET", "/get_task"): Handler.get_task,
-    ("POST", "/submit_result"): Handler.submit_result,
-    ("POST", "/release"): Handler.release,
-    ("GET", "/ping"): Handler.ping,
-    ("GET", "/join"): Handler.join,
-    ("POST", "/add_task"): Handler.add_task,
-    ("GET", "/revise"): Handler.revise,
-    ("GET", "/error/reset"): Handler.reset_errors,
-    ("GET", "/error"): Handler.error_list,
-    ("GET", "/errors"): Handler.error_page,
-    ("GET", "/get_pending"): Handler.get_pending,
-    ("GET", "/get_latest_task"): Handler.get_latest_task,
-    ("GET", "/get_progress"): Handler.get_progress,
-    ("GET", "/rate"): Handler.rate,
-    ("GET", "/result"): Handler.result,
-    ("GET", "/task"): Handler.task,
-    ("GET", "/contributors"): Handler.contributors,
-    ("GET", "/map"): Handler.census_map,
-    ("GET", "/export.csv"): Handler.export_csv,
-    ("GET", "/events"): Handler.events,
-    ("GET", "/metrics"): Handler.metrics,
-    ("GET", "/healthz"): Handler.healthz,
-    ("GET", "/ping.zip"): Handler.ping_zip,
-    ("GET", "/"): Handler.dashboard,
-    ("GET", "/dashboard.html"): Handler.dashboard,
-    ("GET", "/block.png"): Handler.block_png,
-    ("GET", "/map.png"): Handler.map_png,
-    ("GET", "/list"): Handler.block_list,
-    ("GET", "/details/"): Handler.details,
-    ("GET", "/about"): Handler.about,
-    ("GET", "/about.json"): Handler.about_json,
-    ("GET", "/history"): Handler.history,
+    ("GET", "/get_task"): get_task,
+    ("POST", "/submit_result"): submit_result,
+    ("POST", "/release"): release,
+    ("GET", "/ping"): ping,
+    ("GET", "/join"): join,
+    ("POST", "/add_task"): add_task,
+    ("GET", "/revise"): revise,
+    ("GET", "/error/reset"): reset_errors,
+    ("GET", "/error"): error_list,
+    ("GET", "/errors"): error_page,
+    ("GET", "/get_pending"): get_pending,
+    ("GET", "/get_latest_task"): get_latest_task,
+    ("GET", "/get_progress"): get_progress,
+    ("GET", "/rate"): rate,
+    ("GET", "/result"): result,
+    ("GET", "/task"): task,
+    ("GET", "/contributors"): contributors,
+    ("GET", "/map"): census_map,
+    ("GET", "/export.csv"): export_csv,
+    ("GET", "/events"): events,
+    ("GET", "/metrics"): metrics,
+    ("GET", "/healthz"): healthz,
+    ("GET", "/ping.zip"): ping_zip,
+    ("GET", "/"): dashboard,
+    ("GET", "/dashboard.html"): dashboard,
+    ("GET", "/block.png"): block_png,
+    ("GET", "/map.png"): map_png,
+    ("GET", "/list"): block_list,
+    ("GET", "/details/"): details,
+    ("GET", "/about"): about,
+    ("GET", "/about.json"): about_json,
+    ("GET", "/history"): history,
 }
 PATHS = frozenset(path for _, path in ROUTES)
 # /get_task and every route that changes state: no HEAD, no browser requests from other sites,
@@ -1028,6 +1060,14 @@ def _build_parser() -> argparse.ArgumentParser:
         description="The IPv4 census task server: hands out /16 blocks to volunteers, keeps\n"
                     "their results and serves the dashboard.",
         epilog=SERVER_EPILOG)
+    for add_options in (_census_options, _volunteer_options, _connection_options,
+                        _site_options):
+        add_options(parser)
+    return parser
+
+
+def _census_options(parser) -> None:
+    """Where the census listens, keeps its files, and which networks it covers."""
     parser.add_argument("--demo", action="store_true",
                         help="a safe local demo: a census of 127.0.0.0/16 on 127.0.0.1 in a "
                              "temporary folder (removed at exit), with one built-in volunteer "
@@ -1049,6 +1089,11 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exclude", metavar="FILE",
                         help="opt-out list, ZMap blocklist format: one CIDR a line, '#' "
                              "comments (default: $PING_EXCLUDE, else none)")
+
+
+def _volunteer_options(parser) -> None:
+    """How long a volunteer holds a block, who may act as admin, what one address may hold,
+    how much of a contributor's work is checked."""
     parser.add_argument("--lease", type=float, metavar="SECONDS",
                         help="seconds a volunteer holds a block before it goes back to the "
                              f"pool (default: $PING_LEASE, else {LEASE_SECONDS:g})")
@@ -1064,6 +1109,11 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="share of a trusted contributor's results sent to a second "
                              "holder to check (a new or flagged one's: all of them); 0 = off "
                              "(default: %(default)s)")
+
+
+def _connection_options(parser) -> None:
+    """The HTTP front: worker threads, connection caps, trusted reverse proxies."""
+    env = os.environ.get
     parser.add_argument("--workers", type=int, metavar="N",
                         default=env("PING_WORKERS", http_front.WORKERS),
                         help="request worker threads (default: %(default)s)")
@@ -1078,6 +1128,11 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--proxy", metavar="ADDR[,ADDR]", default=env("PING_PROXY", ""),
                         help="reverse proxies whose X-Forwarded-For is trusted for the client "
                              "address (default: none)")
+
+
+def _site_options(parser) -> None:
+    """What people are told about the census, and the request log."""
+    env = os.environ.get
     parser.add_argument("--about", metavar="FILE", default=env("PING_ABOUT"),
                         help="a text file about this census (who runs it, why, how to opt out), "
                              "shown at /about (default: none)")
@@ -1087,7 +1142,6 @@ def _build_parser() -> argparse.ArgumentParser:
                              f"carried in every probe's payload by the clients (default: none)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log every request (default: off)")
-    return parser
 
 
 def _parse_args(argv):
