@@ -38,6 +38,10 @@ durable, and leaves no temporary file.
 The owner (the census store) provides: ``reload()``, ``snapshot_state() -> dict``,
 ``live_bytes() -> int``, ``live_records() -> (copies, base_line)``, ``forget_line(tag)`` (a
 record saying a blob copied earlier is no longer live) and ``rewritten(moved, damaged)``.
+
+    Journal    opens and locks the folder, replays the log, reads blobs: the public face
+    _Appender  the writing end: group commit, the degraded state
+    _Upkeep    snapshots and compaction (the new log written by a _Rewrite)
 """
 
 import errno
@@ -316,8 +320,8 @@ class _Appender:
     keeps nothing: the file cut back, the waiters failed, the owner reloaded, the log
     ``degraded`` until a probe shows the disk takes writes again.
 
-    A ticket is (generation, seq): a failure starts a new generation, so a ticket of an older
-    one past the last durable record there failed."""
+    A ticket is (generation, seq): a failure starts a new generation; a ticket of an older
+    generation, numbered past the records durable in it, has failed."""
 
     def __init__(self, journal, fd):
         self.journal, self.fd = journal, fd
