@@ -38,6 +38,10 @@ durable, and leaves no temporary file.
 The owner (the census store) provides: ``reload()``, ``snapshot_state() -> dict``,
 ``live_bytes() -> int``, ``live_records() -> (copies, base_line)``, ``forget_line(tag)`` (a
 record saying a blob copied earlier is no longer live) and ``rewritten(moved, damaged)``.
+
+    Journal    opens and locks the folder, replays the log, reads blobs: the public face
+    _Appender  the writing end: group commit, the degraded state
+    _Upkeep    snapshots and compaction (the new log written by a _Rewrite)
 """
 
 import errno
@@ -115,7 +119,9 @@ class Copy(NamedTuple):
 
 
 class Journal:
-    """The log of one folder, locked for this process. Thread-safe with the owner's lock."""
+    """The log of one folder, locked for this process: opening, replay, reads and the public
+    face; the writing end is an ``_Appender``, snapshots and compaction an ``_Upkeep``.
+    Thread-safe with the owner's lock."""
 
     def __init__(self, directory, owner, lock, *, snapshot_every=SNAPSHOT_EVERY,
                  snapshot_seconds=SNAPSHOT_SECONDS, tail_bytes=TAIL_BYTES, clock=time.monotonic):
@@ -123,84 +129,70 @@ class Journal:
         self.owner, self._lock, self.clock = owner, lock, clock
         self.snapshot_every, self.snapshot_seconds = snapshot_every, snapshot_seconds
         self.tail_bytes = tail_bytes
-        self.degraded: str | None = None
         self.damage: list[Damage] = []
         self.torn = 0                               # bytes of torn tail cut at load
         self.lost_records = 0                       # missing sequence numbers seen by replay
-        self._flush_lock = threading.Lock()
-        self._compacting = threading.Lock()         # one compaction at a time
-        self._compact_due = False
-        self._pending: list[bytes] = []
-        self._gen, self._failed_at = 0, {}          # tickets of a failed generation
-        self._seq = self._durable_seq = 0
-        self._since_snapshot, self._snapshot_time = 0, clock()
-        self._compact_after = 0
-        self._leftovers = False
         self._old_fd = None
         self._lock_fd = take_folder(self.dir)
-        self._fd = _open_log(self.dir / LOG_FILE)
-        self._size = self._durable_size = os.fstat(self._fd).st_size
+        self._log = _Appender(self, _open_log(self.dir / LOG_FILE))
+        self._flush_lock = self._log.flush_lock
+        self._upkeep = _Upkeep(self)
         self._cleanup()
         self._log_id = self._identity()
 
     # -- appending --------------------------------------------------------------------------------
 
     @property
+    def degraded(self) -> str | None:
+        """Why the disk refuses writes (one line), or None."""
+        return self._log.degraded
+
+    @property
     def next_blob_offset(self) -> int:
         """Where the blob of the next ``append`` will lie (call holding the owner's lock)."""
-        return self._size + HEADER.size
+        return self._log.size + HEADER.size
 
     def append(self, tag: int, line: bytes, blob=b"", blob_crc=0) -> tuple:
         """Queue a record (holding the owner's lock); returns the ticket to ``wait`` on.
         ``blob_crc`` is zlib.crc32(blob), computed by the caller before taking its lock."""
-        self._seq += 1
-        record = _frame(self._seq, tag, line, blob, blob_crc)
-        self._size += len(record)
-        self._pending.append(record)
-        self._since_snapshot += 1
-        return self._gen, self._seq
+        self._upkeep.since_snapshot += 1
+        return self._log.append(_frame(self._log.seq + 1, tag, line, blob, blob_crc))
 
     def wait(self, ticket) -> None:
         """Return once the record is durable; WriteFailed if the disk refused it."""
-        if ticket is None or self._settled(ticket):
-            return self._check(ticket)
+        if ticket is None or self._log.settled(ticket):
+            return self._log.check(ticket)
         with self._flush_lock:
-            if not self._settled(ticket):
+            if not self._log.settled(ticket):
                 try:
-                    self._flush()
+                    self._log.flush()
                 except WriteFailed:
-                    pass                            # _check below says so
+                    pass                            # check below says so
                 else:
                     self._maintain()
-        self._check(ticket)
-        if self._compact_due:
-            self._compact_when_free()
+        self._log.check(ticket)
+        if self._upkeep.compact_due:
+            self._upkeep.compact_when_free()
 
     def check_writable(self) -> None:
         """Raise WriteFailed while the disk still refuses writes; a degraded log whose disk
         takes ``PROBE_BYTES`` again is writable (the next write says for sure)."""
-        if self.degraded is None:
-            return
-        with self._flush_lock:
-            if self.degraded is not None:
-                try:
-                    self._probe()
-                except OSError as exc:
-                    raise WriteFailed(f"storage unavailable: {_reason(exc)}") from None
-                self.degraded = None
+        self._log.check_writable()
 
     def durable_through(self, end: int) -> bool:
-        return end <= self._durable_size
+        return end <= self._log.durable_size
 
     def last_ticket(self) -> tuple:
         """The ticket of the last record queued (a reader waits on it for a blob just queued)."""
-        return self._gen, self._seq
+        return self._log.gen, self._log.seq
+
+    write = staticmethod(lambda fd, data: _write_all(fd, data))   # tests inject failures here
 
     # -- reading ----------------------------------------------------------------------------------
 
     def read_blob(self, offset: int, length: int, crc: int) -> bytes | None:
         """The blob at ``offset``, or None when it fails its CRC (damaged on disk)."""
-        data = os.pread(self._fd, length, offset)
+        data = os.pread(self._log.fd, length, offset)
         return data if len(data) == length and zlib.crc32(data) == crc else None
 
     def read_snapshot(self, quiet=False) -> dict | None:
@@ -210,10 +202,10 @@ class Journal:
         try:
             state = json.loads(path.read_bytes())
             offset, seq = state["log_offset"], state["seq"]
-            if state["log"] != self._log_id or not 0 <= offset <= self._size:
+            if state["log"] != self._log_id or not 0 <= offset <= self._log.size:
                 raise ValueError("it belongs to another log")
         except FileNotFoundError:
-            if self._size > _start_size() and not quiet:
+            if self._log.size > _start_size() and not quiet:
                 say(f"{path} is missing: rebuilding the state from {LOG_FILE}")
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -222,31 +214,32 @@ class Journal:
                     f"(nothing is lost)")
             return None
         self.snapshot_offset = offset
-        self._seq = self._durable_seq = seq
+        self._log.seq = self._log.durable_seq = seq
         return state
 
     snapshot_offset = 0
 
     def forget_snapshot(self) -> None:
         """The owner could not use the snapshot: replay the whole log instead."""
-        self.snapshot_offset = self._seq = self._durable_seq = 0
+        self.snapshot_offset = self._log.seq = self._log.durable_seq = 0
 
     def replay(self, cut_torn=True):
         """The intact records after the snapshot's offset; sets ``damage`` and
         ``lost_records``; cuts an incomplete last record (``torn``: its length) if asked."""
-        start, end = self.snapshot_offset, self._durable_size
+        log = self._log
+        start, end = self.snapshot_offset, log.durable_size
         self.damage, self.lost_records = [], 0
         if end <= start:
             return
-        with mmap.mmap(self._fd, end, prot=mmap.PROT_READ) as view:
-            offset, last = start, self._seq
+        with mmap.mmap(log.fd, end, prot=mmap.PROT_READ) as view:
+            offset, last = start, log.seq
             while offset < end:
                 record, problem = _record_at(view, offset, end)
                 if record is not None:
                     if record.seq:
                         if record.tag < TAG_BASE:   # start and base records set the count
                             self.lost_records += max(0, record.seq - last - 1)
-                        last = self._seq = record.seq
+                        last = log.seq = record.seq
                     if record.tag != _TAG_START:
                         yield record
                     offset = record.blob_offset + record.blob_len + len(record.line)
@@ -257,102 +250,161 @@ class Journal:
                 resume = end if resume is None else resume
                 self.damage.append(Damage(offset, resume - offset, problem.tag, problem.had_blob))
                 offset = resume
-        self._durable_seq = self._seq
+        log.durable_seq = log.seq
         if cut_torn and offset < end and not self.damage:
             self.torn = end - offset
-            os.ftruncate(self._fd, offset)
-            os.fsync(self._fd)
-            self._size = self._durable_size = offset
+            os.ftruncate(log.fd, offset)
+            os.fsync(log.fd)
+            log.settle(log.fd, offset)
 
     # -- keeping the log small ---------------------------------------------------------------------
 
     def compact(self, keep_aside: str | None = None) -> None:
         """Rewrite the log from the owner's live state now (see the module docstring); with
         ``keep_aside`` the current log is first linked under that name, never shortened."""
-        with self._compacting:
-            self._compact(keep_aside)
+        with self._upkeep.compacting:
+            self._upkeep.compact(keep_aside)
 
     def worth_compacting(self, tail=None) -> bool:
-        with self._lock:
-            live = self.owner.live_bytes()
-        tail = self.tail_bytes if tail is None else tail
-        return self._size > max(1.5 * live + tail, self._compact_after)
+        return self._upkeep.worth_compacting(tail)
+
+    between_rounds = staticmethod(lambda: None)     # tests hold a compaction here
 
     def close(self) -> None:
         """Flush, compact if worth it, snapshot, and let the folder go."""
-        with self._compacting:
-            try:
-                with self._flush_lock:
-                    self._flush()
-                if self.worth_compacting(min(self.tail_bytes, CLOSE_TAIL_BYTES)):
-                    self._compact()
-                else:
-                    with self._flush_lock:
-                        if self._size != self.snapshot_offset:
-                            self._snapshot()
-            except OSError as exc:
-                say(f"closing the store: {_reason(exc)} (the log keeps every answered change)")
+        self._upkeep.close()
         self.release()
 
     def release(self) -> None:
         """Close the files and let the folder go (the flock goes with its file)."""
-        for fd in (self._fd, self._old_fd, self._lock_fd):
+        for fd in (self._log.fd, self._old_fd, self._lock_fd):
             if fd is not None:
                 os.close(fd)
-        self._fd = self._old_fd = self._lock_fd = None
+        self._log.fd = self._old_fd = self._lock_fd = None
 
-    # -- private: writing --------------------------------------------------------------------------
+    # -- private ----------------------------------------------------------------------------------
 
-    def _settled(self, ticket):
+    def _maintain(self):
+        """After a successful flush (holding the flush lock): see ``_Upkeep.maintain``."""
+        self._upkeep.maintain()
+
+    def _cleanup(self):
+        """Leftovers of a crash mid-compaction or mid-snapshot: never in use, always partial."""
+        for name in (LOG_FILE + NEW_SUFFIX, SNAPSHOT_FILE + TMP_SUFFIX, LOCK_FILE + ".probe"):
+            (self.dir / name).unlink(missing_ok=True)
+
+    def _identity(self) -> str:
+        """The log's identity from its first record; a new log gets one."""
+        log = self._log
+        if log.size == 0:
+            log_id = secrets.token_hex(8)
+            self.write(log.fd, _frame(0, _TAG_START, json.dumps({"log": log_id}).encode(),
+                                      b"", 0))
+            os.fsync(log.fd)
+            log.settle(log.fd, os.fstat(log.fd).st_size)
+            return log_id
+        with mmap.mmap(log.fd, log.size, prot=mmap.PROT_READ) as view:
+            record, _ = _record_at(view, 0, log.size)
+            if record is None and _old_format(view):
+                raise StoreError(f"{self.dir / LOG_FILE} was written by an earlier version of "
+                                 "the server (no record framing): run that version to export "
+                                 "it, or move the folder aside to start afresh")
+        if record is not None and record.tag == _TAG_START:
+            return json.loads(record.line).get("log", "")
+        return ""                                   # damaged: no snapshot can match
+
+
+class _Appender:
+    """The writing end of the log, with group commit: records queued under the owner's lock,
+    written and fsynced in one go by whichever waiter holds ``flush_lock``. A failed write
+    keeps nothing: the file cut back, the waiters failed, the owner reloaded, the log
+    ``degraded`` until a probe shows the disk takes writes again.
+
+    A ticket is (generation, seq): a failure starts a new generation; a ticket of an older
+    generation, numbered past the records durable in it, has failed."""
+
+    def __init__(self, journal, fd):
+        self.journal, self.fd = journal, fd
+        self.flush_lock = threading.Lock()
+        self.degraded: str | None = None
+        self.pending: list[bytes] = []
+        self.gen, self.failed_at = 0, {}            # tickets of a failed generation
+        self.seq = self.durable_seq = 0
+        self.size = self.durable_size = os.fstat(fd).st_size
+        self.leftovers = False
+
+    def settle(self, fd, size) -> None:
+        """Nothing queued: the log is now ``fd``, ``size`` bytes, every record durable."""
+        self.fd, self.size = fd, size
+        self.durable_size, self.durable_seq = size, self.seq
+
+    def append(self, record: bytes) -> tuple:
+        """Queue a framed record numbered ``seq + 1`` (holding the owner's lock)."""
+        self.seq += 1
+        self.size += len(record)
+        self.pending.append(record)
+        return self.gen, self.seq
+
+    def settled(self, ticket):
         gen, seq = ticket
-        return gen < self._gen or seq <= self._durable_seq
+        return gen < self.gen or seq <= self.durable_seq
 
-    def _check(self, ticket):
+    def check(self, ticket):
         if ticket is None:
             return
         gen, seq = ticket
-        if gen < self._gen and seq > self._failed_at.get(gen, 0):
+        if gen < self.gen and seq > self.failed_at.get(gen, 0):
             raise WriteFailed(f"storage unavailable: {self.degraded or 'write failed'}")
 
-    def _flush(self):
+    def check_writable(self):
+        if self.degraded is None:
+            return
+        with self.flush_lock:
+            if self.degraded is not None:
+                try:
+                    self._probe()
+                except OSError as exc:
+                    raise WriteFailed(f"storage unavailable: {_reason(exc)}") from None
+                self.degraded = None
+
+    def flush(self):
         """Write and fsync the queued records (holding the flush lock); on failure nothing of
         them is kept (see _failed) and WriteFailed is raised."""
-        with self._lock:
-            batch, self._pending = self._pending, []
-            seq, size = self._seq, self._size
+        with self.journal._lock:
+            batch, self.pending = self.pending, []
+            seq, size = self.seq, self.size
         if not batch:
             return
         try:
-            if self._leftovers:                     # a failed write's, not yet cut off
-                os.ftruncate(self._fd, self._durable_size)
-                self._leftovers = False
-            self.write(self._fd, b"".join(batch))
-            os.fsync(self._fd)
+            if self.leftovers:                      # a failed write's, not yet cut off
+                os.ftruncate(self.fd, self.durable_size)
+                self.leftovers = False
+            self.journal.write(self.fd, b"".join(batch))
+            os.fsync(self.fd)
         except OSError as exc:
             self._failed(exc)
             raise WriteFailed(f"storage unavailable: {self.degraded}") from None
-        self._durable_seq, self._durable_size = seq, size
-
-    write = staticmethod(lambda fd, data: _write_all(fd, data))   # tests inject failures here
+        self.durable_seq, self.durable_size = seq, size
 
     def _failed(self, exc):
         """Nothing not yet durable is kept: the file cut back, waiters failed, owner reloaded."""
-        with self._lock:
-            self._pending = []
-            self._failed_at[self._gen] = self._durable_seq
-            self._gen += 1
-            self._seq, self._size = self._durable_seq, self._durable_size
+        journal = self.journal
+        with journal._lock:
+            self.pending = []
+            self.failed_at[self.gen] = self.durable_seq
+            self.gen += 1
+            self.seq, self.size = self.durable_seq, self.durable_size
             self.degraded = _reason(exc)
-            say(f"{self.dir / LOG_FILE}: {self.degraded}; requests that change state are "
+            say(f"{journal.dir / LOG_FILE}: {self.degraded}; requests that change state are "
                 "refused until the disk takes writes again")
             try:
-                os.ftruncate(self._fd, self._durable_size)
+                os.ftruncate(self.fd, self.durable_size)
             except OSError:
-                self._leftovers = True              # _flush cuts it before the next write
-            self.owner.reload()
+                self.leftovers = True               # flush cuts it before the next write
+            journal.owner.reload()
 
     def _probe(self):
-        path = self.dir / (LOCK_FILE + ".probe")
+        path = self.journal.dir / (LOCK_FILE + ".probe")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
         try:
             os.posix_fallocate(fd, 0, PROBE_BYTES)
@@ -364,123 +416,134 @@ class Journal:
             os.close(fd)
             path.unlink(missing_ok=True)
 
-    def _maintain(self):
+
+class _Upkeep:
+    """Keeps the log small: a snapshot every ``snapshot_every`` records or
+    ``snapshot_seconds``, a compaction (a ``_Rewrite`` swapped in) when the log outgrows the
+    live data; one compaction at a time (``compacting``). Failures are reported on stderr and
+    tried again later, never failing a request whose record is durable."""
+
+    def __init__(self, journal):
+        self.journal, self.log = journal, journal._log
+        self.compacting = threading.Lock()
+        self.compact_due = False
+        self.since_snapshot, self.snapshot_time = 0, journal.clock()
+        self.compact_after = 0
+
+    def worth_compacting(self, tail=None) -> bool:
+        journal = self.journal
+        with journal._lock:
+            live = journal.owner.live_bytes()
+        tail = journal.tail_bytes if tail is None else tail
+        return self.log.size > max(1.5 * live + tail, self.compact_after)
+
+    def maintain(self):
         """After a successful flush (holding the flush lock): snapshot when due, and note a
         compaction due (the waiter runs it once it lets the flush lock go); failures only
         reported."""
+        journal = self.journal
         try:
             if self.worth_compacting():
-                self._compact_due = True
-            elif self._since_snapshot >= self.snapshot_every or (
-                    self._since_snapshot and
-                    self.clock() - self._snapshot_time >= self.snapshot_seconds):
-                self._snapshot()
+                self.compact_due = True
+            elif self.since_snapshot >= journal.snapshot_every or (
+                    self.since_snapshot and
+                    journal.clock() - self.snapshot_time >= journal.snapshot_seconds):
+                self.snapshot()
         except WriteFailed:
             pass                                    # reported by _failed already
         except OSError as exc:
-            self._maintenance_failed(exc)
+            self._failed(exc)
 
-    def _compact_when_free(self):
+    def compact_when_free(self):
         """Run a compaction that is due, unless one is running already (requests go on
-        meanwhile: see _compact)."""
-        if not self._compacting.acquire(blocking=False):
+        meanwhile: see compact)."""
+        if not self.compacting.acquire(blocking=False):
             return
         try:
-            self._compact_due = False
+            self.compact_due = False
             if self.worth_compacting():
-                self._compact()
+                self.compact()
         except WriteFailed:
             pass                                    # reported by _failed already
         except OSError as exc:
-            self._maintenance_failed(exc)
+            self._failed(exc)
         finally:
-            self._compacting.release()
+            self.compacting.release()
 
-    def _maintenance_failed(self, exc):
-        say(f"{self.dir}: {_reason(exc)} while keeping the log small; tried again later")
-        self._since_snapshot, self._snapshot_time = 0, self.clock()
-        self._compact_after = self._size + self.tail_bytes
+    def close(self):
+        """At a clean stop: flush, then compact if worth it, else snapshot if behind."""
+        with self.compacting:
+            try:
+                with self.log.flush_lock:
+                    self.log.flush()
+                if self.worth_compacting(min(self.journal.tail_bytes, CLOSE_TAIL_BYTES)):
+                    self.compact()
+                else:
+                    with self.log.flush_lock:
+                        if self.log.size != self.journal.snapshot_offset:
+                            self.snapshot()
+            except OSError as exc:
+                say(f"closing the store: {_reason(exc)} (the log keeps every answered change)")
 
-    def _compact(self, keep_aside=None):
-        """Rewrite the log (holding ``_compacting``, not the other locks): the live blobs are
+    def compact(self, keep_aside=None):
+        """Rewrite the log (holding ``compacting``, not the other locks): the live blobs are
         copied in rounds with no lock held, each round from a list taken under the lock; then,
         holding both locks, what changed since, the base record, and the swap (``_swap``)."""
-        rewrite = _Rewrite(self)
+        journal, log = self.journal, self.log
+        rewrite = _Rewrite(journal)
         try:
             for _ in range(_COPY_ROUNDS):
-                with self._flush_lock, self._lock:
-                    self._flush()                   # copy only durable blobs
-                    copies, _ = self.owner.live_records()
+                with log.flush_lock, journal._lock:
+                    log.flush()                     # copy only durable blobs
+                    copies, _ = journal.owner.live_records()
                 copied = rewrite.copy(copies)
-                self.between_rounds()
+                journal.between_rounds()
                 if copied <= _LAST_ROUND:
                     break
-            with self._flush_lock:
-                with self._lock:
-                    self._flush()
-                    copies, base_line = self.owner.live_records()
-                    rewrite.finish(copies, base_line, self._seq)
+            with log.flush_lock:
+                with journal._lock:
+                    log.flush()
+                    copies, base_line = journal.owner.live_records()
+                    rewrite.finish(copies, base_line, log.seq)
                     self._swap(rewrite, keep_aside)
-                self._snapshot()
+                self.snapshot()
         except BaseException:
             rewrite.abandon()
             raise
 
-    between_rounds = staticmethod(lambda: None)     # tests hold a compaction here
-
-    def _snapshot(self):
+    def snapshot(self):
         """Write the owner's state and the log offset it covers (holding the flush lock)."""
-        with self._lock:
-            state = self.owner.snapshot_state()
-            offset, seq = self._size, self._seq
-        self._flush()                               # the records the state includes
-        state.update(log=self._log_id, log_offset=offset, seq=seq)
+        journal = self.journal
+        with journal._lock:
+            state = journal.owner.snapshot_state()
+            offset, seq = self.log.size, self.log.seq
+        self.log.flush()                            # the records the state includes
+        state.update(log=journal._log_id, log_offset=offset, seq=seq)
         data = json.dumps(state, separators=(",", ":")).encode()
-        write_atomic(self.dir / SNAPSHOT_FILE, data)
-        self.snapshot_offset = offset
-        self._since_snapshot, self._snapshot_time = 0, self.clock()
+        write_atomic(journal.dir / SNAPSHOT_FILE, data)
+        journal.snapshot_offset = offset
+        self.since_snapshot, self.snapshot_time = 0, journal.clock()
 
     def _swap(self, rewrite, keep_aside):
         """Put the finished new log in place (holding both locks, the queue empty)."""
+        journal = self.journal
         if keep_aside:
-            os.link(self.dir / LOG_FILE, self.dir / keep_aside)
-        os.replace(rewrite.path, self.dir / LOG_FILE)
-        if self._old_fd is not None:                # a reader may still pread the one before
-            os.close(self._old_fd)
-        self._old_fd, self._fd, self._log_id = self._fd, rewrite.fd, rewrite.log_id
+            os.link(journal.dir / LOG_FILE, journal.dir / keep_aside)
+        os.replace(rewrite.path, journal.dir / LOG_FILE)
+        if journal._old_fd is not None:             # a reader may still pread the one before
+            os.close(journal._old_fd)
+        journal._old_fd, journal._log_id = self.log.fd, rewrite.log_id
+        self.log.settle(rewrite.fd, rewrite.size)
         rewrite.fd = None
-        self._size = self._durable_size = rewrite.size
-        self._durable_seq = self._seq
-        self._compact_after = 0
-        self.snapshot_offset = -1                   # the old snapshot covers nothing now
-        self.owner.rewritten(rewrite.moved(), list(rewrite.damaged))
-        fsync_dir(self.dir)
+        self.compact_after = 0
+        journal.snapshot_offset = -1                # the old snapshot covers nothing now
+        journal.owner.rewritten(rewrite.moved(), list(rewrite.damaged))
+        fsync_dir(journal.dir)
 
-    # -- private: opening --------------------------------------------------------------------------
-
-    def _cleanup(self):
-        """Leftovers of a crash mid-compaction or mid-snapshot: never in use, always partial."""
-        for name in (LOG_FILE + NEW_SUFFIX, SNAPSHOT_FILE + TMP_SUFFIX, LOCK_FILE + ".probe"):
-            (self.dir / name).unlink(missing_ok=True)
-
-    def _identity(self) -> str:
-        """The log's identity from its first record; a new log gets one."""
-        if self._size == 0:
-            log_id = secrets.token_hex(8)
-            self.write(self._fd, _frame(0, _TAG_START, json.dumps({"log": log_id}).encode(),
-                                        b"", 0))
-            os.fsync(self._fd)
-            self._size = self._durable_size = os.fstat(self._fd).st_size
-            return log_id
-        with mmap.mmap(self._fd, self._size, prot=mmap.PROT_READ) as view:
-            record, _ = _record_at(view, 0, self._size)
-            if record is None and _old_format(view):
-                raise StoreError(f"{self.dir / LOG_FILE} was written by an earlier version of "
-                                 "the server (no record framing): run that version to export "
-                                 "it, or move the folder aside to start afresh")
-        if record is not None and record.tag == _TAG_START:
-            return json.loads(record.line).get("log", "")
-        return ""                                   # damaged: no snapshot can match
+    def _failed(self, exc):
+        say(f"{self.journal.dir}: {_reason(exc)} while keeping the log small; tried again later")
+        self.since_snapshot, self.snapshot_time = 0, self.journal.clock()
+        self.compact_after = self.log.size + self.journal.tail_bytes
 
 
 # -- helpers --------------------------------------------------------------------------------------
