@@ -14,6 +14,17 @@ lease is expired in memory, and again by replay at load.
     census.scope   the --scope the data was made with (``remembered_scope``)
     census.lock    census.log    census.json      (journal.py)
 
+One class a job; ``Store`` (what the server uses) is made of them, all sharing one state and
+one lock (mixins: no indirection on the hot paths):
+
+    Store ─┬─ Administration      the administrator's requests
+           ├─ Submissions         a submission's authority, its result accepted, a check settled
+           ├─ ResultReader        stored results read back, CRC-checked
+           ├─ Loader              snapshot, replay, rebuild, recovery; the journal's owner
+           └─ Census ─┬─ CensusQueries   the read-only queries
+                      ├─ Verification    checks handed out, standings, credit (trust.Verifier)
+                      └─ CensusMemory    the state in memory and its changes
+
 Lease deadlines are wall-clock epoch seconds (they survive restarts), so the clock is injected as
 a ``time.time``-like callable; tests pass a fake one and never sleep. Start-up problems are one
 ``StoreError`` (one line: what is wrong, what to do); a damaged log is rebuilt from every intact
