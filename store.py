@@ -14,6 +14,17 @@ lease is expired in memory, and again by replay at load.
     census.scope   the --scope the data was made with (``remembered_scope``)
     census.lock    census.log    census.json      (journal.py)
 
+One class a job; ``Store`` (what the server uses) is made of them, all sharing one state and
+one lock (mixins: no indirection on the hot paths):
+
+    Store ─┬─ Administration      the administrator's requests
+           ├─ Submissions         a submission's authority, its result accepted, a check settled
+           ├─ ResultReader        stored results read back, CRC-checked
+           ├─ Loader              snapshot, replay, rebuild, recovery; the journal's owner
+           └─ Census ─┬─ CensusQueries   the read-only queries
+                      ├─ Verification    checks handed out, standings, credit (trust.Verifier)
+                      └─ CensusMemory    the state in memory and its changes
+
 Lease deadlines are wall-clock epoch seconds (they survive restarts), so the clock is injected as
 a ``time.time``-like callable; tests pass a fake one and never sleep. Start-up problems are one
 ``StoreError`` (one line: what is wrong, what to do); a damaged log is rebuilt from every intact
@@ -225,11 +236,13 @@ def plan_scope(scope=None, exclude=()):
     return inside, _finish_parts(inside, parts)
 
 
-class Census:
-    """The census state in memory: task states, leases, errors, results' metadata,
-    contributors, the map, and how a log record or a snapshot changes them. Guarded by one
-    lock (``_lock``); knows nothing of files. Its changes return the record of what changed
-    (a dict), which ``Store`` makes durable."""
+class CensusMemory:
+    """The census state in memory and the changes to it: task states, the map, leases (live,
+    old, per holder), errors, results' metadata and the census totals, the hand-out and expiry
+    heaps. Guarded by one lock (``_lock``); knows nothing of files. Each change (call holding
+    the lock) returns the record of what changed (a dict), which ``Store`` makes durable."""
+
+    # -- state ------------------------------------------------------------------------------------
 
     def __init__(self, *, scope=None, exclude=(), lease_seconds=LEASE_SECONDS, clock=time.time,
                  verify=trust.FRACTION, rng=random.random):
@@ -253,166 +266,9 @@ class Census:
         self.rejects = self.leases_expired = 0
         self._reset_memory()
 
-    # -- reading ----------------------------------------------------------------------------------
-
     @property
     def version(self) -> int:
         return self._version
-
-    def exclude_of(self, task: int) -> list:
-        """The hand-out's exclude: the operator's exclusions, and for a block that came back
-        with holes, the parts already probed."""
-        parts = [str(n) for n in self._parts.get(task, ())]
-        meta = self._results.get(task)
-        if meta is None or not meta.holes:
-            return parts
-        probed = results.merge([(0, RESULT_LEN - 1)])
-        for first, last in meta.holes:
-            probed = _cut(probed, first, last)
-        return parts + [str(n) for first, last in probed for n in _span_nets(task, first, last)]
-
-
-    def progress(self) -> dict:
-        """The /get_progress numbers."""
-        with self._lock:
-            now = self.clock()
-            self._expire_due(now)
-            counts = [self._states.count(s) for s in range(len(State))]
-            first = bisect.bisect_left(self._recent_t, now - 300)
-            recent = len(self._recent_t) - first
-            probes = (self._recent_p[-1] - (self._recent_p[first - 1] if first else 0)
-                      if recent else 0)
-            out = {"progress": 0.0, "done_tasks": counts[State.DONE],
-                   "total_tasks": len(self._states) - counts[State.EXCLUDED],
-                   "in_progress": counts[State.IN_PROGRESS], "error_tasks": counts[State.ERROR],
-                   "excluded_tasks": counts[State.EXCLUDED],
-                   "available_tasks": counts[State.AVAILABLE], "addresses_probed": self._probed,
-                   "responders": self._responders, "tasks_per_min": round(recent / 5, 2),
-                   "probes_per_min": round(probes / 5, 2), "eta_seconds": None,
-                   "contributors": len(self._contributors), "version": self._version}
-            out.update(self._verification_progress(counts[State.DONE]))
-        if out["total_tasks"]:
-            out["progress"] = round(100 * out["done_tasks"] / out["total_tasks"], 3)
-        left = out["total_tasks"] - out["done_tasks"]
-        if recent:
-            out["eta_seconds"] = round(left / (recent / 300), 1)
-        return out
-
-    def rate(self) -> dict:
-        """Submissions per minute over the last hour."""
-        with self._lock:
-            first = bisect.bisect_left(self._recent_t, self.clock() - 3600)
-            count = len(self._recent_t) - first
-        return {"rate": round(count / 60, 3), "submissions_last_hour": count}
-
-    def pending(self) -> list:
-        with self._lock:
-            self._expire_due(self.clock())
-            return sorted(self._leases)
-
-    def latest_available(self) -> int | None:
-        """The highest-numbered available task (the original's 'latest task')."""
-        with self._lock:
-            self._expire_due(self.clock())
-            task = self._states.rfind(State.AVAILABLE)
-        return None if task < 0 else task
-
-    def errors(self, limit=ERROR_LIST_LIMIT) -> list:
-        with self._lock:
-            return [(t, self._errors[t]) for t in sorted(self._errors)[:limit]]
-
-    def state_of(self, task: int) -> State:
-        self._check_task(task)
-        with self._lock:
-            self._expire_due(self.clock())
-            return State(self._states[task])
-
-    def task_info(self, task: int) -> dict:
-        """What the map shows when a block is hovered."""
-        with self._lock:
-            self._expire_due(self.clock())
-            self._check_task(task)
-            state = State(self._states[task])
-            meta = self._results.get(task)
-        return {"task_index": task, "network": network_of(task), "state": int(state),
-                "state_name": state.name.lower(),
-                "contributor": meta.contributor if meta else None,
-                "finished_at": meta.finished_at if meta else None,
-                "responders": meta.responders if meta else None,
-                "probed": meta.probed if meta else None, "exclude": self.exclude_of(task),
-                "not_probed": _hole_nets(task, meta),
-                "verification": self._verification_of(task)}
-
-    def map_bytes(self) -> tuple[int, bytes]:
-        """(version, 131,072 bytes): state then answer fraction (0..255) for each task."""
-        with self._lock:
-            self._expire_due(self.clock())
-            return self._version, bytes(self._map)
-
-    def contributors(self) -> list:
-        """Contributors ranked by tasks done, then responders."""
-        with self._lock:
-            people = list(self._contributors.values())
-        people.sort(key=lambda c: (-c.tasks_done, -c.responders, c.name))
-        return people
-
-    def standing(self, name: str) -> dict:
-        """A contributor's verification: results verified (agreed with), disputed (lost),
-        the rest unverified; flagged: every result checked, credit only once verified."""
-        with self._lock:
-            standing = self._verifier.standing(name)
-            person = self._contributors.get(name)
-        done = person.tasks_done if person else 0
-        return {"verified": standing.agreed, "disputed": standing.disputed,
-                "unverified": max(0, done - standing.agreed), "flagged": standing.flagged}
-
-    def _verification_progress(self, done) -> dict:
-        counts = self._verifier.counts()
-        verified = counts["verified"]
-        return {"verified_tasks": verified, "unverified_tasks": counts["unverified"],
-                "checks_waiting": counts["waiting"] + counts["disputed"],
-                "disputed_tasks": counts["disputed"] + counts["unresolved"],
-                "verified_share": round(verified / done, 4) if done else 0.0,
-                "verify_fraction": self._verify}
-
-    def _verification_of(self, task) -> dict | None:
-        """/task and /result: how far the block's kept result is verified."""
-        with self._lock:
-            block = self._verifier.blocks.get(task)
-            checking = task in self._checks
-        if block is None:
-            return None
-        return {"status": block.status.name.lower(), "opinions": len(block.opinions),
-                "contributors": [o.contributor for o in block.opinions],
-                "kept": block.opinions[block.kept].contributor, "checking": checking}
-
-    def wait_change(self, version: int, timeout: float) -> int:
-        """Block until the version differs from ``version`` (or timeout); returns the version."""
-        with self._changed:
-            self._changed.wait_for(lambda: self._version != version, timeout)
-        return self._version
-
-    # -- what the journal keeps -------------------------------------------------------------------
-
-    def snapshot_state(self, results=True) -> dict:
-        state = {"format": 2, "version": self._version, "submissions": self._submissions,
-                 "states": self._states.translate(_DIGITS).decode(),
-                 "leases": dict(self._leases), "old": dict(self._old),
-                 "errors": dict(self._errors),
-                 "contributors": list(self._contributors.values()),
-                 "pinned": sorted(self._pinned), "checks": dict(self._checks),
-                 "trust": {t: _block_record(b) for t, b in self._verifier.blocks.items()},
-                 "standings": dict(self._verifier.standings)}
-        if results:
-            state["results"] = dict(self._results)
-        return state
-
-    def live_bytes(self) -> int:
-        return self._result_bytes + 2 * TASKS + 160 * (
-            len(self._leases) + len(self._errors) + len(self._contributors) + 2 * len(self._old)
-            + len(self._checks) + 2 * len(self._verifier.blocks))
-
-    # -- private: changes (call holding the lock; each returns the record of what changed) -----
 
     def _reset_memory(self):
         self._states = bytearray(TASKS)
@@ -429,6 +285,8 @@ class Census:
         self._version = self._submissions = 0
         self._probed = self._responders = self._result_bytes = 0
         self._pool, self._expiry, self._recent_t, self._recent_p = [], [], [], []
+
+    # -- private: changes (call holding the lock; each returns the record of what changed) --------
 
     def _check_task(self, task):
         if not isinstance(task, int) or not 0 <= task < TASKS:
@@ -587,7 +445,314 @@ class Census:
                                  digest_size=16).digest()
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
-    # -- private: loading ------------------------------------------------------------------------
+
+class Verification:
+    """The verification bookkeeping in memory (trust.Verifier does the deciding): the checks
+    handed out (a done block leased for a second opinion), the contributors' standing and
+    credit a verifier outcome settles, and what /task, /result and /get_progress say of it.
+    Call with the lock held, unless said."""
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def standing(self, name: str) -> dict:
+        """A contributor's verification: results verified (agreed with), disputed (lost),
+        the rest unverified; flagged: every result checked, credit only once verified."""
+        with self._lock:
+            standing = self._verifier.standing(name)
+            person = self._contributors.get(name)
+        done = person.tasks_done if person else 0
+        return {"verified": standing.agreed, "disputed": standing.disputed,
+                "unverified": max(0, done - standing.agreed), "flagged": standing.flagged}
+
+    def _verification_progress(self, done) -> dict:
+        counts = self._verifier.counts()
+        verified = counts["verified"]
+        return {"verified_tasks": verified, "unverified_tasks": counts["unverified"],
+                "checks_waiting": counts["waiting"] + counts["disputed"],
+                "disputed_tasks": counts["disputed"] + counts["unresolved"],
+                "verified_share": round(verified / done, 4) if done else 0.0,
+                "verify_fraction": self._verify}
+
+    def _verification_of(self, task) -> dict | None:
+        """/task and /result: how far the block's kept result is verified."""
+        with self._lock:
+            block = self._verifier.blocks.get(task)
+            checking = task in self._checks
+        if block is None:
+            return None
+        return {"status": block.status.name.lower(), "opinions": len(block.opinions),
+                "contributors": [o.contributor for o in block.opinions],
+                "kept": block.opinions[block.kept].contributor, "checking": checking}
+
+    # -- private: checks and their outcome --------------------------------------------------------
+
+    def _next_check(self, name, holder, within):
+        wanted = None if within is None else (
+            lambda task: any(_block_net(task).overlaps(net) for net in within))
+        return self._verifier.next_check(name, holder, busy=self._checks, wanted=wanted)
+
+    def _new_check(self, task, now, holder, bound):
+        lease = Lease(self._token(), now + self.lease_seconds, holder, bound)
+        self._checks[task] = lease
+        self._held[holder] = self._held.get(holder, 0) + 1
+        heapq.heappush(self._expiry, (lease.deadline, task, lease.token))
+        return lease, {"k": lease}
+
+    def _retire_check(self, task) -> dict:
+        lease = self._checks.pop(task, None)
+        if lease is None:
+            return {}
+        self._unhold(lease.holder)
+        return {"k": None}
+
+    def _settled(self, task, outcome, now) -> dict:
+        """The record of a verifier outcome: the block, its contributors' standing and
+        credit (a credit counts a result for its contributor, a debit takes it back)."""
+        people = {}
+        for opinions, sign in ((outcome.credit, 1), (outcome.debit, -1)):
+            for opinion in opinions:
+                people[opinion.contributor] = self._credit(opinion, sign, now)
+        standings = {o.contributor: self._verifier.standing(o.contributor)
+                     for o in outcome.block.opinions}
+        return {"t": _block_record(outcome.block), "w": standings, "cs": list(people.values())}
+
+    def _credit(self, opinion, sign, now):
+        person = self._contributors.get(opinion.contributor) or Contributor(
+            opinion.contributor, 0, 0, 0, now, now)
+        person = person._replace(tasks_done=person.tasks_done + sign,
+                                 addresses_probed=person.addresses_probed + sign * opinion.probed,
+                                 responders=person.responders + sign * opinion.responders,
+                                 last_seen=max(person.last_seen, now) if sign > 0
+                                 else person.last_seen)
+        self._contributors[person.name] = person
+        return person
+
+
+class CensusQueries:
+    """The read-only queries of the census in memory: progress, rate, pending leases, errors,
+    a task's state and info, the map, contributors, finish times, waiting for a change. Each
+    takes the lock for its read alone; an expired lease is expired in memory only."""
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def exclude_of(self, task: int) -> list:
+        """The hand-out's exclude: the operator's exclusions, and for a block that came back
+        with holes, the parts already probed."""
+        parts = [str(n) for n in self._parts.get(task, ())]
+        meta = self._results.get(task)
+        if meta is None or not meta.holes:
+            return parts
+        probed = results.merge([(0, RESULT_LEN - 1)])
+        for first, last in meta.holes:
+            probed = _cut(probed, first, last)
+        return parts + [str(n) for first, last in probed for n in _span_nets(task, first, last)]
+
+    def progress(self) -> dict:
+        """The /get_progress numbers."""
+        with self._lock:
+            now = self.clock()
+            self._expire_due(now)
+            counts = [self._states.count(s) for s in range(len(State))]
+            first = bisect.bisect_left(self._recent_t, now - 300)
+            recent = len(self._recent_t) - first
+            probes = (self._recent_p[-1] - (self._recent_p[first - 1] if first else 0)
+                      if recent else 0)
+            out = {"progress": 0.0, "done_tasks": counts[State.DONE],
+                   "total_tasks": len(self._states) - counts[State.EXCLUDED],
+                   "in_progress": counts[State.IN_PROGRESS], "error_tasks": counts[State.ERROR],
+                   "excluded_tasks": counts[State.EXCLUDED],
+                   "available_tasks": counts[State.AVAILABLE], "addresses_probed": self._probed,
+                   "responders": self._responders, "tasks_per_min": round(recent / 5, 2),
+                   "probes_per_min": round(probes / 5, 2), "eta_seconds": None,
+                   "contributors": len(self._contributors), "version": self._version}
+            out.update(self._verification_progress(counts[State.DONE]))
+        if out["total_tasks"]:
+            out["progress"] = round(100 * out["done_tasks"] / out["total_tasks"], 3)
+        left = out["total_tasks"] - out["done_tasks"]
+        if recent:
+            out["eta_seconds"] = round(left / (recent / 300), 1)
+        return out
+
+    def rate(self) -> dict:
+        """Submissions per minute over the last hour."""
+        with self._lock:
+            first = bisect.bisect_left(self._recent_t, self.clock() - 3600)
+            count = len(self._recent_t) - first
+        return {"rate": round(count / 60, 3), "submissions_last_hour": count}
+
+    def pending(self) -> list:
+        with self._lock:
+            self._expire_due(self.clock())
+            return sorted(self._leases)
+
+    def latest_available(self) -> int | None:
+        """The highest-numbered available task (the original's 'latest task')."""
+        with self._lock:
+            self._expire_due(self.clock())
+            task = self._states.rfind(State.AVAILABLE)
+        return None if task < 0 else task
+
+    def errors(self, limit=ERROR_LIST_LIMIT) -> list:
+        with self._lock:
+            return [(t, self._errors[t]) for t in sorted(self._errors)[:limit]]
+
+    def state_of(self, task: int) -> State:
+        self._check_task(task)
+        with self._lock:
+            self._expire_due(self.clock())
+            return State(self._states[task])
+
+    def task_info(self, task: int) -> dict:
+        """What the map shows when a block is hovered."""
+        with self._lock:
+            self._expire_due(self.clock())
+            self._check_task(task)
+            state = State(self._states[task])
+            meta = self._results.get(task)
+        return {"task_index": task, "network": network_of(task), "state": int(state),
+                "state_name": state.name.lower(),
+                "contributor": meta.contributor if meta else None,
+                "finished_at": meta.finished_at if meta else None,
+                "responders": meta.responders if meta else None,
+                "probed": meta.probed if meta else None, "exclude": self.exclude_of(task),
+                "not_probed": _hole_nets(task, meta),
+                "verification": self._verification_of(task)}
+
+    def map_bytes(self) -> tuple[int, bytes]:
+        """(version, 131,072 bytes): state then answer fraction (0..255) for each task."""
+        with self._lock:
+            self._expire_due(self.clock())
+            return self._version, bytes(self._map)
+
+    def contributors(self) -> list:
+        """Contributors ranked by tasks done, then responders."""
+        with self._lock:
+            people = list(self._contributors.values())
+        people.sort(key=lambda c: (-c.tasks_done, -c.responders, c.name))
+        return people
+
+    def finished_times(self) -> list:
+        """When each done block was finished (epoch seconds), oldest first: the progress
+        history is derived from these, so nothing more is kept."""
+        with self._lock:
+            return sorted(meta.finished_at for meta in self._results.values())
+
+    def wait_change(self, version: int, timeout: float) -> int:
+        """Block until the version differs from ``version`` (or timeout); returns the version."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._version != version, timeout)
+        return self._version
+
+
+class Census(CensusQueries, Verification, CensusMemory):
+    """The census state in memory: its state and changes (``CensusMemory``), the verification
+    bookkeeping (``Verification``) and the read-only queries (``CensusQueries``)."""
+
+
+class Loader:
+    """How the census state comes from disk and goes back to it: the snapshot's content, the
+    log's replay, the derived structures rebuilt, a damaged log recovered, and what the
+    journal asks of its owner (``live_records``, ``forget_line``, ``rewritten``, ``reload``;
+    called by it holding the lock)."""
+
+    # -- what the journal keeps -------------------------------------------------------------------
+
+    def snapshot_state(self, results=True) -> dict:
+        state = {"format": 2, "version": self._version, "submissions": self._submissions,
+                 "states": self._states.translate(_DIGITS).decode(),
+                 "leases": dict(self._leases), "old": dict(self._old),
+                 "errors": dict(self._errors),
+                 "contributors": list(self._contributors.values()),
+                 "pinned": sorted(self._pinned), "checks": dict(self._checks),
+                 "trust": {t: _block_record(b) for t, b in self._verifier.blocks.items()},
+                 "standings": dict(self._verifier.standings)}
+        if results:
+            state["results"] = dict(self._results)
+        return state
+
+    def live_bytes(self) -> int:
+        return self._result_bytes + 2 * TASKS + 160 * (
+            len(self._leases) + len(self._errors) + len(self._contributors) + 2 * len(self._old)
+            + len(self._checks) + 2 * len(self._verifier.blocks))
+
+    # -- the journal's owner (called by it, holding the lock) -------------------------------------
+
+    def live_records(self):
+        """What a compaction keeps: a copy of each result record, then the rest as one."""
+        copies = [Copy(task, meta.offset, meta.size, meta.crc,
+                       lambda offset, meta=meta: _JSON.encode(
+                           {"r": meta._replace(offset=offset)}).encode())
+                  for task, meta in self._results.items()]
+        return copies, _JSON.encode(self.snapshot_state(results=False)).encode()
+
+    def forget_line(self, task) -> bytes:
+        """A record saying ``task`` has no result (a compaction's, for one dropped meanwhile)."""
+        return b'{"r":null}'
+
+    def rewritten(self, moved: dict, damaged: list) -> None:
+        """After a compaction: results now lie at ``moved`` offsets; ``damaged`` failed their
+        CRC and were left out."""
+        for task, offset in moved.items():
+            self._results[task] = self._results[task]._replace(offset=offset)
+        for task in damaged:
+            self._requeue_now(task, "its stored result was damaged on disk")
+
+    def reload(self) -> None:
+        """Forget what is not durable: the state again from the snapshot and the log."""
+        self._reset_memory()
+        snap = self._journal.read_snapshot(quiet=True)
+        if snap is not None:
+            self._apply_snapshot(snap)
+        self._replay(cut_torn=False)
+        self._rebuild()
+        with self._changed:
+            self._changed.notify_all()
+
+    # -- private: load ----------------------------------------------------------------------------
+
+    def _load(self):
+        snap = self._journal.read_snapshot()
+        if snap is not None:
+            try:
+                self._apply_snapshot(snap)
+            except (KeyError, ValueError, TypeError) as exc:
+                say(f"{SNAPSHOT_FILE} is unusable ({exc!r}): rebuilding the state from "
+                    f"{LOG_FILE} (nothing is lost)")
+                self._reset_memory()
+                self._journal.forget_snapshot()
+        self._replay()
+        if self._journal.torn:
+            say(f"{LOG_FILE}: cut a record torn by a crash at its end ({self._journal.torn} "
+                "bytes, never acknowledged)")
+        self._rebuild()
+        if self._journal.damage or self._journal.lost_records:
+            self._recover()
+        elif self._journal.worth_compacting():
+            self._journal.compact()
+
+    def _recover(self):
+        """Damage in the middle of the log: every intact record is kept, the tasks of the lost
+        ones handed out again, the log rewritten and the original kept aside."""
+        damage = self._journal.damage
+        lost = max(len(damage), self._journal.lost_records)
+        self.damaged_records = lost
+        aside = f"{LOG_FILE}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        tasks = sorted({d.tag for d in damage if d.tag is not None and d.tag < TASKS})
+        unknown = sum(d.tag is None for d in damage)
+        say(f"{self.dir / LOG_FILE} is damaged: {sum(d.length for d in damage)} bytes in "
+            f"{len(damage)} place(s) (offsets {', '.join(str(d.offset) for d in damage[:10])})"
+            f", {lost} record(s) lost; tasks of lost records: "
+            f"{', '.join(map(str, tasks)) or 'none known'}"
+            f"{f' (and {unknown} record(s) whose task is unknown)' if unknown else ''}. "
+            f"Rebuilt from every intact record; the original is kept as {aside}")
+        for task in tasks:
+            if not (self._states[task] == State.DONE and task in self._results):
+                self._requeue(task, "a record of it was lost to damage in the log")
+        try:
+            self._journal.compact(keep_aside=aside)
+        except OSError as exc:
+            raise StoreError(f"cannot rewrite the damaged {self.dir / LOG_FILE}: {exc}: free "
+                             "some space and start again (nothing has been changed)") from None
 
     def _apply_snapshot(self, snap):
         self._apply_base(snap)
@@ -697,127 +862,275 @@ class Census:
         self._expire_due(self.clock())
 
 
-class Store(Census):
-    """The census state made durable by a Journal in ``directory``: the volunteers' and the
-    administrator's requests, each answered once its record is on disk. Thread-safe; call
-    ``close()`` at the end. StoreError when the folder cannot be used (one line saying why)."""
+class ResultReader:
+    """The stored results read back from the log, checked against their CRC every time: /result,
+    every bitmap in order, the bytes a submission is compared with; a damaged one is counted,
+    reported and its task handed out again."""
 
-    def __init__(self, directory, *, scope=None, exclude=(), lease_seconds=LEASE_SECONDS,
-                 clock=time.time, snapshot_every=SNAPSHOT_EVERY,
-                 snapshot_seconds=SNAPSHOT_SECONDS, tail_bytes=TAIL_BYTES, max_leases=None,
-                 verify=trust.FRACTION, rng=random.random):
-        super().__init__(scope=scope, exclude=exclude, lease_seconds=lease_seconds, clock=clock,
-                         verify=verify, rng=rng)
-        self.dir = Path(directory)
-        self.max_leases = max_leases
-        self._closing = False
-        self.damaged_results = self.damaged_records = 0
-        upgrade_unframed(self.dir)                  # a folder of the earlier format, once
-        self._journal = Journal(self.dir, self, self._lock, snapshot_every=snapshot_every,
-                                snapshot_seconds=snapshot_seconds, tail_bytes=tail_bytes)
-        try:
-            with _collector_paused():
-                self._load()
-        except BaseException:
-            self._journal.release()
-            raise
+    # -- reading ----------------------------------------------------------------------------------
 
-    # -- volunteers -------------------------------------------------------------------------------
-
-    def get_task(self, holder: str, *, within=None, lease_required=False,
-                 name=None) -> Handout | None:
-        """Lease the next available task (spread over the space) to ``holder``; None if none.
-        A done block owed a check (trust.Verifier) that this holder may give comes first: its
-        result is already kept, so checks never hold up the census; ``name``, if the client
-        says it, keeps a contributor from checking its own results from another address.
-
-        ``within``: a list of IPv4Networks; only a block whose /16 overlaps one of them (those
-        wholly inside first). ``lease_required``: the lease is usable only with its token.
-        Refused 429 (``retry_after`` set) when the holder has ``max_leases`` live leases."""
-        self._writable()
+    def result(self, task: int) -> dict:
+        """The stored result of a done task, as /result serves it; Refused 404 if not done
+        (or if its stored bytes fail their CRC: the task is then handed out again)."""
         with self._lock:
-            now = self.clock()
-            self._expire_due(now)
-            self._check_cap(holder)
-            task = self._next_check(name or holder, holder, within)
-            if task is not None:
-                lease, change = self._new_check(task, now, holder, lease_required)
-            else:
-                task = (self._pop_available(holder) if within is None
-                        else self._find_within(within))
-                if task is None:
-                    return None
-                lease, change = self._new_lease(task, now, holder, lease_required)
-            ticket = self._commit(task, change)
-        self._wait(ticket)
-        return Handout(task, lease, network_of(task), self.exclude_of(task))
-
-    def submit(self, task: int, result_data, *, holder: str, token=None, name=None, rtt=None,
-               stats=None, failure=None, bitmap=None, icmp_errors=None, skipped=None) -> bool:
-        """Record a result; True when it repeats the submission that already completed it
-        (same sender, same data).
-
-        Raises Refused: 404 unknown task, 403 forged token (or none for a lease that needs
-        one), 409 done by another / with other data / leased to another, 400 bad data (the
-        task goes to error only if the sender holds the live lease), 503 storage unavailable.
-        ``failure``: the client's own error message when its result says success false.
-        The result is ``result_data`` (the original string) or ``bitmap`` (the compact form),
-        with ``rtt``, ``icmp_errors`` and ``skipped`` beside it (see results.py). A submission
-        for a check lease is compared with the block's kept result instead (trust.py).
-        """
-        problem, packed = _pack_result(task, result_data, bitmap=bitmap, rtt=rtt,  # outside
-                                       icmp_errors=icmp_errors, skipped=skipped)  # the lock
-        if failure is not None:
-            problem, packed = f"client reported: {failure}"[:200], None
-        token = token or None                               # an empty token is no token
-        self._writable()
-        prior = self._prior_bitmaps(task)       # what a check is compared with: read unlocked
-        partial = self._partial(task)           # a result with holes this one may fill
-        duplicate = refusal = None
-        with self._lock:
-            now = self.clock()
-            self._expire_due(now)
-            check = self._checks.get(task) if isinstance(task, int) else None
-            if check is not None and _matches(check, token, holder):
-                ticket, refusal = self._accept_check(task, packed, problem, prior, now, holder,
-                                                     token, name, stats)
-                problem = None
-            else:
-                duplicate, live = self._authorise_submit(task, token, holder, packed)
-                if duplicate:
-                    ticket = None
-                elif problem is None:
-                    ticket = self._accept(task, packed, now, holder, token, name, stats,
-                                          partial)
-                elif live:
-                    ticket = self._fail(task, problem)
-                else:
-                    raise self._refuse(HTTPStatus.BAD_REQUEST, problem)
-        if duplicate:
-            return self._same_as_stored(task, duplicate, packed)
-        self._wait(ticket)
-        if refusal is not None:
-            raise Refused(*refusal)
-        if problem is not None:
-            raise Refused(HTTPStatus.BAD_REQUEST, problem)
-        return False
-
-    def release(self, task: int, *, holder: str, token=None) -> None:
-        """Give a leased task back to the pool; only the live lease holder may."""
-        token = token or None
-        self._writable()
-        with self._lock:
-            self._expire_due(self.clock())
             self._check_task(task)
-            lease = self._leases.get(task)
-            if lease is None:
-                raise self._refuse(HTTPStatus.CONFLICT, "task is not leased")
-            if not _matches(lease, token, holder):
-                raise self._not_yours(lease, token)
-            change = self._retire_lease(task)
-            change.update(self._make_available(task))
-            ticket = self._commit(task, change)
-        self._wait(ticket)
+            meta = self._results.get(task)
+        data = self._read_result(task, meta)
+        if data is None:
+            raise Refused(HTTPStatus.NOT_FOUND, "task has no result")
+        meta, bitmap, rtt_z, errors = data
+        digits = format(int.from_bytes(bitmap, "big"), f"0{RESULT_LEN}b")
+        return {"task_index": task, "result_data": digits,
+                "rtt_us": base64.b64encode(rtt_z).decode() if rtt_z else None,
+                "icmp_errors": [[k, kind, icmp_type, code] for k, kind, icmp_type, code
+                                in results.icmp_error_rows(errors)],
+                "contributor": meta.contributor, "finished_at": meta.finished_at,
+                "not_probed": _hole_nets(task, meta),
+                "verification": self._verification_of(task)}
+
+    def bitmaps(self, with_errors=False):
+        """(task, 8,192-byte bitmap) of every done task in index order, read lazily (a result
+        whose bytes fail their CRC is left out, and its task handed out again); with_errors:
+        (task, bitmap, ICMP error entries) (see results.icmp_error_rows)."""
+        with self._lock:
+            done = sorted(self._results.items())
+        for task, meta in done:
+            data = self._read_result(task, meta)
+            if data is not None:
+                yield (task, data[1], data[3]) if with_errors else (task, data[1])
+
+    # -- private ----------------------------------------------------------------------------------
+
+    def _read_result(self, task, meta):
+        """(meta, bitmap, rtt) of a done task, checked against its CRC; None if it has none.
+        A damaged one is counted, reported and its task handed out again."""
+        for _ in range(2):                          # a compaction may move it meanwhile
+            if meta is None:
+                return None
+            if not self._journal.durable_through(meta.offset + meta.size):
+                self._wait(self._journal.last_ticket())   # its bytes may still be queued
+            data = self._journal.read_blob(meta.offset, meta.size, meta.crc)
+            if data is not None:
+                rtt_end = meta.bitmap_len + meta.rtt_len
+                return meta, data[:meta.bitmap_len], data[meta.bitmap_len:rtt_end], data[rtt_end:]
+            with self._lock:
+                current = self._results.get(task)
+                if current == meta:
+                    self.damaged_results += 1
+                    ticket = self._requeue_now(task, "its stored result failed its CRC check")
+                    break
+            meta = current
+        else:
+            return None
+        try:
+            self._wait(ticket)
+        except Refused:
+            pass                                    # kept in memory; the next write saves it
+        return None
+
+    def _partial(self, task):
+        """(meta, bitmap, rtt, errors) of a result with holes (call unlocked: it reads)."""
+        with self._lock:
+            meta = self._results.get(task) if isinstance(task, int) else None
+        if meta is None or not meta.holes:
+            return None
+        return self._read_result(task, meta)
+
+    def _prior_bitmaps(self, task):
+        """The bitmaps of a block's opinions, if it wants another (call unlocked: it reads)."""
+        with self._lock:
+            block = self._verifier.blocks.get(task) if isinstance(task, int) else None
+            meta = self._results.get(task)
+        if block is None or not block.wants_opinion or meta is None:
+            return []
+        data = self._read_result(task, meta)
+        kept = data[1] if data else bytes(RESULT_LEN // 8)
+        return [kept if i == block.kept else base64.b64decode(o.ref or "")
+                for i, o in enumerate(block.opinions)]
+
+    def _same_as_stored(self, task, meta, packed) -> bool:
+        """True if ``packed`` is byte for byte the stored result, else Refused 409."""
+        stored = self._read_result(task, meta)
+        if stored is None or stored[1:] != (packed.bitmap, packed.rtt, packed.errors):
+            raise self._refuse(HTTPStatus.CONFLICT, _OTHER_DATA)
+        return True
+
+    def _requeue_now(self, task, why):
+        """Hand a task out again whose stored result is lost; returns the record's ticket."""
+        change = self._requeue(task, why)
+        say(f"task {task} ({network_of(task)}): {self._errors[task]}")
+        return self._commit(task, change)
+
+
+class Submissions:
+    """What a submission is checked against and what it changes (call holding the lock): the
+    sender's authority (its lease, by token or address), a result accepted (holes handed out
+    again, a partial result filled), a check's opinion compared and settled, a failure."""
+
+    # -- private ----------------------------------------------------------------------------------
+
+    def _take_submission(self, task, packed, problem, prior, partial, holder, token, name,
+                         stats):
+        """(duplicate, ticket, refusal): the submission's change queued, or the stored result's
+        metadata if it may be a retry of it, and (status, why) to refuse it with once durable."""
+        now = self.clock()
+        self._expire_due(now)
+        check = self._checks.get(task) if isinstance(task, int) else None
+        if check is not None and _matches(check, token, holder):
+            return None, *self._accept_check(task, packed, problem, prior, now, holder, token,
+                                             name, stats)
+        duplicate, live = self._authorise_submit(task, token, holder, packed)
+        if duplicate:
+            return duplicate, None, None
+        if problem is None:
+            return None, self._accept(task, packed, now, holder, token, name, stats, partial), None
+        if live:
+            return None, self._fail(task, problem), (HTTPStatus.BAD_REQUEST, problem)
+        raise self._refuse(HTTPStatus.BAD_REQUEST, problem)
+
+    def _authorise_submit(self, task, token, holder, packed):
+        """(duplicate, live): the accepted result's metadata if this may be a retry of it (the
+        caller compares the bytes), else None and whether the sender holds the lease."""
+        self._check_task(task)
+        state = self._states[task]
+        if state == State.DONE:
+            meta = self._results.get(task)
+            if meta and (_same(token, meta.token or "") if token
+                         else meta.token is None and meta.holder == holder):
+                if packed is not None and packed.crc == meta.crc:
+                    return meta, False                  # the same data, if its bytes agree
+                raise self._refuse(HTTPStatus.CONFLICT, _OTHER_DATA)
+            raise self._refuse(HTTPStatus.CONFLICT, "task already done")
+        if state == State.EXCLUDED:
+            raise self._refuse(HTTPStatus.CONFLICT, "task is excluded from the census")
+        lease = self._leases.get(task)
+        if lease and _matches(lease, token, holder):
+            return None, True
+        if any(_matches(old, token, holder) for old in self._old.get(task, ())):
+            return None, False                          # late, but nobody else finished it
+        raise self._not_yours(lease, token)
+
+    def _accept(self, task, packed, now, holder, token, name, stats, partial=None):
+        """A result for a block; one with holes (not probed, not explained by the operator's
+        exclusions) goes back to the pool for those parts, and fills those of a result before."""
+        credit = trust.Opinion(name or holder, holder, packed.responders,
+                               _stat(stats, "probed", RESULT_LEN))
+        before = self._results.get(task)
+        if before is not None and before.holes and partial is not None and partial[0] == before:
+            packed = self._filled(partial, packed)
+        holes = self._unexplained(task, packed.skipped)
+        meta = self._result_meta(task, packed, now, holder, token, name, stats)
+        meta = meta._replace(holes=holes, probed=RESULT_LEN - meta.excluded - _count(holes)
+                             if holes or before is not None else meta.probed)
+        change = self._retire_lease(task)
+        self._old.pop(task, None)
+        if self._errors.pop(task, None) is not None:
+            change["e"] = None
+        self._submissions += 1
+        change.update(self._drop_result(task))
+        self._apply_result(task, meta, count=True)
+        if holes:                                 # handed out again for the holes alone
+            change.update(self._make_available(task), r=meta, n=self._submissions,
+                          cs=[self._credit(credit, 1, now)])
+            return self._commit(task, change, packed.blob, packed.crc)
+        change.update(self._set_state(task, State.DONE))
+        opinion = trust.Opinion(meta.contributor, holder, meta.responders, meta.probed)
+        outcome = self._verifier.add(task, opinion)
+        change.update(self._settled(task, outcome, now), r=meta, n=self._submissions)
+        return self._commit(task, change, packed.blob, packed.crc)
+
+    def _accept_check(self, task, packed, problem, prior, now, holder, token, name, stats):
+        """A check's result: (ticket, None) or (ticket, (status, why)) to refuse it with."""
+        change = self._retire_check(task)
+        block = self._verifier.blocks.get(task)
+        if problem is None and not self._verifier.may_check(task, name or holder, holder):
+            problem = ("your results disagree with others too often: you are given no checks"
+                       if self._verifier.standing(name or holder).flagged
+                       else "this contributor or address already gave this block a result")
+            return self._commit(task, change), (HTTPStatus.CONFLICT, problem)
+        if problem is not None or len(prior) != len(block.opinions):
+            problem = problem or "the block changed meanwhile: sweep it again"
+            return self._commit(task, change), (HTTPStatus.BAD_REQUEST, problem)
+        meta = self._result_meta(task, packed, now, holder, token, name, stats)
+        opinion = trust.Opinion(meta.contributor, holder, meta.responders, meta.probed)
+        agrees = [trust.agreement(packed.bitmap, other).agrees for other in prior]
+        outcome = self._verifier.add(task, opinion, agrees)
+        self._submissions += 1
+        if not outcome.block.wants_opinion:      # settled: the bitmaps kept for comparing go
+            block = outcome.block._replace(opinions=tuple(
+                o._replace(ref=None) for o in outcome.block.opinions))
+        elif outcome.block.kept != len(prior):   # unsettled: keep the newcomer's for the next
+            newest = outcome.block.opinions[-1]._replace(
+                ref=base64.b64encode(packed.bitmap).decode())
+            block = outcome.block._replace(opinions=outcome.block.opinions[:-1] + (newest,))
+        self._verifier.restore(task, block)
+        change.update(self._settled(task, outcome._replace(block=block), now),
+                      n=self._submissions)
+        for again in outcome.requeued:           # a flagged contributor's unverified results
+            self._commit(again, {"t": _block_record(self._verifier.blocks[again])})
+        if not outcome.kept_changed:
+            return self._commit(task, change), None
+        change.update(self._drop_result(task))
+        meta = meta._replace(offset=self._journal.next_blob_offset)
+        self._apply_result(task, meta, count=False)
+        change.update(self._set_state(task, State.DONE), r=meta)
+        return self._commit(task, change, packed.blob, packed.crc), None
+
+    def _filled(self, partial, packed):
+        """The result before, its holes filled from this one (results.fill_holes)."""
+        meta, bitmap, rtt, errors = partial
+        old = results.Packed(bitmap, rtt, meta.responders, errors)
+        new = results.Packed(packed.bitmap, packed.rtt, packed.responders, packed.errors,
+                             packed.skipped)
+        both = results.fill_holes(old, meta.holes, new)
+        blob = both.bitmap + both.rtt + both.errors
+        return Packed(both.bitmap, both.rtt, both.responders, zlib.crc32(blob), both.errors,
+                      both.skipped)
+
+    def _unexplained(self, task, skipped) -> tuple:
+        """The skipped spans that neither the operator's exclusions nor (with no scope given)
+        reserved space explain: holes."""
+        spans = list(skipped)
+        base = task << 16
+        explained = list(self._parts.get(task, ()))
+        if self._reserved_explains:
+            explained += [n for n in RESERVED if n.overlaps(_block_net(task))]
+        for net in explained:
+            first = max(int(net.network_address) - base, 0)
+            last = min(int(net.broadcast_address) - base, RESULT_LEN - 1)
+            spans = _cut(spans, first, last)
+        return tuple(spans)
+
+    def _result_meta(self, task, packed, now, holder, token, name, stats):
+        """The metadata of a result about to be committed (its bytes go where the next
+        record's blob will: commit it before any other record)."""
+        excluded = sum(n.num_addresses for n in self._parts.get(task, ()))
+        excluded = _stat(stats, "excluded", excluded)
+        probed = _stat(stats, "probed", RESULT_LEN - excluded)
+        return ResultMeta(self._journal.next_blob_offset, len(packed.bitmap), len(packed.rtt),
+                          name or holder, now, packed.responders, probed, excluded, token,
+                          holder, packed.crc, len(packed.errors))
+
+    def _fail(self, task, problem):
+        self.rejects += 1
+        change = self._retire_lease(task)
+        self._errors[task] = problem[:200]
+        change.update(self._set_state(task, State.ERROR), e=problem[:200])
+        return self._commit(task, change)
+
+    def _not_yours(self, lease, token):
+        if token:
+            return self._refuse(HTTPStatus.FORBIDDEN, "wrong lease token")
+        if lease is not None and lease.bound:
+            return self._refuse(HTTPStatus.FORBIDDEN, "this lease is usable only with its "
+                                "token: send it as \"lease\"")
+        return self._refuse(HTTPStatus.CONFLICT, "task is leased to another" if lease
+                            else "task is not leased to you")
+
+
+class Administration:
+    """The administrator's requests: a task brought into the census, a task's state revised,
+    errored tasks put back in the pool; each kept across restarts, answered once durable."""
 
     # -- admin ------------------------------------------------------------------------------------
 
@@ -881,43 +1194,116 @@ class Store(Census):
         self._wait(ticket)
         return len(tasks)
 
+
+class Store(Administration, Submissions, ResultReader, Loader, Census):
+    """The census state made durable by a Journal in ``directory``: the volunteers' and the
+    administrator's requests, each answered once its record is on disk. Thread-safe; call
+    ``close()`` at the end. StoreError when the folder cannot be used (one line saying why)."""
+
+    # -- volunteers -------------------------------------------------------------------------------
+
+    def __init__(self, directory, *, scope=None, exclude=(), lease_seconds=LEASE_SECONDS,
+                 clock=time.time, snapshot_every=SNAPSHOT_EVERY,
+                 snapshot_seconds=SNAPSHOT_SECONDS, tail_bytes=TAIL_BYTES, max_leases=None,
+                 verify=trust.FRACTION, rng=random.random):
+        super().__init__(scope=scope, exclude=exclude, lease_seconds=lease_seconds, clock=clock,
+                         verify=verify, rng=rng)
+        self.dir = Path(directory)
+        self.max_leases = max_leases
+        self._closing = False
+        self.damaged_results = self.damaged_records = 0
+        upgrade_unframed(self.dir)                  # a folder of the earlier format, once
+        self._journal = Journal(self.dir, self, self._lock, snapshot_every=snapshot_every,
+                                snapshot_seconds=snapshot_seconds, tail_bytes=tail_bytes)
+        try:
+            with _collector_paused():
+                self._load()
+        except BaseException:
+            self._journal.release()
+            raise
+
+    def get_task(self, holder: str, *, within=None, lease_required=False,
+                 name=None) -> Handout | None:
+        """Lease the next available task (spread over the space) to ``holder``; None if none.
+        A done block owed a check (trust.Verifier) that this holder may give comes first: its
+        result is already kept, so checks never hold up the census; ``name``, if the client
+        says it, keeps a contributor from checking its own results from another address.
+
+        ``within``: a list of IPv4Networks; only a block whose /16 overlaps one of them (those
+        wholly inside first). ``lease_required``: the lease is usable only with its token.
+        Refused 429 (``retry_after`` set) when the holder has ``max_leases`` live leases."""
+        self._writable()
+        with self._lock:
+            now = self.clock()
+            self._expire_due(now)
+            self._check_cap(holder)
+            task = self._next_check(name or holder, holder, within)
+            if task is not None:
+                lease, change = self._new_check(task, now, holder, lease_required)
+            else:
+                task = (self._pop_available(holder) if within is None
+                        else self._find_within(within))
+                if task is None:
+                    return None
+                lease, change = self._new_lease(task, now, holder, lease_required)
+            ticket = self._commit(task, change)
+        self._wait(ticket)
+        return Handout(task, lease, network_of(task), self.exclude_of(task))
+
+    def submit(self, task: int, result_data, *, holder: str, token=None, name=None, rtt=None,
+               stats=None, failure=None, bitmap=None, icmp_errors=None, skipped=None) -> bool:
+        """Record a result; True when it repeats the submission that already completed it
+        (same sender, same data).
+
+        Raises Refused: 404 unknown task, 403 forged token (or none for a lease that needs
+        one), 409 done by another / with other data / leased to another, 400 bad data (the
+        task goes to error only if the sender holds the live lease), 503 storage unavailable.
+        ``failure``: the client's own error message when its result says success false.
+        The result is ``result_data`` (the original string) or ``bitmap`` (the compact form),
+        with ``rtt``, ``icmp_errors`` and ``skipped`` beside it (see results.py). A submission
+        for a check lease is compared with the block's kept result instead (trust.py).
+        """
+        problem, packed = _pack_result(task, result_data, bitmap=bitmap, rtt=rtt,  # outside
+                                       icmp_errors=icmp_errors, skipped=skipped)  # the lock
+        if failure is not None:
+            problem, packed = f"client reported: {failure}"[:200], None
+        token = token or None                               # an empty token is no token
+        self._writable()
+        prior = self._prior_bitmaps(task)       # what a check is compared with: read unlocked
+        partial = self._partial(task)           # a result with holes this one may fill
+        with self._lock:
+            duplicate, ticket, refusal = self._take_submission(task, packed, problem, prior,
+                                                               partial, holder, token, name, stats)
+        if duplicate:
+            return self._same_as_stored(task, duplicate, packed)
+        self._wait(ticket)
+        if refusal is not None:
+            raise Refused(*refusal)
+        return False
+
+    def release(self, task: int, *, holder: str, token=None) -> None:
+        """Give a leased task back to the pool; only the live lease holder may."""
+        token = token or None
+        self._writable()
+        with self._lock:
+            self._expire_due(self.clock())
+            self._check_task(task)
+            lease = self._leases.get(task)
+            if lease is None:
+                raise self._refuse(HTTPStatus.CONFLICT, "task is not leased")
+            if not _matches(lease, token, holder):
+                raise self._not_yours(lease, token)
+            change = self._retire_lease(task)
+            change.update(self._make_available(task))
+            ticket = self._commit(task, change)
+        self._wait(ticket)
+
     # -- reading ----------------------------------------------------------------------------------
 
     @property
     def degraded(self) -> str | None:
         """None while writes work, else why not (one line); clears by itself."""
         return self._journal.degraded
-
-    def result(self, task: int) -> dict:
-        """The stored result of a done task, as /result serves it; Refused 404 if not done
-        (or if its stored bytes fail their CRC: the task is then handed out again)."""
-        with self._lock:
-            self._check_task(task)
-            meta = self._results.get(task)
-        data = self._read_result(task, meta)
-        if data is None:
-            raise Refused(HTTPStatus.NOT_FOUND, "task has no result")
-        meta, bitmap, rtt_z, errors = data
-        digits = format(int.from_bytes(bitmap, "big"), f"0{RESULT_LEN}b")
-        return {"task_index": task, "result_data": digits,
-                "rtt_us": base64.b64encode(rtt_z).decode() if rtt_z else None,
-                "icmp_errors": [[k, kind, icmp_type, code] for k, kind, icmp_type, code
-                                in results.icmp_error_rows(errors)],
-                "contributor": meta.contributor, "finished_at": meta.finished_at,
-                "not_probed": _hole_nets(task, meta),
-                "verification": self._verification_of(task)}
-
-
-    def bitmaps(self, with_errors=False):
-        """(task, 8,192-byte bitmap) of every done task in index order, read lazily (a result
-        whose bytes fail their CRC is left out, and its task handed out again); with_errors:
-        (task, bitmap, ICMP error entries) (see results.icmp_error_rows)."""
-        with self._lock:
-            done = sorted(self._results.items())
-        for task, meta in done:
-            data = self._read_result(task, meta)
-            if data is not None:
-                yield (task, data[1], data[3]) if with_errors else (task, data[1])
 
     def counters(self) -> dict:
         """Numbers for /metrics."""
@@ -931,43 +1317,12 @@ class Store(Census):
                 "flagged": sum(w.flagged for w in self._verifier.standings.values()),
                 "verification": self._verifier.counts()}
 
+    # -- ending -----------------------------------------------------------------------------------
+
     def close(self) -> None:
         """Flush, compact if worth it, write a final snapshot, let the folder go."""
         self._closing = True
         self._journal.close()
-
-    # -- the journal's owner (called by it, holding the lock) -------------------------------------
-
-    def live_records(self):
-        """What a compaction keeps: a copy of each result record, then the rest as one."""
-        copies = [Copy(task, meta.offset, meta.size, meta.crc,
-                       lambda offset, meta=meta: _JSON.encode(
-                           {"r": meta._replace(offset=offset)}).encode())
-                  for task, meta in self._results.items()]
-        return copies, _JSON.encode(self.snapshot_state(results=False)).encode()
-
-    def forget_line(self, task) -> bytes:
-        """A record saying ``task`` has no result (a compaction's, for one dropped meanwhile)."""
-        return b'{"r":null}'
-
-    def rewritten(self, moved: dict, damaged: list) -> None:
-        """After a compaction: results now lie at ``moved`` offsets; ``damaged`` failed their
-        CRC and were left out."""
-        for task, offset in moved.items():
-            self._results[task] = self._results[task]._replace(offset=offset)
-        for task in damaged:
-            self._requeue_now(task, "its stored result was damaged on disk")
-
-    def reload(self) -> None:
-        """Forget what is not durable: the state again from the snapshot and the log."""
-        self._reset_memory()
-        snap = self._journal.read_snapshot(quiet=True)
-        if snap is not None:
-            self._apply_snapshot(snap)
-        self._replay(cut_torn=False)
-        self._rebuild()
-        with self._changed:
-            self._changed.notify_all()
 
     # -- private ----------------------------------------------------------------------------------
 
@@ -991,156 +1346,6 @@ class Store(Census):
                           f"{holder} already holds {self.max_leases} leases (the most one "
                           f"address may): finish or release one first", retry_after=retry)
 
-    def _not_yours(self, lease, token):
-        if token:
-            return self._refuse(HTTPStatus.FORBIDDEN, "wrong lease token")
-        if lease is not None and lease.bound:
-            return self._refuse(HTTPStatus.FORBIDDEN, "this lease is usable only with its "
-                                "token: send it as \"lease\"")
-        return self._refuse(HTTPStatus.CONFLICT, "task is leased to another" if lease
-                            else "task is not leased to you")
-
-    def _authorise_submit(self, task, token, holder, packed):
-        """(duplicate, live): the accepted result's metadata if this may be a retry of it (the
-        caller compares the bytes), else None and whether the sender holds the lease."""
-        self._check_task(task)
-        state = self._states[task]
-        if state == State.DONE:
-            meta = self._results.get(task)
-            if meta and (_same(token, meta.token or "") if token
-                         else meta.token is None and meta.holder == holder):
-                if packed is not None and packed.crc == meta.crc:
-                    return meta, False                  # the same data, if its bytes agree
-                raise self._refuse(HTTPStatus.CONFLICT, _OTHER_DATA)
-            raise self._refuse(HTTPStatus.CONFLICT, "task already done")
-        if state == State.EXCLUDED:
-            raise self._refuse(HTTPStatus.CONFLICT, "task is excluded from the census")
-        lease = self._leases.get(task)
-        if lease and _matches(lease, token, holder):
-            return None, True
-        if any(_matches(old, token, holder) for old in self._old.get(task, ())):
-            return None, False                          # late, but nobody else finished it
-        raise self._not_yours(lease, token)
-
-    def _accept(self, task, packed, now, holder, token, name, stats, partial=None):
-        """A result for a block; one with holes (not probed, not explained by the operator's
-        exclusions) goes back to the pool for those parts, and fills those of a result before."""
-        credit = trust.Opinion(name or holder, holder, packed.responders,
-                               _stat(stats, "probed", RESULT_LEN))
-        before = self._results.get(task)
-        if before is not None and before.holes and partial is not None and partial[0] == before:
-            packed = self._filled(partial, packed)
-        holes = self._unexplained(task, packed.skipped)
-        meta = self._result_meta(task, packed, now, holder, token, name, stats)
-        meta = meta._replace(holes=holes, probed=RESULT_LEN - meta.excluded - _count(holes)
-                             if holes or before is not None else meta.probed)
-        change = self._retire_lease(task)
-        self._old.pop(task, None)
-        if self._errors.pop(task, None) is not None:
-            change["e"] = None
-        self._submissions += 1
-        change.update(self._drop_result(task))
-        self._apply_result(task, meta, count=True)
-        if holes:                                 # handed out again for the holes alone
-            change.update(self._make_available(task), r=meta, n=self._submissions,
-                          cs=[self._credit(credit, 1, now)])
-            return self._commit(task, change, packed.blob, packed.crc)
-        change.update(self._set_state(task, State.DONE))
-        opinion = trust.Opinion(meta.contributor, holder, meta.responders, meta.probed)
-        outcome = self._verifier.add(task, opinion)
-        change.update(self._settled(task, outcome, now), r=meta, n=self._submissions)
-        return self._commit(task, change, packed.blob, packed.crc)
-
-    def _partial(self, task):
-        """(meta, bitmap, rtt, errors) of a result with holes (call unlocked: it reads)."""
-        with self._lock:
-            meta = self._results.get(task) if isinstance(task, int) else None
-        if meta is None or not meta.holes:
-            return None
-        return self._read_result(task, meta)
-
-    def _filled(self, partial, packed):
-        """The result before, its holes filled from this one (results.fill_holes)."""
-        meta, bitmap, rtt, errors = partial
-        old = results.Packed(bitmap, rtt, meta.responders, errors)
-        new = results.Packed(packed.bitmap, packed.rtt, packed.responders, packed.errors,
-                             packed.skipped)
-        both = results.fill_holes(old, meta.holes, new)
-        blob = both.bitmap + both.rtt + both.errors
-        return Packed(both.bitmap, both.rtt, both.responders, zlib.crc32(blob), both.errors,
-                      both.skipped)
-
-    def _unexplained(self, task, skipped) -> tuple:
-        """The skipped spans that neither the operator's exclusions nor (with no scope given)
-        reserved space explain: holes."""
-        spans = list(skipped)
-        base = task << 16
-        explained = list(self._parts.get(task, ()))
-        if self._reserved_explains:
-            explained += [n for n in RESERVED if n.overlaps(_block_net(task))]
-        for net in explained:
-            first = max(int(net.network_address) - base, 0)
-            last = min(int(net.broadcast_address) - base, RESULT_LEN - 1)
-            spans = _cut(spans, first, last)
-        return tuple(spans)
-
-    def _result_meta(self, task, packed, now, holder, token, name, stats):
-        """The metadata of a result about to be committed (its bytes go where the next
-        record's blob will: commit it before any other record)."""
-        excluded = sum(n.num_addresses for n in self._parts.get(task, ()))
-        excluded = _stat(stats, "excluded", excluded)
-        probed = _stat(stats, "probed", RESULT_LEN - excluded)
-        return ResultMeta(self._journal.next_blob_offset, len(packed.bitmap), len(packed.rtt),
-                          name or holder, now, packed.responders, probed, excluded, token,
-                          holder, packed.crc, len(packed.errors))
-
-    def _fail(self, task, problem):
-        self.rejects += 1
-        change = self._retire_lease(task)
-        self._errors[task] = problem[:200]
-        change.update(self._set_state(task, State.ERROR), e=problem[:200])
-        return self._commit(task, change)
-
-    def _same_as_stored(self, task, meta, packed) -> bool:
-        """True if ``packed`` is byte for byte the stored result, else Refused 409."""
-        stored = self._read_result(task, meta)
-        if stored is None or stored[1:] != (packed.bitmap, packed.rtt, packed.errors):
-            raise self._refuse(HTTPStatus.CONFLICT, _OTHER_DATA)
-        return True
-
-    def _requeue_now(self, task, why):
-        """Hand a task out again whose stored result is lost; returns the record's ticket."""
-        change = self._requeue(task, why)
-        say(f"task {task} ({network_of(task)}): {self._errors[task]}")
-        return self._commit(task, change)
-
-    def _read_result(self, task, meta):
-        """(meta, bitmap, rtt) of a done task, checked against its CRC; None if it has none.
-        A damaged one is counted, reported and its task handed out again."""
-        for _ in range(2):                          # a compaction may move it meanwhile
-            if meta is None:
-                return None
-            if not self._journal.durable_through(meta.offset + meta.size):
-                self._wait(self._journal.last_ticket())   # its bytes may still be queued
-            data = self._journal.read_blob(meta.offset, meta.size, meta.crc)
-            if data is not None:
-                rtt_end = meta.bitmap_len + meta.rtt_len
-                return meta, data[:meta.bitmap_len], data[meta.bitmap_len:rtt_end], data[rtt_end:]
-            with self._lock:
-                current = self._results.get(task)
-                if current == meta:
-                    self.damaged_results += 1
-                    ticket = self._requeue_now(task, "its stored result failed its CRC check")
-                    break
-            meta = current
-        else:
-            return None
-        try:
-            self._wait(ticket)
-        except Refused:
-            pass                                    # kept in memory; the next write saves it
-        return None
-
     def _commit(self, task, change, blob=b"", blob_crc=0):
         """Queue the task's change as a record (its result bytes' CRC computed by the caller
         before taking the lock: zlib releases the GIL on big buffers, and a thread that waits
@@ -1151,149 +1356,6 @@ class Store(Census):
         with self._changed:
             self._changed.notify_all()
         return ticket
-
-    # -- private: verification (call with self._lock held, unless said) --------------------------
-
-    def _next_check(self, name, holder, within):
-        wanted = None if within is None else (
-            lambda task: any(_block_net(task).overlaps(net) for net in within))
-        return self._verifier.next_check(name, holder, busy=self._checks, wanted=wanted)
-
-    def _new_check(self, task, now, holder, bound):
-        lease = Lease(self._token(), now + self.lease_seconds, holder, bound)
-        self._checks[task] = lease
-        self._held[holder] = self._held.get(holder, 0) + 1
-        heapq.heappush(self._expiry, (lease.deadline, task, lease.token))
-        return lease, {"k": lease}
-
-    def _retire_check(self, task) -> dict:
-        lease = self._checks.pop(task, None)
-        if lease is None:
-            return {}
-        self._unhold(lease.holder)
-        return {"k": None}
-
-    def _prior_bitmaps(self, task):
-        """The bitmaps of a block's opinions, if it wants another (call unlocked: it reads)."""
-        with self._lock:
-            block = self._verifier.blocks.get(task) if isinstance(task, int) else None
-            meta = self._results.get(task)
-        if block is None or not block.wants_opinion or meta is None:
-            return []
-        data = self._read_result(task, meta)
-        kept = data[1] if data else bytes(RESULT_LEN // 8)
-        return [kept if i == block.kept else base64.b64decode(o.ref or "")
-                for i, o in enumerate(block.opinions)]
-
-    def _accept_check(self, task, packed, problem, prior, now, holder, token, name, stats):
-        """A check's result: (ticket, None) or (ticket, (status, why)) to refuse it with."""
-        change = self._retire_check(task)
-        block = self._verifier.blocks.get(task)
-        if problem is None and not self._verifier.may_check(task, name or holder, holder):
-            problem = ("your results disagree with others too often: you are given no checks"
-                       if self._verifier.standing(name or holder).flagged
-                       else "this contributor or address already gave this block a result")
-            return self._commit(task, change), (HTTPStatus.CONFLICT, problem)
-        if problem is not None or len(prior) != len(block.opinions):
-            problem = problem or "the block changed meanwhile: sweep it again"
-            return self._commit(task, change), (HTTPStatus.BAD_REQUEST, problem)
-        meta = self._result_meta(task, packed, now, holder, token, name, stats)
-        opinion = trust.Opinion(meta.contributor, holder, meta.responders, meta.probed)
-        agrees = [trust.agreement(packed.bitmap, other).agrees for other in prior]
-        outcome = self._verifier.add(task, opinion, agrees)
-        self._submissions += 1
-        if not outcome.block.wants_opinion:      # settled: the bitmaps kept for comparing go
-            block = outcome.block._replace(opinions=tuple(
-                o._replace(ref=None) for o in outcome.block.opinions))
-        elif outcome.block.kept != len(prior):   # unsettled: keep the newcomer's for the next
-            newest = outcome.block.opinions[-1]._replace(
-                ref=base64.b64encode(packed.bitmap).decode())
-            block = outcome.block._replace(opinions=outcome.block.opinions[:-1] + (newest,))
-        self._verifier.restore(task, block)
-        change.update(self._settled(task, outcome._replace(block=block), now),
-                      n=self._submissions)
-        for again in outcome.requeued:           # a flagged contributor's unverified results
-            self._commit(again, {"t": _block_record(self._verifier.blocks[again])})
-        if not outcome.kept_changed:
-            return self._commit(task, change), None
-        change.update(self._drop_result(task))
-        meta = meta._replace(offset=self._journal.next_blob_offset)
-        self._apply_result(task, meta, count=False)
-        change.update(self._set_state(task, State.DONE), r=meta)
-        return self._commit(task, change, packed.blob, packed.crc), None
-
-    def _settled(self, task, outcome, now) -> dict:
-        """The record of a verifier outcome: the block, its contributors' standing and
-        credit (a credit counts a result for its contributor, a debit takes it back)."""
-        people = {}
-        for opinions, sign in ((outcome.credit, 1), (outcome.debit, -1)):
-            for opinion in opinions:
-                people[opinion.contributor] = self._credit(opinion, sign, now)
-        standings = {o.contributor: self._verifier.standing(o.contributor)
-                     for o in outcome.block.opinions}
-        return {"t": _block_record(outcome.block), "w": standings, "cs": list(people.values())}
-
-    def _credit(self, opinion, sign, now):
-        person = self._contributors.get(opinion.contributor) or Contributor(
-            opinion.contributor, 0, 0, 0, now, now)
-        person = person._replace(tasks_done=person.tasks_done + sign,
-                                 addresses_probed=person.addresses_probed + sign * opinion.probed,
-                                 responders=person.responders + sign * opinion.responders,
-                                 last_seen=max(person.last_seen, now) if sign > 0 else person.last_seen)
-        self._contributors[person.name] = person
-        return person
-
-    # -- private: load ----------------------------------------------------------------------------
-
-    def _load(self):
-        snap = self._journal.read_snapshot()
-        if snap is not None:
-            try:
-                self._apply_snapshot(snap)
-            except (KeyError, ValueError, TypeError) as exc:
-                say(f"{SNAPSHOT_FILE} is unusable ({exc!r}): rebuilding the state from "
-                    f"{LOG_FILE} (nothing is lost)")
-                self._reset_memory()
-                self._journal.forget_snapshot()
-        self._replay()
-        if self._journal.torn:
-            say(f"{LOG_FILE}: cut a record torn by a crash at its end ({self._journal.torn} "
-                "bytes, never acknowledged)")
-        self._rebuild()
-        if self._journal.damage or self._journal.lost_records:
-            self._recover()
-        elif self._journal.worth_compacting():
-            self._journal.compact()
-
-    def _recover(self):
-        """Damage in the middle of the log: every intact record is kept, the tasks of the lost
-        ones handed out again, the log rewritten and the original kept aside."""
-        damage = self._journal.damage
-        lost = max(len(damage), self._journal.lost_records)
-        self.damaged_records = lost
-        aside = f"{LOG_FILE}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-        tasks = sorted({d.tag for d in damage if d.tag is not None and d.tag < TASKS})
-        unknown = sum(d.tag is None for d in damage)
-        say(f"{self.dir / LOG_FILE} is damaged: {sum(d.length for d in damage)} bytes in "
-            f"{len(damage)} place(s) (offsets {', '.join(str(d.offset) for d in damage[:10])})"
-            f", {lost} record(s) lost; tasks of lost records: "
-            f"{', '.join(map(str, tasks)) or 'none known'}"
-            f"{f' (and {unknown} record(s) whose task is unknown)' if unknown else ''}. "
-            f"Rebuilt from every intact record; the original is kept as {aside}")
-        for task in tasks:
-            if not (self._states[task] == State.DONE and task in self._results):
-                self._requeue(task, "a record of it was lost to damage in the log")
-        try:
-            self._journal.compact(keep_aside=aside)
-        except OSError as exc:
-            raise StoreError(f"cannot rewrite the damaged {self.dir / LOG_FILE}: {exc}: free "
-                             "some space and start again (nothing has been changed)") from None
-
-    def finished_times(self) -> list:
-        """When each done block was finished (epoch seconds), oldest first: the progress
-        history is derived from these, so nothing more is kept."""
-        with self._lock:
-            return sorted(meta.finished_at for meta in self._results.values())
 
 
 # -- helpers --------------------------------------------------------------------------------------
