@@ -1063,6 +1063,8 @@ class Submissions:
             newest = outcome.block.opinions[-1]._replace(
                 ref=base64.b64encode(packed.bitmap).decode())
             block = outcome.block._replace(opinions=outcome.block.opinions[:-1] + (newest,))
+        else:                                    # the newcomer's is kept: its bytes are the result
+            block = outcome.block
         self._verifier.restore(task, block)
         change.update(self._settled(task, outcome._replace(block=block), now),
                       n=self._submissions)
