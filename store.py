@@ -296,17 +296,22 @@ class CensusMemory:
         self.rejects += 1
         return Refused(status, message)
 
-    def _find_within(self, nets):
-        """The first available block inside one of ``nets``, else overlapping one."""
+    def _find_within(self, nets, holder=None):
+        """The first available block inside one of ``nets``, else overlapping one; as in
+        _pop_available, a block whose holes ``holder`` itself left is kept for someone else."""
         wide = [n for n in nets if n.prefixlen <= 16]
         narrow = [n for n in nets if n.prefixlen > 16]
         for net in wide + narrow:
-            first = int(net.network_address) >> 16
-            task = self._states.find(State.AVAILABLE, first,
-                                     (int(net.broadcast_address) >> 16) + 1)
-            if task >= 0:
-                return task
+            task, end = int(net.network_address) >> 16, (int(net.broadcast_address) >> 16) + 1
+            while (task := self._states.find(State.AVAILABLE, task, end)) >= 0:
+                if not self._own_holes(task, holder):
+                    return task
+                task += 1
         return None
+
+    def _own_holes(self, task, holder) -> bool:
+        meta = self._results.get(task)
+        return meta is not None and bool(meta.holes) and meta.holder == holder
 
     def _is_addable(self, task):
         return self._states[task] == State.EXCLUDED and self._addable[task]
@@ -407,8 +412,7 @@ class CensusMemory:
             candidate = _rank(heapq.heappop(self._pool))
             if self._states[candidate] != State.AVAILABLE:
                 continue
-            meta = self._results.get(candidate)
-            if meta is not None and meta.holes and meta.holder == holder:
+            if self._own_holes(candidate, holder):
                 passed.append(candidate)
             else:
                 task = candidate
@@ -982,6 +986,8 @@ class Submissions:
         duplicate, live = self._authorise_submit(task, token, holder, packed)
         if duplicate:
             return duplicate, None, None
+        if problem is None and packed.skipped and self._probed_nothing(task, packed.skipped):
+            problem = "nothing probed: every address of the block was skipped"
         if problem is None:
             return None, self._accept(task, packed, now, holder, token, name, stats, partial), None
         if live:
@@ -1013,8 +1019,6 @@ class Submissions:
     def _accept(self, task, packed, now, holder, token, name, stats, partial=None):
         """A result for a block; one with holes (not probed, not explained by the operator's
         exclusions) goes back to the pool for those parts, and fills those of a result before."""
-        credit = trust.Opinion(name or holder, holder, packed.responders,
-                               _stat(stats, "probed", RESULT_LEN))
         before = self._results.get(task)
         if before is not None and before.holes and partial is not None and partial[0] == before:
             packed = self._filled(partial, packed)
@@ -1029,13 +1033,12 @@ class Submissions:
         self._submissions += 1
         change.update(self._drop_result(task))
         self._apply_result(task, meta, count=True)
-        if holes:                                 # handed out again for the holes alone
-            change.update(self._make_available(task), r=meta, n=self._submissions,
-                          cs=[self._credit(credit, 1, now)])
+        if holes:          # handed out again for the holes alone; credit comes with a whole block
+            change.update(self._make_available(task), r=meta, n=self._submissions)
             return self._commit(task, change, packed.blob, packed.crc)
         change.update(self._set_state(task, State.DONE))
         opinion = trust.Opinion(meta.contributor, holder, meta.responders, meta.probed)
-        outcome = self._verifier.add(task, opinion)
+        outcome = self._verifier.add(task, opinion, check=before is not None and bool(before.holes))
         change.update(self._settled(task, outcome, now), r=meta, n=self._submissions)
         return self._commit(task, change, packed.blob, packed.crc)
 
@@ -1088,6 +1091,11 @@ class Submissions:
         blob = both.bitmap + both.rtt + both.errors
         return Packed(both.bitmap, both.rtt, both.responders, zlib.crc32(blob), both.errors,
                       both.skipped)
+
+    def _probed_nothing(self, task, skipped) -> bool:
+        """Whether `skipped` leaves out every address that no exclusion explains."""
+        return _count(self._unexplained(task, skipped)) == _count(
+            self._unexplained(task, ((0, RESULT_LEN - 1),)))
 
     def _unexplained(self, task, skipped) -> tuple:
         """The skipped spans that neither the operator's exclusions nor (with no scope given)
@@ -1244,7 +1252,7 @@ class Store(Administration, Submissions, ResultReader, Loader, Census):
                 lease, change = self._new_check(task, now, holder, lease_required)
             else:
                 task = (self._pop_available(holder) if within is None
-                        else self._find_within(within))
+                        else self._find_within(within, holder))
                 if task is None:
                     return None
                 lease, change = self._new_lease(task, now, holder, lease_required)
@@ -1445,7 +1453,7 @@ def _matches(lease: Lease, token, holder) -> bool:
 
 def _same(given: str, secret: str) -> bool:
     # compare_digest refuses non-ASCII str, and a client may send anything: compare bytes
-    return hmac.compare_digest(given.encode(), secret.encode())
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), secret.encode())
 
 
 def _pack_result(task, result_data, *, bitmap=None, rtt=None, icmp_errors=None, skipped=None):

@@ -181,3 +181,52 @@ def test_holes_are_handed_out_again_for_those_parts_alone_and_covered(census_ser
     assert (info["state"], info["not_probed"], info["probed"]) == (2, [], 65536)
     data = srv.call("GET", f"/result?id={first['task_index']}")[2]["result_data"]
     assert {k for k, c in enumerate(data) if c == "1"} == {*range(0, 32768, 3), *range(32769, 65536, 5)}
+
+
+def _holed_census(census_server):
+    import http.client
+    srv = census_server("127.0.0.0/15", store_kw={"verify": 0.0})          # two blocks
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, source_address=("127.0.0.43", 0))
+    return srv, conn
+
+
+def _compact(handout, ones, skipped):
+    bits = sum(1 << (65535 - k) for k in ones).to_bytes(8192, "big")
+    return {"task_index": handout["task_index"], "lease": handout["lease"], "name": "x",
+            "result": {"success": True, "bitmap": base64.b64encode(zlib.compress(bits)).decode()},
+            "skipped": skipped}
+
+
+def test_within_does_not_hand_a_volunteer_the_holes_it_left_itself(census_server):
+    """A volunteer whose --only covers half a block leaves the other half as a hole; asking
+    again with the same `within` it gets the next block, not its own holes (no livelock)."""
+    from conftest import answer
+    srv, conn = _holed_census(census_server)
+    path = "/get_task?within=127.0.0.0/17,127.1.0.0/17"
+    first = answer(conn, "GET", path)[2]
+    assert answer(conn, "POST", "/submit_result",
+                  _compact(first, range(0, 32768, 3), ["127.0.128.0/17"]))[0] == 200
+    second = answer(conn, "GET", path)[2]
+    assert second["task_index"] == first["task_index"] + 1
+    holder = srv.call("GET", "/contributors")[2]["contributors"]
+    assert holder == [] or holder[0]["tasks_done"] == 0     # no credit for half a block
+
+
+def test_a_submission_that_probed_nothing_is_refused(census_server):
+    from conftest import answer
+    srv, conn = _holed_census(census_server)
+    handout = answer(conn, "GET", "/get_task")[2]
+    status, _, body = answer(conn, "POST", "/submit_result",
+                             _compact(handout, (), [f"127.{handout['task_index'] & 255}.0.0/16"]))
+    assert status == 400 and "nothing probed" in body["error"]
+
+
+def test_a_lease_token_with_a_lone_surrogate_is_refused_not_a_500(census_server):
+    from conftest import answer
+    srv, conn = _holed_census(census_server)
+    handout = answer(conn, "GET", "/get_task?lease=required")[2]
+    body = _compact(handout, (), [])
+    body["lease"] = "\ud800"
+    assert answer(conn, "POST", "/submit_result", body)[0] == 403
+    assert answer(conn, "POST", "/release", {"task_index": handout["task_index"],
+                                              "lease": "\ud800"})[0] == 403

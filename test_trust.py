@@ -79,6 +79,13 @@ def test_a_new_contributor_is_checked_until_trusted_then_at_the_fraction():
     assert verifier.counts()["unverified"] == 2 and verifier.counts()["verified"] == 3
 
 
+
+def test_a_result_several_sweeps_built_is_always_checked():
+    """A block filled from holes names only its last sweeper: it is checked whoever that is."""
+    verifier = Verifier(0.05, trust_after=0, rng=Draws(rest=0.5))      # trusted, no random draw
+    assert verifier.add(1, opinion("trusted")).block.status == Status.UNVERIFIED
+    assert verifier.add(2, opinion("trusted"), check=True).block.status == Status.WAITING
+
 def test_fraction_zero_turns_verification_off():
     verifier = Verifier(0.0, rng=Draws(rest=0.0))
     assert verifier.add(1, opinion("a")).block.status == Status.UNVERIFIED

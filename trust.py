@@ -131,12 +131,15 @@ class Verifier:
         self._seen: dict[tuple, int] = {}       # name or address -> queued tasks it has seen
         self.agreements = self.disputes = 0    # judged opinions, for /metrics
 
-    def add(self, task: int, opinion: Opinion, agrees: Sequence[bool] = ()) -> Outcome:
+    def add(self, task: int, opinion: Opinion, agrees: Sequence[bool] = (), *,
+            check=False) -> Outcome:
         """A new result for `task`; `agrees[i]`: does it agree with opinion i of the block
-        (none for a first result, or when the block wants no more opinions: it starts over)."""
+        (none for a first result, or when the block wants no more opinions: it starts over).
+        `check`: a first result is checked whatever its contributor's standing (a result that
+        several sweeps built: the opinion names only the last of them)."""
         old = self.blocks.get(task)
         if old is None or not old.wants_opinion:
-            return self._first(task, opinion)
+            return self._first(task, opinion, check)
         if len(agrees) != len(old.opinions):
             raise ValueError(f"one agreement per earlier opinion ({len(old.opinions)})")
         opinion, credit = self._credit_now(opinion)
@@ -191,10 +194,11 @@ class Verifier:
 
     # -- private -----------------------------------------------------------------------------
 
-    def _first(self, task: int, opinion: Opinion) -> Outcome:
+    def _first(self, task: int, opinion: Opinion, check=False) -> Outcome:
         opinion, credit = self._credit_now(opinion)
         standing = self.standing(opinion.contributor)
-        checked = self.fraction > 0 and (standing.flagged or standing.agreed < self.trust_after
+        checked = self.fraction > 0 and (check or standing.flagged
+                                         or standing.agreed < self.trust_after
                                          or self.rng() < self.fraction)
         block = Block((opinion,), (), 0, Status.WAITING if checked else Status.UNVERIFIED)
         self.restore(task, block)
