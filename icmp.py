@@ -95,6 +95,7 @@ PACER_NAP = 0.05         # the pacer's longest sleep, so a stop is seen soon eve
 LANE_RATE = 50_000       # below this a paced sweep sends on one lane: a core does it with ease
 RECV_IDLE = 1.0          # the receiver's longest wait in select(); packets or wake() end it sooner
 RECV_BATCH = 256         # packets taken per recv(); fewer means the socket's queue was emptied
+RECV_SLOT = 2048         # bytes kept of a received packet: an echo reply or an error with its quote
 DRAIN_MAX = 5.0          # how long a cooldown's end waits for the receiver to catch up with the queue
 # A send that fails with these found the socket's buffer full (ENOBUFS: the interface queue,
 # which BSD and macOS report on a datagram socket): wait and send again, skip nothing.
@@ -376,6 +377,9 @@ class IcmpSocket:
         # sockets keep the IPv4 header in front of it.
         self.has_ip_header = kind == "raw" or not sys.platform.startswith("linux")
         self._mmsg = _Mmsg.load()
+        # one receiver thread calls recv(), so one set of receive buffers serves; a datagram
+        # socket needs each packet's source, which recvfrom gives, so it keeps that path
+        self._recv_mmsg = _RecvMmsg.load() if self.has_ip_header else None
         self._vectors = []     # [(outbox, its sendmmsg vectors)], the newest first, built once per outbox
         self._lock = threading.Lock()
         # wake() makes a recv() waiting in select return at once: a receiver can block for
@@ -434,13 +438,20 @@ class IcmpSocket:
                 pass
         if self.sock not in ready:
             return []
+        if self._recv_mmsg is not None:
+            try:
+                return self._recv_mmsg.recv(self.sock.fileno())
+            except OSError as exc:
+                if exc.errno != errno.ENOSYS:   # a kernel or sandbox without recvmmsg
+                    raise
+                self._recv_mmsg = None
         got = []
         for _ in range(RECV_BATCH):
             try:
                 if self.has_ip_header:
-                    got.append((self.sock.recv(2048), None))
+                    got.append((self.sock.recv(RECV_SLOT), None))
                 else:
-                    packet, (host, _) = self.sock.recvfrom(2048)
+                    packet, (host, _) = self.sock.recvfrom(RECV_SLOT)
                     got.append((packet, int.from_bytes(socket.inet_aton(host), "big")))
             except OSError:   # none left, or an ICMP error pending: that is on the error queue
                 break
@@ -1187,16 +1198,7 @@ class _Mmsg:
 
     @classmethod
     def load(cls):
-        if not sys.platform.startswith("linux") or sys.byteorder != "little" or array.array("I").itemsize != 4:
-            return None   # vectors() lays out sockaddr_in as four 'I' words
-        try:
-            import ctypes
-            libc = ctypes.CDLL(None, use_errno=True)
-            if ctypes.sizeof(ctypes.c_void_p) != 8 or not hasattr(libc, "sendmmsg"):
-                return None
-            return cls(libc, ctypes)
-        except (ImportError, OSError):
-            return None
+        return _load_libc(cls, "sendmmsg")
 
     def vectors(self, outbox: Outbox):
         """The iovec, sockaddr_in and mmsghdr arrays for a whole outbox, filled with slice
@@ -1227,6 +1229,62 @@ class _Mmsg:
         if err in _BUSY:
             return 0
         raise OSError(err, os.strerror(err))
+
+
+class _RecvMmsg:
+    """recvmmsg(2) through ctypes: one system call takes up to RECV_BATCH packets from a raw
+    socket (on loopback a select() wake-up finds dozens queued). Each packet gets a
+    RECV_SLOT-byte slot of one buffer, laid out once; recv() copies out what the kernel
+    filled. Same platforms as _Mmsg; elsewhere load() gives None and IcmpSocket uses recv."""
+    WORDS = _Mmsg.WORDS
+
+    def __init__(self, libc, ctypes):
+        self.recvmmsg = libc.recvmmsg
+        self.recvmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
+        self.recvmmsg.restype = ctypes.c_int
+        self.get_errno = ctypes.get_errno
+        self.data = bytearray(RECV_SLOT * RECV_BATCH)
+        self.view = memoryview(self.data)
+        base = ctypes.addressof((ctypes.c_char * len(self.data)).from_buffer(self.data))
+        self.iov = array.array("Q", bytes(16 * RECV_BATCH))   # struct iovec: base, length
+        self.iov[0::2] = _pointers(base, RECV_SLOT, RECV_BATCH)
+        self.iov[1::2] = array.array("Q", [RECV_SLOT]) * RECV_BATCH
+        self.msgs = array.array("Q", bytes(8 * self.WORDS * RECV_BATCH))   # no name, no control
+        self.msgs[2::self.WORDS] = _pointers(self.iov.buffer_info()[0], 16, RECV_BATCH)
+        self.msgs[3::self.WORDS] = array.array("Q", [1]) * RECV_BATCH
+        self.slots = range(0, RECV_SLOT * RECV_BATCH, RECV_SLOT)
+
+    @classmethod
+    def load(cls):
+        return _load_libc(cls, "recvmmsg")
+
+    def recv(self, fd: int) -> list:
+        """What is queued, up to RECV_BATCH packets, as (packet, None) pairs; [] when none."""
+        taken = self.recvmmsg(fd, self.msgs.buffer_info()[0], RECV_BATCH, socket.MSG_DONTWAIT, None)
+        if taken < 0:
+            err = self.get_errno()
+            if err in _BUSY:
+                return []
+            raise OSError(err, os.strerror(err))
+        # msg_len, the last word of each mmsghdr, is a 32-bit count: the kernel leaves the
+        # word's upper half as we zeroed it
+        view = self.view
+        return [(view[at:at + size].tobytes(), None)
+                for at, size in zip(self.slots, self.msgs[self.WORDS - 1:self.WORDS * taken:self.WORDS])]
+
+
+def _load_libc(cls, function: str):
+    """cls(libc, ctypes) where libc has `function` on 64-bit little-endian Linux, else None."""
+    if not sys.platform.startswith("linux") or sys.byteorder != "little" or array.array("I").itemsize != 4:
+        return None   # vectors() lays out sockaddr_in as four 'I' words
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if ctypes.sizeof(ctypes.c_void_p) != 8 or not hasattr(libc, function):
+            return None
+        return cls(libc, ctypes)
+    except (ImportError, OSError):
+        return None
 
 
 def _pointers(base: int, step: int, count: int) -> array.array:
