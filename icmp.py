@@ -65,7 +65,6 @@ IP_HEADER = struct.Struct("!BBHHHBBH4s4s")  # RFC 791: version/IHL ... source, d
 ICMP_HEADER = struct.Struct("!BBHHH")       # RFC 792: type, code, checksum, identifier, sequence
 ADDRESS = struct.Struct("!I")
 _IDENT_SEQ = struct.Struct("!HH")            # the probe's identifier and sequence number
-_TYPE_CODE_SUM = struct.Struct("!BBH")
 DIGEST_SIZE = 12                            # identifier, sequence number, an 8-byte MAC
 PAYLOAD_SIZE = len(TAG) + ADDRESS.size + DIGEST_SIZE - _IDENT_SEQ.size   # without a contact
 PACKET_SIZE = ICMP_HEADER.size + PAYLOAD_SIZE
@@ -260,13 +259,27 @@ class Signer:
         return ident, seq, self.prefix + dest + digest[_IDENT_SEQ.size:]
 
     def request(self, addr: int) -> bytes:
-        """echo_request(*self.sign(addr)), built faster: it runs once per target. The
-        checksum adds the per-target words (identifier, sequence, destination, MAC) to the
-        fixed sum, the same big-integer-modulo-0xFFFF sum as checksum()."""
-        dest, digest = self._digest(addr)
-        summed = _complement(self._fixed_sum + int.from_bytes(dest + digest, "big"))
-        return (_TYPE_CODE_SUM.pack(IcmpType.ECHO_REQUEST, 0, summed) + digest[:_IDENT_SEQ.size]
-                + self.prefix + dest + digest[_IDENT_SEQ.size:])
+        """echo_request(*self.sign(addr))."""
+        return self.requests((addr,))[0]
+
+    def requests(self, addrs) -> list:
+        """[echo_request(*self.sign(addr)) for addr in addrs], built faster: it runs once per
+        target, so it is one loop with everything it calls held in locals and _complement()
+        inline. The checksum adds the per-target words (identifier, sequence, destination,
+        MAC) to the fixed sum, the same big-integer-modulo-0xFFFF sum as checksum()."""
+        keyed, pack, from_bytes = self._keyed.copy, ADDRESS.pack, int.from_bytes
+        fixed, prefix, head = self._fixed_sum, self.prefix, bytes([IcmpType.ECHO_REQUEST, 0])
+        split = _IDENT_SEQ.size   # the digest's identifier and sequence, then the MAC
+        built = []
+        for addr in addrs:
+            dest = pack(addr)
+            hashed = keyed()
+            hashed.update(dest)
+            digest = hashed.digest()
+            # the type word makes the sum non-zero: _complement()'s fold without its zero case
+            summed = ~((fixed + from_bytes(dest + digest, "big") - 1) % 0xFFFF + 1) & 0xFFFF
+            built.append(head + summed.to_bytes(2, "big") + digest[:split] + prefix + dest + digest[split:])
+        return built
 
     def check(self, reply: Reply, check_ident: bool = True) -> tuple[Verdict, int]:
         """(verdict, probed address). Datagram sockets pass check_ident=False: there the
@@ -863,7 +876,7 @@ class Sweep:
         for first in range(0, len(todo), OUTBOX_PACKETS):
             part = todo[first:first + OUTBOX_PACKETS]
             addrs = array.array("I", [self.addresses[k] for k in part])
-            requests = list(map(self.signer.request, addrs))
+            requests = self.signer.requests(addrs)
             if self.keyed:               # before the send: the reply may come back inside it
                 self.expected.update(zip(_echo_reply_keys(addrs, requests), part))
             outbox = Outbox(b"".join(requests), addrs, self.signer.packet_size)
