@@ -101,6 +101,14 @@ def test_probe_layout_golden_bytes():
     assert icmp.checksum(probe) == 0
 
 
+def test_a_block_of_requests_is_each_request_built_alone():
+    signer = icmp.Signer(SECRET, contact=b"census@example.org")
+    targets = range(LOOP, LOOP + 4096)
+    built = signer.requests(array.array("I", targets))
+    assert built == [icmp.echo_request(*signer.sign(target)) for target in targets]
+    assert all(icmp.checksum(probe) == 0 for probe in built)
+
+
 def test_probe_with_a_contact_golden_bytes_and_bounded():
     signer = icmp.Signer(SECRET, contact=b"census@example.org")
     probe = signer.request(addr("127.0.0.7"))
@@ -682,6 +690,40 @@ def test_plain_sendto_path_without_sendmmsg(mmsg):
         result = icmp.sweep(ipaddress.IPv4Network("127.0.3.0/24"), allow=ALLOW, cooldown=2, sock=sock)
         assert sock._mmsg is None
     assert set(result.status) == {icmp.Status.ECHO_REPLY}
+
+
+class NoRecvmmsg:
+    """A libc whose recvmmsg is missing at run time (ENOSYS), as in some sandboxes."""
+
+    def recv(self, fd):
+        raise OSError(errno.ENOSYS, "recvmmsg")
+
+
+@pytest.mark.needs_root
+@pytest.mark.parametrize("recv_mmsg", [None, NoRecvmmsg()], ids=["no-ctypes", "enosys"])
+def test_plain_recv_path_without_recvmmsg(recv_mmsg):
+    with icmp.IcmpSocket.open() as sock:
+        assert sock._recv_mmsg is not None      # raw socket on Linux: recvmmsg by default
+        sock._recv_mmsg = recv_mmsg
+        result = icmp.sweep(ipaddress.IPv4Network("127.0.4.0/24"), allow=ALLOW, cooldown=2, sock=sock)
+        assert sock._recv_mmsg is None
+    assert set(result.status) == {icmp.Status.ECHO_REPLY}
+
+
+@pytest.mark.needs_root
+def test_recvmmsg_takes_what_is_queued_byte_for_byte():
+    mark = os.urandom(8)   # other tests' pings on the host's lo reach this raw socket too
+    with icmp.IcmpSocket.open() as sock:
+        probes = [icmp.echo_request(0x4242, seq, mark + b"x" * (seq % 7)) for seq in range(600)]
+        for probe in probes:
+            sock.sock.sendto(probe, ("127.0.0.1", 0))
+        ours, deadline = [], time.monotonic() + 5
+        while len(ours) < len(probes) and time.monotonic() < deadline:
+            batch = sock.recv(1.0)
+            assert len(batch) <= icmp.RECV_BATCH and all(source is None for _, source in batch)
+            ours += [packet[20:] for packet in (p for p, _ in batch) if packet[28:36] == mark]
+    assert [m[4:] for m in ours] == [probe[4:] for probe in probes]   # each whole, in order
+    assert all(m[:2] == b"\0\0" and icmp.checksum(m) == 0 for m in ours)
 
 
 NOBODY = 65534
