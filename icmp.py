@@ -455,9 +455,9 @@ class IcmpSocket:
             try:
                 return self._recv_mmsg.recv(self.sock.fileno())
             except OSError as exc:
-                if exc.errno != errno.ENOSYS:   # a kernel or sandbox without recvmmsg
-                    raise
-                self._recv_mmsg = None
+                if exc.errno != errno.ENOSYS:   # as below: an error ends this batch, not the receiver
+                    return []
+                self._recv_mmsg = None          # a kernel or sandbox without recvmmsg
         got = []
         for _ in range(RECV_BATCH):
             try:
