@@ -232,7 +232,7 @@ class CensusMap:
             self._shade_squares(store, tasks, _slices(counts, 512), only_excluded=True)
         for band in sorted({_tile_origin()[t][1] for t in changed}):
             self._bands[band] = raw = self._band_rows(band)
-            packer = zlib.compressobj(6, zlib.DEFLATED, -15)
+            packer = zlib.compressobj(_LEVEL, zlib.DEFLATED, -15)
             self._packed[band] = packer.compress(raw) + packer.flush(zlib.Z_SYNC_FLUSH)
 
     def _shade_squares(self, store, tasks, squares, only_excluded=False):
@@ -246,24 +246,28 @@ class CensusMap:
                 self._tiles[task] = _squares(colours, self.side ** 2, [_orientations()[task]])[0]
 
     def _band_rows(self, band) -> bytes:
-        """The band's pixel rows, each after its filter byte 0, from its 256 squares: square x
-        row r column c is byte 256x.. of the joined squares; taken with strided slices."""
-        side, stride = self.side, self.size + 1
-        squares = b"".join(self._tiles[t] for t in _band_tasks()[band])
-        rows = bytearray(side * stride)
-        area = side * side
+        """The band's pixel rows, each after its filter byte 0, from its 256 squares. Row r of
+        square x is ``side`` bytes at area*x + side*r of the joined squares: copied with strided
+        slices of up to 8-byte units (one slice per row and unit, not per square)."""
+        side, size, area = self.side, self.size, self.side ** 2
+        unit = min(side, 8)
+        per = side // unit                          # units in a square's row
+        code = {1: "B", 2: "H", 4: "I", 8: "Q"}[unit]
+        squares = memoryview(b"".join(self._tiles[t] for t in _band_tasks()[band])).cast(code)
+        pixels = bytearray(side * size)
+        rows = memoryview(pixels).cast(code)
         for r in range(side):
-            row = memoryview(rows)[r * stride + 1:(r + 1) * stride]
-            for c in range(side):
-                row[c::side] = squares[r * side + c::area]
-        return bytes(rows)
+            for h in range(per):
+                start = r * size // unit + h
+                rows[start:start + 256 * per:per] = squares[r * per + h::area // unit]
+        return b"\x00" + b"\x00".join(pixels[r * size:(r + 1) * size] for r in range(side))
 
     def _encode(self) -> bytes:
         checksum = 1
         for band in self._bands:
             checksum = zlib.adler32(band, checksum)
         idat = (b"\x78\x9c" + b"".join(self._packed)
-                + zlib.compressobj(6, zlib.DEFLATED, -15).flush() + struct.pack(">I", checksum))
+                + zlib.compressobj(_LEVEL, zlib.DEFLATED, -15).flush() + struct.pack(">I", checksum))
         return png_from_zlib(self.size, self.size, idat, self._palette)
 
 
@@ -274,6 +278,7 @@ _DIGIT_CLASS = bytes.maketrans(b"01", bytes([NO_ANSWER, ANSWERED]))
 # A /24's count capped at 255 (255 and 256 both shade 250) -> its shade.
 _SHADE_OF_COUNT = bytes(shade_of(c, 256) if c < 255 else SHADES - 1 for c in range(256))
 _ONE_TO_FF = bytes.maketrans(b"\x01", b"\xff")
+_LEVEL = 3                          # /map.png bands: 4x less CPU than 6, ~15% larger
 _BATCH = 512                        # blocks whose per-/24 counts are taken in one multiplication
 
 
