@@ -19,8 +19,8 @@ that the streams can simply be joined into the one zlib stream of the PNG (heade
 empty final block, the Adler-32 of all rows). A new version of the census redraws and
 recompresses only the bands holding blocks whose state or answer share changed (what /map's
 bytes say), so a volunteer's result costs the picture one band: about 10 ms of CPU. The first
-build after a start reads every result once (bench/pictures.py: about 1.5 s of CPU for a full
-census of 65,536 blocks on our shared machine, a third of it the store reading its results),
+build after a start reads every result once (bench/pictures.py --real: about 2 s of CPU for a
+full census of 65,536 blocks on our shared machine, ~0.9 s of it the store reading results),
 once per process; blocks with no answer at all are neither counted nor shaded. Every step works
 on whole buffers, not per /24 or per pixel in Python: the answers per /24 come from a popcount
 table (bytes.translate) and byte lanes added as big integers, the squares are turned by strided
@@ -268,8 +268,8 @@ class CensusMap:
         checksum = 1
         for band in self._bands:
             checksum = zlib.adler32(band, checksum)
-        idat = (b"\x78\x9c" + b"".join(self._packed)
-                + zlib.compressobj(_LEVEL, zlib.DEFLATED, -15).flush() + struct.pack(">I", checksum))
+        end = zlib.compressobj(_LEVEL, zlib.DEFLATED, -15).flush()   # an empty final block
+        idat = b"\x78\x9c" + b"".join(self._packed) + end + struct.pack(">I", checksum)
         return png_from_zlib(self.size, self.size, idat, self._palette)
 
 
@@ -281,7 +281,7 @@ _DIGIT_CLASS = bytes.maketrans(b"01", bytes([NO_ANSWER, ANSWERED]))
 _SHADE_OF_COUNT = bytes(shade_of(c, 256) if c < 255 else SHADES - 1 for c in range(256))
 _ONE_TO_FF = bytes.maketrans(b"\x01", b"\xff")
 _LEVEL = 3                          # /map.png bands: 4x less CPU than 6, ~15% larger
-_BATCH = 512                        # blocks whose per-/24 counts are taken in one multiplication
+_BATCH = 512                        # blocks whose per-/24 counts are taken at once
 
 
 def _lanes_added(data: bytes, parts: int, width: int = 0) -> bytes:
