@@ -19,10 +19,12 @@ that the streams can simply be joined into the one zlib stream of the PNG (heade
 empty final block, the Adler-32 of all rows). A new version of the census redraws and
 recompresses only the bands holding blocks whose state or answer share changed (what /map's
 bytes say), so a volunteer's result costs the picture one band: about 10 ms of CPU. The first
-build after a start reads every result once: 2-3 s of CPU for a full census of 65,536 blocks on
-our shared machine (bench/pictures.py), once per process; blocks with no answer at all are not
-read. The answers per /24 come from a block's bitmap by a popcount table and one big-integer
-multiplication per batch of blocks, not by a Python loop over its 256 /24s.
+build after a start reads every result once (bench/pictures.py --real: about 2 s of CPU for a
+full census of 65,536 blocks on our shared machine, ~0.9 s of it the store reading results),
+once per process; blocks with no answer at all are neither counted nor shaded. Every step works
+on whole buffers, not per /24 or per pixel in Python: the answers per /24 come from a popcount
+table (bytes.translate) and byte lanes added as big integers, the squares are turned by strided
+slices per batch of blocks, a band's rows are copied in 8-byte units.
 """
 
 import functools
@@ -150,14 +152,14 @@ def answers_per_24(bitmaps: bytes) -> bytes:
     count = len(ones) // 32
     if not count:
         return b""
-    # Multiplying by 1 + 2**8 + ... + 2**120 puts in byte j the sum of bytes j-15..j (at most
-    # 128: no carries), so a /24's two halves are bytes 32m+15 and 32m+31.
-    sums = (int.from_bytes(ones, "little") * _SUM16).to_bytes(len(ones) + 16, "little")
-    halves = bytearray(4 * count)                   # both halves as uint16, added as one int
-    halves[0:2 * count:2] = sums[15::32][:count]
-    halves[2 * count::2] = sums[31::32][:count]
-    return (int.from_bytes(halves[:2 * count], "little")
-            + int.from_bytes(halves[2 * count:], "little")).to_bytes(2 * count, "little")
+    # Byte lanes added as big integers (no Python loop over /24s), kept below 256 so that no
+    # lane carries into the next: eight strided slices -> answers per 64 addresses (<= 64),
+    # two of those -> per half /24 (<= 128), then the halves as uint16 lanes.
+    per64 = _lanes_added(ones, 8)
+    halves = bytearray(4 * count)
+    halves[0:2 * count:2] = _lanes_added(per64[0::4] + per64[1::4], 2, count)
+    halves[2 * count::2] = _lanes_added(per64[2::4] + per64[3::4], 2, count)
+    return _lanes_added(halves, 2, 2 * count)
 
 
 def shades(counts: bytes, group: int = 1) -> bytes:
@@ -216,60 +218,81 @@ class CensusMap:
             return version, self._png
 
     def _draw(self, store, states, changed):
-        turns, getters = _tiles(self.side)
-        plain = {s: bytes([i]) * self.side ** 2 for s, i in _STATE_INDEX.items()}
+        area = self.side ** 2
+        plain = {s: bytes([i]) * area for s, i in _STATE_INDEX.items()}
         for task in changed:
             self._tiles[task] = plain.get(states[2 * task], plain[0])  # done: drawn below
         done = [t for t in changed if states[2 * t] == 2 and states[2 * t + 1]]
         silent = [t for t in changed if states[2 * t] == 2 and not states[2 * t + 1]]
-        batches = _counts_of(store, done, whole=self._drawn is None)
-        for tasks, counts in itertools.chain(batches, [(silent, bytes(512 * len(silent)))]):
-            per_block = 512 // self.group
-            colours = shades(counts, self.group)
-            for k, task in enumerate(tasks):
-                exclude = store.exclude_of(task)
-                if exclude:
-                    mine = _shades_excluding(counts[512 * k:512 * (k + 1)], task, exclude,
-                                             self.group)
-                else:
-                    mine = colours[k * per_block // 2:(k + 1) * per_block // 2]
-                self._tiles[task] = bytes(getters[turns[task]](mine))
+        nothing = bytes(area)                       # shade 0 everywhere: no /24 answered
+        for task in silent:                         # not read, not counted
+            self._tiles[task] = nothing
+        self._shade_squares(store, silent, itertools.repeat(bytes(512)), only_excluded=True)
+        for tasks, counts in _counts_of(store, done, whole=self._drawn is None):
+            self._shade_squares(store, tasks, _squares(shades(counts, self.group), area,
+                                                       [_orientations()[t] for t in tasks]))
+            self._shade_squares(store, tasks, _slices(counts, 512), only_excluded=True)
         for band in sorted({_tile_origin()[t][1] for t in changed}):
             self._bands[band] = raw = self._band_rows(band)
-            packer = zlib.compressobj(6, zlib.DEFLATED, -15)
+            packer = zlib.compressobj(_LEVEL, zlib.DEFLATED, -15)
             self._packed[band] = packer.compress(raw) + packer.flush(zlib.Z_SYNC_FLUSH)
 
+    def _shade_squares(self, store, tasks, squares, only_excluded=False):
+        """Set each task's square; with ``only_excluded``, ``squares`` are the tasks' per-/24
+        counts and only blocks with opted-out parts are redrawn, exactly, from them."""
+        for task, square in zip(tasks, squares):
+            if not only_excluded:
+                self._tiles[task] = square
+            elif exclude := store.exclude_of(task):
+                colours = _shades_excluding(square, task, exclude, self.group)
+                self._tiles[task] = _squares(colours, self.side ** 2, [_orientations()[task]])[0]
+
     def _band_rows(self, band) -> bytes:
-        """The band's pixel rows, each after its filter byte 0, from its 256 squares: square x
-        row r column c is byte 256x.. of the joined squares; taken with strided slices."""
-        side, stride = self.side, self.size + 1
-        squares = b"".join(self._tiles[t] for t in _band_tasks()[band])
-        rows = bytearray(side * stride)
-        area = side * side
+        """The band's pixel rows, each after its filter byte 0, from its 256 squares. Row r of
+        square x is ``side`` bytes at area*x + side*r of the joined squares: copied with strided
+        slices of up to 8-byte units (one slice per row and unit, not per square)."""
+        side, size, area = self.side, self.size, self.side ** 2
+        unit = min(side, 8)
+        per = side // unit                          # units in a square's row
+        code = {1: "B", 2: "H", 4: "I", 8: "Q"}[unit]
+        squares = memoryview(b"".join(self._tiles[t] for t in _band_tasks()[band])).cast(code)
+        pixels = bytearray(side * size)
+        rows = memoryview(pixels).cast(code)
         for r in range(side):
-            row = memoryview(rows)[r * stride + 1:(r + 1) * stride]
-            for c in range(side):
-                row[c::side] = squares[r * side + c::area]
-        return bytes(rows)
+            for h in range(per):
+                start = r * size // unit + h
+                rows[start:start + 256 * per:per] = squares[r * per + h::area // unit]
+        return b"\x00" + b"\x00".join(pixels[r * size:(r + 1) * size] for r in range(side))
 
     def _encode(self) -> bytes:
         checksum = 1
         for band in self._bands:
             checksum = zlib.adler32(band, checksum)
-        idat = (b"\x78\x9c" + b"".join(self._packed)
-                + zlib.compressobj(6, zlib.DEFLATED, -15).flush() + struct.pack(">I", checksum))
+        end = zlib.compressobj(_LEVEL, zlib.DEFLATED, -15).flush()   # an empty final block
+        idat = b"\x78\x9c" + b"".join(self._packed) + end + struct.pack(">I", checksum)
         return png_from_zlib(self.size, self.size, idat, self._palette)
 
 
 # -- private helpers ------------------------------------------------------------------------------
 
 _POPCOUNT = bytes(bin(b).count("1") for b in range(256))
-_SUM16 = sum(1 << (8 * i) for i in range(16))
 _DIGIT_CLASS = bytes.maketrans(b"01", bytes([NO_ANSWER, ANSWERED]))
 # A /24's count capped at 255 (255 and 256 both shade 250) -> its shade.
 _SHADE_OF_COUNT = bytes(shade_of(c, 256) if c < 255 else SHADES - 1 for c in range(256))
 _ONE_TO_FF = bytes.maketrans(b"\x01", b"\xff")
-_BATCH = 64                         # blocks whose per-/24 counts are taken in one multiplication
+_LEVEL = 3                          # /map.png bands: 4x less CPU than 6, ~15% larger
+_BATCH = 512                        # blocks whose per-/24 counts are taken at once
+
+
+def _lanes_added(data: bytes, parts: int, width: int = 0) -> bytes:
+    """``data`` cut into ``parts`` equal runs (``width`` bytes each), or taken every ``parts``-th
+    byte when no width is given, added lane by lane as little-endian integers."""
+    if width:
+        runs = (data[k * width:(k + 1) * width] for k in range(parts))
+    else:
+        runs = (data[k::parts] for k in range(parts))
+    total = sum(int.from_bytes(run, "little") for run in runs)
+    return total.to_bytes(width or len(data) // parts, "little")
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -380,20 +403,44 @@ def _orientations() -> bytes:
     return bytes(turns)
 
 
+def _squares(colours: bytes, area: int, turns) -> list:
+    """Blocks' shades in curve order (``area`` bytes a block) -> each block's square, row by
+    row, turned as ``turns`` says: one strided slice per pixel and orientation, not per block."""
+    turned = {}
+    for turn in set(turns):
+        out = turned[turn] = bytearray(len(colours))
+        for pixel, q in enumerate(_square_order(area)[turn]):
+            out[pixel::area] = colours[q::area]
+    return [bytes(turned[turn][k * area:(k + 1) * area]) for k, turn in enumerate(turns)]
+
+
+def _slices(data: bytes, size: int):
+    return (data[i:i + size] for i in range(0, len(data), size))
+
+
 @functools.cache
-def _tiles(side: int):
-    """(orientation of each block, [itemgetter from curve order to row order per orientation])
-    for squares of ``side`` pixels."""
+def _square_order(area: int) -> list:
+    """For each orientation, the curve index of each pixel of a square, row by row."""
+    side = 1 << (area.bit_length() - 1) // 2
     order = side.bit_length() - 1
-    getters = []
+    orders = []
     for turn in range(4):
-        at = [0] * (side * side)
-        for q in range(side * side):
+        at = [0] * area
+        for q in range(area):
             x, y = hilbert_xy(q, order)
             if turn & 1:
                 x, y = side - 1 - x, side - 1 - y
             if turn & 2:
                 x, y = y, x
             at[y * side + x] = q
-        getters.append(operator.itemgetter(*at) if side > 1 else (lambda s: s[:1]))
+        orders.append(at)
+    return orders
+
+
+@functools.cache
+def _tiles(side: int):
+    """(orientation of each block, [itemgetter from curve order to row order per orientation])
+    for squares of ``side`` pixels."""
+    getters = [operator.itemgetter(*at) if side > 1 else (lambda s: s[:1])
+               for at in _square_order(side * side)]
     return _orientations(), getters

@@ -4,9 +4,9 @@ time (every result read) and after one block changes (one band redrawn), and /bl
     python3 bench/pictures.py [--blocks 65536] [--real DIR]
 
 A stand-in store serves synthetic results from memory; with --real DIR a real store.Store in
-DIR is filled with the same synthetic results first (several minutes for a full census: every
-result is journalled; kept for the next run) and read from its log. Nothing is probed. The
-machine is shared: figures are noisy, compare runs made at the same time.
+DIR is filled with the same synthetic results first (about a minute for a full census here:
+every result is journalled; kept for the next run) and read from its log. Nothing is probed.
+The machine is shared: figures are noisy, compare runs made at the same time.
 """
 
 import argparse
