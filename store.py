@@ -106,6 +106,8 @@ class ResultMeta(NamedTuple):
                           # digest a retry must match (then its bytes too) to be a duplicate
     errors_len: int = 0   # after the rtt array: the ICMP error entries (results.ERROR_ENTRY)
     holes: tuple = ()     # (first, last) offsets NOT probed (not "no answer"), to hand out again
+    sweeps: tuple = ()    # a result several sweeps built: the earlier ones, each as it left the
+                          # result (contributor, holder, responders, probed, holes): see _sweep_of
 
     @property
     def size(self) -> int:
@@ -296,7 +298,7 @@ class CensusMemory:
         self.rejects += 1
         return Refused(status, message)
 
-    def _find_within(self, nets, holder=None):
+    def _find_within(self, nets, holder=None, name=None):
         """The first available block inside one of ``nets``, else overlapping one; as in
         _pop_available, a block whose holes ``holder`` itself left is kept for someone else."""
         wide = [n for n in nets if n.prefixlen <= 16]
@@ -304,14 +306,18 @@ class CensusMemory:
         for net in wide + narrow:
             task, end = int(net.network_address) >> 16, (int(net.broadcast_address) >> 16) + 1
             while (task := self._states.find(State.AVAILABLE, task, end)) >= 0:
-                if not self._own_holes(task, holder):
+                if not self._own_holes(task, holder, name):
                     return task
                 task += 1
         return None
 
-    def _own_holes(self, task, holder) -> bool:
+    def _own_holes(self, task, holder, name=None) -> bool:
+        """Did ``holder`` (or ``name``) sweep part of this block's result with holes?"""
         meta = self._results.get(task)
-        return meta is not None and bool(meta.holes) and meta.holder == holder
+        if meta is None or not meta.holes:
+            return False
+        return any(address == holder or who == name
+                   for who, address, *_ in (_sweep_of(meta), *meta.sweeps))
 
     def _is_addable(self, task):
         return self._states[task] == State.EXCLUDED and self._addable[task]
@@ -404,15 +410,15 @@ class CensusMemory:
         heapq.heappush(self._pool, _rank(task))
         return self._set_state(task, State.AVAILABLE)
 
-    def _pop_available(self, holder=None):
-        """The next available task; a block whose holes ``holder`` itself left (its own
-        --exclude or --only) is kept for someone else."""
+    def _pop_available(self, holder=None, name=None):
+        """The next available task; a block whose holes ``holder`` (or ``name``) itself left,
+        or that it helped fill, is kept for someone else (another sweeps its holes)."""
         passed, task = [], None
         while self._pool and task is None:
             candidate = _rank(heapq.heappop(self._pool))
             if self._states[candidate] != State.AVAILABLE:
                 continue
-            if self._own_holes(candidate, holder):
+            if self._own_holes(candidate, holder, name):
                 passed.append(candidate)
             else:
                 task = candidate
@@ -484,9 +490,11 @@ class Verification:
             checking = task in self._checks
         if block is None:
             return None
+        kept = block.opinions[block.kept]
         return {"status": block.status.name.lower(), "opinions": len(block.opinions),
                 "contributors": [o.contributor for o in block.opinions],
-                "kept": block.opinions[block.kept].contributor, "checking": checking}
+                "kept": kept.contributor, "checking": checking,
+                "kept_sweepers": [s.contributor for s in kept.sweeps]}
 
     # -- private: checks and their outcome --------------------------------------------------------
 
@@ -516,8 +524,8 @@ class Verification:
         for opinions, sign in ((outcome.credit, 1), (outcome.debit, -1)):
             for opinion in opinions:
                 people[opinion.contributor] = self._credit(opinion, sign, now)
-        standings = {o.contributor: self._verifier.standing(o.contributor)
-                     for o in outcome.block.opinions}
+        standings = {s.contributor: self._verifier.standing(s.contributor)
+                     for o in outcome.block.opinions for s in o.sweeps}
         return {"t": _block_record(outcome.block), "w": standings, "cs": list(people.values())}
 
     def _credit(self, opinion, sign, now):
@@ -1019,13 +1027,14 @@ class Submissions:
     def _accept(self, task, packed, now, holder, token, name, stats, partial=None):
         """A result for a block; one with holes (not probed, not explained by the operator's
         exclusions) goes back to the pool for those parts, and fills those of a result before."""
-        before = self._results.get(task)
+        before, sweeps = self._results.get(task), ()
         if before is not None and before.holes and partial is not None and partial[0] == before:
             packed = self._filled(partial, packed)
+            sweeps = (*before.sweeps, _sweep_of(before))
         holes = self._unexplained(task, packed.skipped)
         meta = self._result_meta(task, packed, now, holder, token, name, stats)
         meta = meta._replace(holes=holes, probed=RESULT_LEN - meta.excluded - _count(holes)
-                             if holes or before is not None else meta.probed)
+                             if holes or before is not None else meta.probed, sweeps=sweeps)
         change = self._retire_lease(task)
         self._old.pop(task, None)
         if self._errors.pop(task, None) is not None:
@@ -1037,7 +1046,8 @@ class Submissions:
             change.update(self._make_available(task), r=meta, n=self._submissions)
             return self._commit(task, change, packed.blob, packed.crc)
         change.update(self._set_state(task, State.DONE))
-        opinion = trust.Opinion(meta.contributor, holder, meta.responders, meta.probed)
+        opinion = trust.Opinion(meta.contributor, holder, meta.responders, meta.probed,
+                                parts=_parts(meta, packed.bitmap))
         outcome = self._verifier.add(task, opinion, check=before is not None and bool(before.holes))
         change.update(self._settled(task, outcome, now), r=meta, n=self._submissions)
         return self._commit(task, change, packed.blob, packed.crc)
@@ -1055,8 +1065,12 @@ class Submissions:
             problem = problem or "the block changed meanwhile: sweep it again"
             return self._commit(task, change), (HTTPStatus.BAD_REQUEST, problem)
         meta = self._result_meta(task, packed, now, holder, token, name, stats)
-        opinion = trust.Opinion(meta.contributor, holder, meta.responders, meta.probed)
         agrees = [trust.agreement(packed.bitmap, other).agrees for other in prior]
+        confirms = _confirms(block.opinions[0], packed.bitmap, prior[0])
+        if confirms:        # a result several sweeps built agrees only if each sweep's part does
+            agrees[0] = agrees[0] and all(confirms)
+        opinion = trust.Opinion(meta.contributor, holder, meta.responders, meta.probed,
+                                confirms=confirms)
         outcome = self._verifier.add(task, opinion, agrees)
         self._submissions += 1
         if not outcome.block.wants_opinion:      # settled: the bitmaps kept for comparing go
@@ -1251,8 +1265,8 @@ class Store(Administration, Submissions, ResultReader, Loader, Census):
             if task is not None:
                 lease, change = self._new_check(task, now, holder, lease_required)
             else:
-                task = (self._pop_available(holder) if within is None
-                        else self._find_within(within, holder))
+                task = (self._pop_available(holder, name) if within is None
+                        else self._find_within(within, holder, name))
                 if task is None:
                     return None
                 lease, change = self._new_lease(task, now, holder, lease_required)
@@ -1433,8 +1447,53 @@ def _block_record(block: trust.Block) -> list:
 
 def _block_from(record) -> trust.Block:
     opinions, agreeing, kept, status = record
-    return trust.Block(tuple(trust.Opinion(*o) for o in opinions),
+    return trust.Block(tuple(_opinion_from(o) for o in opinions),
                        tuple(tuple(p) for p in agreeing), kept, trust.Status(status))
+
+
+def _opinion_from(values) -> trust.Opinion:
+    """A trust.Opinion from its record (one written before opinions had parts has 6 values);
+    a part's ref is the spans it probed."""
+    opinion = trust.Opinion(*values)
+    if len(values) <= 6:
+        return opinion
+    parts = tuple(trust.Opinion(*p)._replace(ref=tuple(map(tuple, p[5] or ())))
+                  for p in opinion.parts)
+    return opinion._replace(parts=parts, confirms=tuple(opinion.confirms))
+
+
+def _sweep_of(meta: ResultMeta) -> tuple:
+    """One sweep as it left a result (the ``sweeps`` entry of the results built on it)."""
+    return (meta.contributor, meta.holder, meta.responders, meta.probed,
+            tuple(map(tuple, meta.holes)))
+
+
+def _parts(meta: ResultMeta, bitmap: bytes) -> tuple:
+    """A whole result several sweeps built: one trust.Opinion a sweep, with the spans it
+    probed (the holes the one before left, less its own), its responders there and the
+    addresses it probed; () for a result one sweep made."""
+    if not meta.sweeps:
+        return ()
+    bits, parts = int.from_bytes(bitmap, "big"), []
+    left, probed_before = [(0, RESULT_LEN - 1)], 0
+    for who, address, _, probed, holes in (*meta.sweeps, _sweep_of(meta)):
+        spans = left
+        for first, last in holes:
+            spans = _cut(spans, first, last)
+        responders = (bits & results.span_mask(spans)).bit_count()
+        parts.append(trust.Opinion(who, address, responders, probed - probed_before,
+                                   ref=tuple(spans)))
+        left, probed_before = holes, probed
+    return tuple(parts)
+
+
+def _confirms(first: trust.Opinion, bitmap: bytes, other: bytes) -> tuple:
+    """For each part of ``first`` (a result several sweeps built, its bytes ``other``), does
+    ``bitmap`` agree with it on the addresses that part probed; () if it has no parts."""
+    if not first.parts or len(other) != len(bitmap):
+        return ()
+    return tuple(trust.agreement(bitmap, other, results.span_mask(part.ref)).agrees
+                 for part in first.parts)
 
 
 def _rank(task: int) -> int:

@@ -67,13 +67,28 @@ class Agreement(NamedTuple):
 
 
 class Opinion(NamedTuple):
-    """One holder's result for a block. `ref` is the store's handle on its bytes."""
+    """One holder's result for a block. `ref` is the store's handle on its bytes.
+
+    A result several sweeps built (a first one with holes, the holes swept by others) has one
+    of `parts` per sweep: an Opinion of that sweep's contributor and address, its responders
+    and addresses probed, `ref` the spans it probed. Each part is credited, judged and kept
+    from checking the block on its own; the opinion's contributor and address are the last
+    sweep's, its figures the whole block's. Only a block's first opinion has parts (later
+    ones are checks); `confirms`, of a later one: does it agree with each part on the
+    addresses that part probed."""
     contributor: str
     address: str
     responders: int
     probed: int
     credited: bool = False
     ref: object = None
+    parts: tuple = ()
+    confirms: tuple = ()
+
+    @property
+    def sweeps(self) -> tuple:
+        """The opinions of the sweeps this result is made of: its parts, or itself."""
+        return self.parts or (self,)
 
 
 class Block(NamedTuple):
@@ -87,8 +102,9 @@ class Block(NamedTuple):
         return self.status in (Status.WAITING, Status.DISPUTED)
 
     def has_seen(self, name: str, address: str) -> bool:
-        """Did this name or this address give an opinion here already?"""
-        return any(o.contributor == name or o.address == address for o in self.opinions)
+        """Did this name or this address give an opinion here already (or sweep part of one)?"""
+        return any(s.contributor == name or s.address == address
+                   for o in self.opinions for s in o.sweeps)
 
 
 class Standing(NamedTuple):
@@ -106,9 +122,12 @@ class Outcome(NamedTuple):
     requeued: tuple = ()     # tasks queued for a check again because of them
 
 
-def agreement(bitmap: bytes, other: bytes) -> Agreement:
-    """The score of two results given as bitmaps of one length (one bit per address)."""
+def agreement(bitmap: bytes, other: bytes, mask: int | None = None) -> Agreement:
+    """The score of two results given as bitmaps of one length (one bit per address); with
+    `mask` (an int of that many bits), on the addresses whose bit is set in it alone."""
     a, b = int.from_bytes(bitmap, "big"), int.from_bytes(other, "big")
+    if mask is not None:
+        a, b = a & mask, b & mask
     ones, other_ones, shared = a.bit_count(), b.bit_count(), (a & b).bit_count()
     most = max(ones, other_ones)
     return Agreement(shared / most if most else 1.0, shared, ones, other_ones)
@@ -135,8 +154,8 @@ class Verifier:
             check=False) -> Outcome:
         """A new result for `task`; `agrees[i]`: does it agree with opinion i of the block
         (none for a first result, or when the block wants no more opinions: it starts over).
-        `check`: a first result is checked whatever its contributor's standing (a result that
-        several sweeps built: the opinion names only the last of them)."""
+        `check`: a first result is checked whatever its contributor's standing, as is one
+        with `parts` (several sweeps built it)."""
         old = self.blocks.get(task)
         if old is None or not old.wants_opinion:
             return self._first(task, opinion, check)
@@ -197,7 +216,7 @@ class Verifier:
     def _first(self, task: int, opinion: Opinion, check=False) -> Outcome:
         opinion, credit = self._credit_now(opinion)
         standing = self.standing(opinion.contributor)
-        checked = self.fraction > 0 and (check or standing.flagged
+        checked = self.fraction > 0 and (check or bool(opinion.parts) or standing.flagged
                                          or standing.agreed < self.trust_after
                                          or self.rng() < self.fraction)
         block = Block((opinion,), (), 0, Status.WAITING if checked else Status.UNVERIFIED)
@@ -205,7 +224,12 @@ class Verifier:
         return Outcome(block, False, credit)
 
     def _credit_now(self, opinion: Opinion) -> tuple[Opinion, tuple]:
-        """A contributor who is not flagged earns credit at once."""
+        """A contributor who is not flagged earns credit at once; each sweep of a result
+        several built, for its own part (the opinion itself is then never credited)."""
+        if opinion.parts:
+            parts = [self._credit_now(part) for part in opinion.parts]
+            return (opinion._replace(parts=tuple(part for part, _ in parts)),
+                    tuple(credit for _, credits in parts for credit in credits))
         if self.standing(opinion.contributor).flagged:
             return opinion._replace(credited=False), ()
         opinion = opinion._replace(credited=True)
@@ -234,36 +258,51 @@ class Verifier:
         return Outcome(block, kept != kept_before, credit, debit, flagged, requeued)
 
     def _judge(self, block: Block):
-        """Each opinion against the kept one: an agreement or a dispute for its contributor."""
-        kept = block.kept
-        telling = _telling(block.opinions[kept])
-        opinions, credit, debit, flagged = list(block.opinions), [], [], []
+        """Each opinion against the kept one: an agreement or a dispute for its contributor;
+        each part of one several sweeps built on its own addresses (the kept opinion's
+        `confirms`; a kept one with parts agreed with its partner on every part)."""
+        kept = block.opinions[block.kept]
+        opinions, out = [], ([], [], [])            # credit, debit, flagged
         for i, opinion in enumerate(block.opinions):
-            agrees = i == kept or (min(i, kept), max(i, kept)) in block.agreeing
-            standing = self.standing(opinion.contributor)
-            if agrees:
-                self.agreements += 1
-                standing = standing._replace(agreed=standing.agreed + telling)
-                if not opinion.credited:
-                    opinions[i] = opinion._replace(credited=True)
-                    credit.append(opinions[i])
-            else:
-                self.disputes += 1
-                standing = standing._replace(disputed=standing.disputed + 1)
-                if opinion.credited:
-                    opinions[i] = opinion._replace(credited=False)
-                    debit.append(opinion)
-            if not standing.flagged and _too_many_disputes(standing):
-                standing = standing._replace(flagged=True)
-                flagged.append(opinion.contributor)
-            self.standings[opinion.contributor] = standing
-        return block._replace(opinions=tuple(opinions)), tuple(credit), tuple(debit), tuple(flagged)
+            agrees = i == block.kept or (min(i, block.kept), max(i, block.kept)) in block.agreeing
+            if not opinion.parts:
+                opinions.append(self._judge_one(opinion, agrees, _telling(kept), out))
+                continue
+            confirms = (kept.confirms if i != block.kept and len(kept.confirms) == len(opinion.parts)
+                        else (agrees,) * len(opinion.parts))
+            opinions.append(opinion._replace(parts=tuple(
+                self._judge_one(part, yes, min(_telling(kept), _telling(part)), out)
+                for part, yes in zip(opinion.parts, confirms))))
+        return (block._replace(opinions=tuple(opinions)), *map(tuple, out))
+
+    def _judge_one(self, opinion: Opinion, agrees: bool, telling: int, out) -> Opinion:
+        """An agreement or a dispute for one sweep's contributor, its credit given or taken
+        back (appended to `out`: credit, debit, flagged); the opinion as judged."""
+        credit, debit, flagged = out
+        standing = self.standing(opinion.contributor)
+        if agrees:
+            self.agreements += 1
+            standing = standing._replace(agreed=standing.agreed + telling)
+            if not opinion.credited:
+                opinion = opinion._replace(credited=True)
+                credit.append(opinion)
+        else:
+            self.disputes += 1
+            standing = standing._replace(disputed=standing.disputed + 1)
+            if opinion.credited:
+                debit.append(opinion)
+                opinion = opinion._replace(credited=False)
+        if not standing.flagged and _too_many_disputes(standing):
+            standing = standing._replace(flagged=True)
+            flagged.append(opinion.contributor)
+        self.standings[opinion.contributor] = standing
+        return opinion
 
     def _requeue(self, name: str) -> list:
         """Queue for a check every block whose kept result, by `name`, was never verified."""
         again = [task for task, block in self.blocks.items()
                  if block.status == Status.UNVERIFIED
-                 and block.opinions[block.kept].contributor == name]
+                 and any(s.contributor == name for s in block.opinions[block.kept].sweeps)]
         for task in again:
             self.restore(task, self.blocks[task]._replace(status=Status.WAITING))
         return again
@@ -274,8 +313,8 @@ class Verifier:
                 queue.setdefault(task, None)
             else:
                 queue.pop(task, None)
-        keys = frozenset(key for o in block.opinions
-                         for key in (("name", o.contributor), ("address", o.address))
+        keys = frozenset(key for o in block.opinions for s in o.sweeps
+                         for key in (("name", s.contributor), ("address", s.address))
                          ) if block.wants_opinion else frozenset()
         old = self._keys.pop(task, frozenset())
         for key in old - keys:
