@@ -1481,7 +1481,7 @@ def _parts(meta: ResultMeta, bitmap: bytes) -> tuple:
         for first, last in holes:
             spans = _cut(spans, first, last)
         responders = (bits & results.span_mask(spans)).bit_count()
-        parts.append(trust.Opinion(who, address, responders, probed - probed_before,
+        parts.append(trust.Opinion(who, address, responders, max(0, probed - probed_before),
                                    ref=tuple(spans)))
         left, probed_before = holes, probed
     return tuple(parts)

@@ -81,10 +81,67 @@ def test_a_new_contributor_is_checked_until_trusted_then_at_the_fraction():
 
 
 def test_a_result_several_sweeps_built_is_always_checked():
-    """A block filled from holes names only its last sweeper: it is checked whoever that is."""
+    """A block filled from holes is checked whoever its sweepers are (`check`, or its parts)."""
     verifier = Verifier(0.05, trust_after=0, rng=Draws(rest=0.5))      # trusted, no random draw
     assert verifier.add(1, opinion("trusted")).block.status == Status.UNVERIFIED
     assert verifier.add(2, opinion("trusted"), check=True).block.status == Status.WAITING
+    assert verifier.add(3, built("trusted", "trusted2")).block.status == Status.WAITING
+
+
+def built(*names, responders=500):
+    """A result several sweeps built: a part a name, the block shared evenly between them."""
+    parts = tuple(opinion(name, responders=responders, probed=BLOCK // len(names)) for name in names)
+    last = parts[-1]
+    return Opinion(last.contributor, last.address, responders * len(names), BLOCK, parts=parts)
+
+
+def test_no_sweeper_of_a_result_several_built_is_handed_its_check():
+    verifier = Verifier(0.05)
+    verifier.add(5, built("a", "b"))
+    for name in "ab":
+        assert verifier.next_check(name, "elsewhere") is None            # by name
+        assert verifier.next_check("other", f"addr-{name}") is None      # by address
+        assert not verifier.may_check(5, name, "elsewhere")
+        assert not verifier.may_check(5, "other", f"addr-{name}")
+    assert verifier.next_check("c", "addr-c") == 5 and verifier.may_check(5, "c", "addr-c")
+
+
+def test_each_sweep_is_credited_and_judged_on_its_own_part():
+    """a swept its half honestly, b filled the other half with a lie: the checks confirm a's
+    part, not b's; b loses the dispute and its credit, a keeps its agreement and credit."""
+    verifier = Verifier(0.05)
+    first = verifier.add(5, built("a", "b"))
+    assert [o.contributor for o in first.credit] == ["a", "b"]           # each for its own half
+    assert [o.probed for o in first.credit] == [BLOCK // 2] * 2
+    check = opinion("c")._replace(confirms=(True, False))
+    assert verifier.add(5, check, [False]).block.status == Status.DISPUTED
+    third = opinion("d")._replace(confirms=(True, False))
+    outcome = verifier.add(5, third, [False, True])
+    assert outcome.block.status == Status.VERIFIED and outcome.kept_changed
+    assert [o.contributor for o in outcome.debit] == ["b"]
+    assert verifier.standing("a") == trust.Standing(agreed=1)
+    assert verifier.standing("b") == trust.Standing(disputed=1)
+    assert not outcome.block.opinions[0].parts[1].credited and outcome.block.opinions[0].parts[0].credited
+
+
+def test_a_kept_result_several_built_earns_each_sweep_its_agreement():
+    verifier = Verifier(0.05)
+    verifier.add(5, built("a", "b", responders=10))                   # b's part proves nothing
+    outcome = verifier.add(5, opinion("c")._replace(confirms=(True, True)), [True])
+    assert outcome.block.status == Status.VERIFIED and not outcome.kept_changed
+    assert verifier.standing("a").agreed == verifier.standing("b").agreed == 0  # too few
+    verifier.add(6, built("a", "b"))
+    verifier.add(6, opinion("c")._replace(confirms=(True, True)), [True])
+    assert verifier.standing("a").agreed == verifier.standing("b").agreed == 1
+
+
+def test_a_flagged_sweep_earns_no_credit_until_verified():
+    verifier = Verifier(0.05)
+    verifier.standings["b"] = trust.Standing(disputed=2, flagged=True)
+    first = verifier.add(5, built("a", "b"))
+    assert [o.contributor for o in first.credit] == ["a"]
+    outcome = verifier.add(5, opinion("c")._replace(confirms=(True, True)), [True])
+    assert [o.contributor for o in outcome.credit] == ["c", "b"]      # the checker, then b
 
 def test_fraction_zero_turns_verification_off():
     verifier = Verifier(0.0, rng=Draws(rest=0.0))

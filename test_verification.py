@@ -9,7 +9,7 @@ import random
 import zlib
 
 import trust
-from conftest import Clock, answer
+from conftest import Clock, Running, answer
 from store import Store
 
 BLOCK = 65536
@@ -183,3 +183,154 @@ def test_concurrent_holders_with_checks_never_deadlock(census_server):
     assert not any(thread.is_alive() for thread in threads)
     progress = srv.call("GET", "/get_progress")[2]
     assert progress["done_tasks"] == BLOCKS and progress["verified_tasks"] > 8
+
+
+# -- a block several sweeps built (a first result with holes, the holes swept by another) --------
+
+SWEEPERS = {"a": "127.0.0.51", "b": "127.0.0.52"}
+LOWER, UPPER = "127.0.0.0/17", "127.0.128.0/17"
+THIRDS = range(0, BLOCK, 3)                    # the truth; each half its responders
+LOW, HIGH = range(0, BLOCK // 2, 3), range(BLOCK // 2 + 1, BLOCK, 3)
+
+
+def half_sweep(srv, name, ones, skipped=None):
+    """`name`, from its own address, takes the next hand-out and sweeps it (but `skipped`)."""
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10,
+                                      source_address=(SWEEPERS[name], 0))
+    handout = answer(conn, "GET", f"/get_task?name={name}")[2]
+    body = {"task_index": handout["task_index"], "lease": handout["lease"], "name": name,
+            "result": {"success": True, "bitmap": bitmap_b64(ones)}, "skipped": [skipped] * bool(skipped)}
+    assert answer(conn, "POST", "/submit_result", body)[::2] == (200, {"success": True})
+    conn.close()
+    return handout
+
+
+def offered(srv, address, name):
+    """What /get_task hands `name` at `address`: a task index, or None."""
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10, source_address=(address, 0))
+    handout = answer(conn, "GET", f"/get_task?name={name}")[2]
+    conn.close()
+    return handout.get("task_index")
+
+
+def never_offered_to_its_sweepers(srv):
+    """Neither sweeper is handed the check, by its name (from another address) nor by its
+    address (under another name); all 127.0.0.0/16 holds is that check."""
+    for name, address in SWEEPERS.items():
+        assert offered(srv, "127.0.0.53", name) is None, name          # by name
+        assert offered(srv, address, "someone") is None, address       # by address
+        assert offered(srv, address, name) is None
+
+
+def test_a_block_built_from_holes_is_never_checked_by_any_of_its_sweepers(tmp_path):
+    """a sweeps the lower half, b the upper (the holes a left): neither may check the block,
+    before or after a restart and a compaction; a third holder may, and its agreement verifies
+    it, each sweeper credited and trusted for its own half."""
+    def start():
+        return Running(tmp_path / "data", "127.0.0.0/16", clock, 60, {"verify": 0.05},
+                       static_dir=tmp_path)
+
+    clock = Clock()
+    srv = start()
+    first = half_sweep(srv, "a", LOW, UPPER)
+    assert half_sweep(srv, "b", HIGH, LOWER)["exclude"] == [LOWER]     # the holes alone
+    info = srv.call("GET", f"/task?id={LOOP}")[2]
+    assert first["task_index"] == LOOP and info["state"] == 2 and info["not_probed"] == []
+    assert info["verification"]["status"] == "waiting"
+    assert info["verification"]["kept_sweepers"] == ["a", "b"] and info["contributor"] == "b"
+    never_offered_to_its_sweepers(srv)
+    srv.stop()
+    srv = start()
+    try:
+        never_offered_to_its_sweepers(srv)
+        with srv.store._lock:
+            srv.store._journal.compact()
+        srv.stop()
+        srv = start()
+        never_offered_to_its_sweepers(srv)
+        SWEEPERS["c"] = "127.0.0.54"
+        try:
+            check = half_sweep(srv, "c", THIRDS)
+        finally:
+            del SWEEPERS["c"]
+        assert check["task_index"] == LOOP
+        assert srv.call("GET", f"/task?id={LOOP}")[2]["verification"]["status"] == "verified"
+        people = {c["name"]: c for c in srv.call("GET", "/contributors")[2]["contributors"]}
+        for name in "ab":
+            assert (people[name]["tasks_done"], people[name]["addresses_probed"]) == (1, BLOCK // 2)
+            assert srv.store.standing(name)["verified"] == 1
+    finally:
+        srv.stop()
+
+
+def test_a_liar_filling_holes_loses_the_dispute_not_the_sweeper_before_it(tmp_path):
+    """An honest lower half by a, the upper half (its holes) filled with zeros by b: the
+    honest checks outvote the block, b loses the dispute and b's credit, a keeps both."""
+    store = Store(tmp_path / "data", scope=[ipaddress.IPv4Network("127.0.0.0/16")], clock=Clock())
+    for name, ones, skipped in (("a", LOW, UPPER), ("b", (), LOWER), ("c", THIRDS, None),
+                                ("d", THIRDS, None)):
+        address = f"127.0.0.{ord(name)}"
+        handout = store.get_task(address, name=name)
+        assert handout.task == LOOP, name
+        store.submit(LOOP, None, bitmap=bitmap_b64(ones), holder=address, token=handout.lease.token,
+                     name=name, skipped=[skipped] if skipped else None)
+    verification = store.task_info(LOOP)["verification"]
+    assert (verification["status"], verification["kept"]) == ("verified", "d")
+    assert store.standing("a") == {"verified": 1, "disputed": 0, "unverified": 0, "flagged": False}
+    assert store.standing("b")["disputed"] == 1
+    people = {c.name: c for c in store.contributors()}
+    assert (people["a"].tasks_done, people["b"].tasks_done) == (1, 0)
+    assert people["b"].addresses_probed == 0
+    store.close()
+
+
+def test_a_single_sweep_block_is_checked_as_before(census_server):
+    """One sweep, one contributor: not offered to it by name nor address, offered to another;
+    credited for the whole block."""
+    srv = census_server("127.0.0.0/16", store_kw={"verify": 0.05})
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10,
+                                      source_address=("127.0.0.51", 0))
+    handout = answer(conn, "GET", "/get_task?name=a")[2]
+    body = {"task_index": handout["task_index"], "lease": handout["lease"], "name": "a",
+            "result": {"success": True, "bitmap": bitmap_b64(THIRDS)}}
+    assert answer(conn, "POST", "/submit_result", body)[::2] == (200, {"success": True})
+    verification = srv.call("GET", f"/task?id={LOOP}")[2]["verification"]
+    assert verification["kept_sweepers"] == ["a"] and verification["contributors"] == ["a"]
+    assert offered(srv, "127.0.0.53", "a") is None and offered(srv, "127.0.0.51", "z") is None
+    assert offered(srv, "127.0.0.54", "c") == LOOP
+    person = srv.call("GET", "/contributors")[2]["contributors"][0]
+    assert (person["name"], person["tasks_done"], person["addresses_probed"]) == ("a", 1, BLOCK)
+
+
+# census.log as main at cebe4f2 wrote it (verify 0.05, scope 127.0.0.0/15, no snapshot: as kill -9
+# leaves it): 32512 swept whole by "solo" (127.0.0.61), waiting for its check; 32513 swept by "a"
+# (127.0.0.51) in its lower half, the upper half a hole (records then had no earlier sweeps).
+OLD_LOG = (
+    "eNrt2j1v01AUBmAXEDNsCJboiAGh23C/7NiWGEq6tEUwAFWlKw8OtCWqlUDchEhRVIEQMCI2xNqBhYkNBv4LAz8AKSOCe20X2Uj5"
+    "AVTvqydyvs65SZTx7d65J7wqv23c9Yq9fb727YZZ3NyaUTbcp7hFusdVFD1SvUhLLbmkedeOrpzMHpWX2/a29fXn4kvnA5tRTrFg"
+    "lFFsaG81O7g7PZBP5eP+dnqrn+Ybm501YiLkLgHnbc5IyE7b3mkHgthemuW7CaOJXVKcdaZ+VsvzLtrDH4y6n95cePn63cZVAAAA"
+    "AAAAAAAAAAAAAAAA+M/NXMtgMM4y5koHktEhxcYYyofZkJq9AilCHbDA91XADkfjXebGkoSZhHEmEkbPKJ6Vg7Hh9rmyiDBn9DB3"
+    "S6udolpRrqtqDLyoMdQf2MU0smMiilgoImn3nSyoj9Q/lH3HsrZE44uIwNdKCh66EeMOGhR9i4n9AYrCxNmqL7FSK2d8fP7+eHz+"
+    "xXGjnLG2sz9Z3ZxOtwdPUtUL7/fXd/rjpeUMv1nOUMVZ5+pntTzvrb28uvT9x/XF5V/4gwIAAAAAAACcfh6CIAiCIAiCIAiCIKc+"
+    "zXIGLwsRYcj130ZE+k8dQvBIKqZkJwjdy8v6CY1KgpBSc19L5bs6hCmHXaPCT6puhCz6Cnr+B3CfqJ0=")
+
+
+def test_a_folder_written_before_sweeps_were_recorded_still_loads(tmp_path):
+    """Its single-sweep block keeps its check from "solo"; its half-done block, filled by b,
+    knows both sweepers, and keeps the check from either."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "census.log").write_bytes(zlib.decompress(base64.b64decode(OLD_LOG)))
+    store = Store(folder, scope=[ipaddress.IPv4Network("127.0.0.0/15")], clock=Clock())
+    assert store.task_info(LOOP)["verification"]["status"] == "waiting"
+    assert store.get_task("127.0.0.99", name="solo", within=[ipaddress.IPv4Network("127.0.0.0/16")]) is None
+    assert store.task_info(LOOP + 1)["not_probed"] == ["127.1.128.0/17"]
+    handout = store.get_task("127.0.0.52", name="b", within=[ipaddress.IPv4Network("127.1.0.0/16")])
+    assert handout.task == LOOP + 1 and handout.exclude == ["127.1.0.0/17"]
+    store.submit(LOOP + 1, None, bitmap=bitmap_b64(HIGH), holder="127.0.0.52",
+                 token=handout.lease.token, name="b", skipped=["127.1.0.0/17"])
+    assert store.task_info(LOOP + 1)["verification"]["kept_sweepers"] == ["a", "b"]
+    for address, name in (("127.0.0.51", "z"), ("127.0.0.98", "a"), ("127.0.0.52", "y")):
+        check = store.get_task(address, name=name)
+        assert check is None or check.task == LOOP, (address, name)   # solo's block, if any
+    store.close()
