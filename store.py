@@ -300,7 +300,7 @@ class CensusMemory:
 
     def _find_within(self, nets, holder=None, name=None):
         """The first available block inside one of ``nets``, else overlapping one; as in
-        _pop_available, a block whose holes ``holder`` itself left is kept for someone else."""
+        _pop_available, a block whose holes ``holder`` (or ``name``) left is kept for another."""
         wide = [n for n in nets if n.prefixlen <= 16]
         narrow = [n for n in nets if n.prefixlen > 16]
         for net in wide + narrow:
@@ -1026,7 +1026,8 @@ class Submissions:
 
     def _accept(self, task, packed, now, holder, token, name, stats, partial=None):
         """A result for a block; one with holes (not probed, not explained by the operator's
-        exclusions) goes back to the pool for those parts, and fills those of a result before."""
+        exclusions) goes back to the pool for those parts, and fills those of a result before
+        (whose sweeps it remembers: the block's opinion then has a part for each)."""
         before, sweeps = self._results.get(task), ()
         if before is not None and before.holes and partial is not None and partial[0] == before:
             packed = self._filled(partial, packed)
@@ -1457,9 +1458,9 @@ def _opinion_from(values) -> trust.Opinion:
     opinion = trust.Opinion(*values)
     if len(values) <= 6:
         return opinion
-    parts = tuple(trust.Opinion(*p)._replace(ref=tuple(map(tuple, p[5] or ())))
-                  for p in opinion.parts)
-    return opinion._replace(parts=parts, confirms=tuple(opinion.confirms))
+    parts = (trust.Opinion(*p) for p in opinion.parts)
+    return opinion._replace(parts=tuple(p._replace(ref=tuple(map(tuple, p.ref))) for p in parts),
+                            confirms=tuple(opinion.confirms))
 
 
 def _sweep_of(meta: ResultMeta) -> tuple:

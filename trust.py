@@ -20,8 +20,12 @@ Adaptive replication, as BOINC does it, per block:
 
 When a block is VERIFIED every opinion in it is judged against the kept one: an agreement (if
 the kept result proves something: neither nearly empty nor nearly full) or a dispute for its
-contributor. A contributor is trusted after TRUST_AFTER agreements; until then each of their
-results is checked, after it a random FRACTION (0 turns verification off). One who loses
+contributor. A result several sweeps built (holes left by one, swept by others) is one opinion
+with a part a sweep: each part's contributor and address count as having seen the block (none
+of them is handed its check), and each part is credited and judged on the addresses it probed.
+
+A contributor is trusted after TRUST_AFTER agreements; until then each of their results is
+checked, after it a random FRACTION (0 turns verification off). One who loses
 DISPUTE_LIMIT disputes, and more than DISPUTE_SHARE of the judged ones, is flagged: each new
 result of theirs is checked, each kept one not yet verified is queued for a check again, they
 are given no checks to do, and they earn credit only for results verified (`Outcome.credit` and
@@ -153,7 +157,8 @@ class Verifier:
     def add(self, task: int, opinion: Opinion, agrees: Sequence[bool] = (), *,
             check=False) -> Outcome:
         """A new result for `task`; `agrees[i]`: does it agree with opinion i of the block
-        (none for a first result, or when the block wants no more opinions: it starts over).
+        (none for a first result, or when the block wants no more opinions: it starts over);
+        with the first opinion's parts, it agrees only if it `confirms` each of them too.
         `check`: a first result is checked whatever its contributor's standing, as is one
         with `parts` (several sweeps built it)."""
         old = self.blocks.get(task)
@@ -268,8 +273,11 @@ class Verifier:
             if not opinion.parts:
                 opinions.append(self._judge_one(opinion, agrees, _telling(kept), out))
                 continue
-            confirms = (kept.confirms if i != block.kept and len(kept.confirms) == len(opinion.parts)
-                        else (agrees,) * len(opinion.parts))
+            # each part as the kept opinion confirms it; the kept one itself agreed with its
+            # partner on every part (the store asks a check to confirm each, see add)
+            confirms = kept.confirms if i != block.kept else ()
+            if len(confirms) != len(opinion.parts):
+                confirms = (agrees,) * len(opinion.parts)
             opinions.append(opinion._replace(parts=tuple(
                 self._judge_one(part, yes, min(_telling(kept), _telling(part)), out)
                 for part, yes in zip(opinion.parts, confirms))))
