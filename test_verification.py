@@ -328,6 +328,7 @@ def test_a_folder_written_before_sweeps_were_recorded_still_loads(tmp_path):
                  token=handout.lease.token, name="b", skipped=["127.1.0.0/17"])
     assert store.task_info(LOOP + 1)["verification"]["kept_sweepers"] == ["a", "b"]
     for address, name in (("127.0.0.51", "z"), ("127.0.0.98", "a"), ("127.0.0.52", "y")):
-        check = store.get_task(address, name=name)
-        assert check is None or check.task == LOOP, (address, name)   # solo's block, if any
+        check = store.get_task(address, name=name)          # solo's block's check, or none
+        assert check is None or check.task == LOOP, (address, name)
+    assert store.get_task("127.0.0.99", name="c").task == LOOP + 1       # to another holder
     store.close()
