@@ -283,6 +283,7 @@ class CensusMemory:
         self._pinned: set[int] = set()            # tasks an administrator set: scope ignored
         self._held: dict[str, int] = {}           # live leases per holder
         self._checks: dict[int, Lease] = {}       # done tasks leased for a second opinion
+        self._declined: dict[int, frozenset] = {}  # task -> who sent its check back unswept
         self._verifier = trust.Verifier(self._verify, rng=self._rng)
         self._version = self._submissions = 0
         self._probed = self._responders = self._result_bytes = 0
@@ -499,9 +500,23 @@ class Verification:
     # -- private: checks and their outcome --------------------------------------------------------
 
     def _next_check(self, name, holder, within):
-        wanted = None if within is None else (
-            lambda task: any(_block_net(task).overlaps(net) for net in within))
-        return self._verifier.next_check(name, holder, busy=self._checks, wanted=wanted)
+        """A check for this holder: only of a block it sweeps whole (a check with holes is
+        no opinion), so with ``within`` one that leaves out nothing the operator does not,
+        and none it already sent back unswept in part (``_decline_check``)."""
+        keys = {("name", name), ("address", holder)}
+
+        def wanted(task):
+            return (not keys & self._declined.get(task, frozenset())
+                    and (within is None or not self._unexplained(task, _outside(task, within))))
+        plain = within is None and not self._declined        # the original hand-out, unchanged
+        return self._verifier.next_check(name, holder, busy=self._checks,
+                                         wanted=None if plain else wanted)
+
+    def _decline_check(self, task, name, holder):
+        """A check came back unswept in part: its holder is not handed this one again (in
+        memory only: after a restart it may be, once more)."""
+        self._declined[task] = self._declined.get(task, frozenset()) | {
+            ("name", name), ("address", holder)}
 
     def _new_check(self, task, now, holder, bound):
         lease = Lease(self._token(), now + self.lease_seconds, holder, bound)
@@ -1065,6 +1080,11 @@ class Submissions:
         if problem is not None or len(prior) != len(block.opinions):
             problem = problem or "the block changed meanwhile: sweep it again"
             return self._commit(task, change), (HTTPStatus.BAD_REQUEST, problem)
+        holes = self._unexplained(task, packed.skipped)
+        if holes:           # no opinion on what it did not probe: not judged, nor handed it again
+            self._decline_check(task, name or holder, holder)
+            return self._commit(task, change), (HTTPStatus.UNPROCESSABLE_ENTITY, _partial_check(
+                task, holes))
         meta = self._result_meta(task, packed, now, holder, token, name, stats)
         agrees = [trust.agreement(packed.bitmap, other).agrees for other in prior]
         confirms = _confirms(block.opinions[0], packed.bitmap, prior[0])
@@ -1427,6 +1447,14 @@ def _cut(spans, first, last) -> list:
     return out
 
 
+def _outside(task, nets) -> list:
+    """The spans of block ``task`` (offsets, inclusive) that none of ``nets`` covers."""
+    spans, base = [(0, RESULT_LEN - 1)], task << 16
+    for net in nets:
+        spans = _cut(spans, int(net.network_address) - base, int(net.broadcast_address) - base)
+    return spans
+
+
 def _span_nets(task, first, last):
     base = task << 16
     return ipaddress.summarize_address_range(ipaddress.IPv4Address(base + first),
@@ -1495,6 +1523,15 @@ def _confirms(first: trust.Opinion, bitmap: bytes, other: bytes) -> tuple:
         return ()
     return tuple(trust.agreement(bitmap, other, results.span_mask(part.ref)).agrees
                  for part in first.parts)
+
+
+def _partial_check(task, holes) -> str:
+    """Why a check with holes is refused (422: not a disagreement, and the client's fallback
+    to the string form answers only a 400)."""
+    nets = [str(n) for first, last in holes for n in _span_nets(task, first, last)]
+    shown = ", ".join(nets[:4]) + (f" and {len(nets) - 4} more" if len(nets) > 4 else "")
+    return (f"a check must probe the whole block, and {shown} was not probed: not judged; "
+            f"the check goes to another holder")
 
 
 def _rank(task: int) -> int:
