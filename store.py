@@ -541,6 +541,8 @@ class Verification:
                 people[opinion.contributor] = self._credit(opinion, sign, now)
         standings = {s.contributor: self._verifier.standing(s.contributor)
                      for o in outcome.block.opinions for s in o.sweeps}
+        if len(outcome.block.opinions) == 1 or not outcome.block.wants_opinion:
+            self._declined.pop(task, None)     # a new result, or no check wanted any more
         return {"t": _block_record(outcome.block), "w": standings, "cs": list(people.values())}
 
     def _credit(self, opinion, sign, now):
