@@ -193,24 +193,36 @@ THIRDS = range(0, BLOCK, 3)                    # the truth; each half its respon
 LOW, HIGH = range(0, BLOCK // 2, 3), range(BLOCK // 2 + 1, BLOCK, 3)
 
 
-def sweep(srv, name, address, ones, skipped=None):
-    """`name` at `address` takes the next hand-out and sweeps it (but `skipped`)."""
+def ask(srv, name, address, within=None) -> dict:
+    """/get_task's answer to `name` at `address` (asking for blocks `within`, if given)."""
     conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10, source_address=(address, 0))
-    handout = answer(conn, "GET", f"/get_task?name={name}")[2]
+    query = f"name={name}" + (f"&within={within}" if within else "")
+    handout = answer(conn, "GET", f"/get_task?{query}")[2]
+    conn.close()
+    return handout
+
+
+def send(srv, name, address, handout, ones, skipped=None):
+    """Submit `ones` (and `skipped`, a CIDR or a list of them) for `handout`: (status, reply)."""
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10, source_address=(address, 0))
     body = {"task_index": handout["task_index"], "lease": handout["lease"], "name": name,
             "result": {"success": True, "bitmap": bitmap_b64(ones)},
-            "skipped": [skipped] if skipped else []}
-    assert answer(conn, "POST", "/submit_result", body)[::2] == (200, {"success": True})
+            "skipped": [skipped] if isinstance(skipped, str) else skipped or []}
+    status, _, reply = answer(conn, "POST", "/submit_result", body)
     conn.close()
+    return status, reply
+
+
+def sweep(srv, name, address, ones, skipped=None, within=None):
+    """`name` at `address` takes the next hand-out and sweeps it (but `skipped`)."""
+    handout = ask(srv, name, address, within)
+    assert send(srv, name, address, handout, ones, skipped) == (200, {"success": True})
     return handout
 
 
 def offered(srv, address, name):
     """What /get_task hands `name` at `address`: a task index, or None."""
-    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10, source_address=(address, 0))
-    handout = answer(conn, "GET", f"/get_task?name={name}")[2]
-    conn.close()
-    return handout.get("task_index")
+    return ask(srv, name, address).get("task_index")
 
 
 def never_offered_to_its_sweepers(srv):
@@ -332,3 +344,109 @@ def test_a_folder_written_before_sweeps_were_recorded_still_loads(tmp_path):
         assert check is None or check.task == LOOP, (address, name)
     assert store.get_task("127.0.0.99", name="c").task == LOOP + 1       # to another holder
     store.close()
+
+
+# -- checks and volunteers that sweep part of a block (--only, sent as within=; their own --exclude)
+
+def verification(srv, task) -> dict:
+    return srv.call("GET", f"/task?id={task}")[2]["verification"]
+
+
+def test_a_check_goes_only_to_a_holder_whose_within_covers_the_block(census_server):
+    """A /17 of a block waiting for its check: never handed the check, still handed ordinary
+    work in its range; a within covering the block (by two /17s, or with the operator's own
+    exclusion) is handed it."""
+    srv = census_server("127.0.0.0/14", store_kw={
+        "verify": 0.05, "exclude": [ipaddress.IPv4Network("127.1.128.0/17")]})
+    sweep(srv, "a", "127.0.0.51", THIRDS, within="127.0.0.0/16")
+    assert sweep(srv, "a", "127.0.0.51", LOW, UPPER.replace("0.", "1.", 1),
+                 within="127.1.0.0/16")["exclude"] == ["127.1.128.0/17"]     # the operator's
+    assert [verification(srv, t)["status"] for t in (LOOP, LOOP + 1)] == ["waiting", "waiting"]
+    assert ask(srv, "only", "127.0.0.52", LOWER) == {"error": "No tasks available"}
+    handout = ask(srv, "only", "127.0.0.52", f"{LOWER},127.2.0.0/17")
+    assert handout["task_index"] == LOOP + 2                     # ordinary work, in its range
+    assert srv.call("GET", f"/task?id={LOOP + 2}")[2]["state"] == 1
+    assert not any(verification(srv, t)["checking"] for t in (LOOP, LOOP + 1))
+    assert ask(srv, "half", "127.0.0.53", "127.1.0.0/17")["task_index"] == LOOP + 1   # a check
+    assert ask(srv, "both", "127.0.0.54", f"{LOWER},{UPPER}")["task_index"] == LOOP  # a check
+    assert all(verification(srv, t)["checking"] for t in (LOOP, LOOP + 1))
+
+
+def test_a_check_with_holes_is_refused_not_judged_and_goes_to_another(census_server):
+    """A plain holder with its own --exclude is handed a check (it does not say what it skips):
+    the result with holes is refused 422 and judged against nobody; it is handed other work,
+    and another holder's check verifies the block."""
+    srv = census_server("127.0.0.0/15", store_kw={"verify": 0.05})
+    sweep(srv, "a", "127.0.0.51", THIRDS)
+    check = ask(srv, "x", "127.0.0.52")
+    assert check["task_index"] == LOOP and verification(srv, LOOP)["checking"]
+    status, reply = send(srv, "x", "127.0.0.52", check, range(0, BLOCK // 2, 3), UPPER)
+    assert status == 422 and reply["success"] is False
+    assert "127.0.128.0/17 was not probed: not judged" in reply["error"]
+    assert verification(srv, LOOP) == {"status": "waiting", "opinions": 1, "contributors": ["a"],
+                                       "kept": "a", "checking": False, "kept_sweepers": ["a"]}
+    assert srv.store.standing("x") == {"verified": 0, "disputed": 0, "unverified": 0,
+                                       "flagged": False}
+    assert ask(srv, "x", "127.0.0.52")["task_index"] == LOOP + 1        # not the check again
+    assert sweep(srv, "c", "127.0.0.53", THIRDS)["task_index"] == LOOP   # another's check
+    assert verification(srv, LOOP)["status"] == "verified"
+
+
+def test_an_honest_only_volunteer_is_never_flagged_while_checks_wait(census_server):
+    """A small census: three plain honest holders and one --only volunteer (the lower /17 of
+    every block) taking turns while checks wait. The volunteer is never handed a check, sweeps
+    its halves, is never disputed nor flagged; every block ends verified."""
+    srv = census_server("127.0.0.0/13", store_kw={"verify": 0.05, "rng": random.Random(3).random})
+    blocks = range(LOOP, LOOP + 8)
+    only = ",".join(f"127.{t - LOOP}.0.0/17" for t in blocks)
+    holders = [(f"h{n}", f"127.0.0.{61 + n}", None) for n in range(3)] + [("only", "127.0.0.60", only)]
+    rng, swept, checks, waited = random.Random(1), 0, 0, False
+    for _ in range(40):
+        rng.shuffle(holders)
+        gave = False
+        for name, address, within in holders:
+            waited |= within is not None and srv.call("GET", "/get_progress")[2]["checks_waiting"] > 0
+            handout = ask(srv, name, address, within)
+            if "task_index" not in handout:
+                continue
+            gave, task = True, handout["task_index"]
+            net = f"127.{task - LOOP}"
+            if within is None:           # the whole block, or the holes the volunteer left
+                holes = handout["exclude"] == [f"{net}.0.0/17"]
+                assert holes or handout["exclude"] == []
+                ones, skipped = (HIGH, handout["exclude"]) if holes else (THIRDS, None)
+            else:                        # its half, whatever it was handed
+                checks += bool(verification(srv, task))
+                ones, skipped = LOW, [f"{net}.128.0/17"]
+            status, reply = send(srv, name, address, handout, ones, skipped)
+            assert (status, reply) == (200, {"success": True}), (name, task, reply)
+            swept += within is not None
+        if not gave:
+            break
+    assert waited and swept > 0 and checks == 0
+    assert srv.store.standing("only")["disputed"] == 0
+    people = {c["name"]: c for c in srv.call("GET", "/contributors")[2]["contributors"]}
+    assert not any(person["flagged"] for person in people.values())
+    assert people["only"]["tasks_done"] == swept and people["only"]["verified"] == swept
+    assert all(verification(srv, t)["status"] == "verified" for t in blocks)
+
+
+def test_plain_holders_are_handed_and_judged_checks_as_before(census_server):
+    """No within, no holes: an original client (string form, no name) is handed the check and
+    its disagreement is judged; a check skipping only the operator's exclusion is judged too."""
+    srv = census_server("127.0.0.0/15", store_kw={
+        "verify": 0.05, "exclude": [ipaddress.IPv4Network("127.1.128.0/17")]})
+    sweep(srv, "a", "127.0.0.51", THIRDS)
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10,
+                                      source_address=("127.0.0.70", 0))
+    check = answer(conn, "GET", "/get_task")[2]
+    assert check["task_index"] == LOOP
+    body = {"task_index": str(LOOP), "result": {"success": True, "result_data": "0" * BLOCK}}
+    assert answer(conn, "POST", "/submit_result", body)[::2] == (200, {"success": True})
+    conn.close()
+    assert verification(srv, LOOP)["status"] == "disputed"              # judged, as before
+    assert sweep(srv, "c", "127.0.0.53", THIRDS)["task_index"] == LOOP
+    assert verification(srv, LOOP)["status"] == "verified"
+    assert sweep(srv, "a", "127.0.0.51", LOW, "127.1.128.0/17")["task_index"] == LOOP + 1
+    assert sweep(srv, "d", "127.0.0.54", LOW, "127.1.128.0/17")["task_index"] == LOOP + 1
+    assert verification(srv, LOOP + 1)["status"] == "verified"
