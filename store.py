@@ -504,10 +504,11 @@ class Verification:
         no opinion), so with ``within`` one that leaves out nothing the operator does not,
         and none it already sent back unswept in part (``_decline_check``)."""
         keys = {("name", name), ("address", holder)}
+        ranges = [(int(n.network_address), int(n.broadcast_address)) for n in within or ()]
 
         def wanted(task):
             return (not keys & self._declined.get(task, frozenset())
-                    and (within is None or not self._unexplained(task, _outside(task, within))))
+                    and (within is None or not self._unexplained(task, _outside(task, ranges))))
         plain = within is None and not self._declined        # the original hand-out, unchanged
         return self._verifier.next_check(name, holder, busy=self._checks,
                                          wanted=None if plain else wanted)
@@ -1450,11 +1451,13 @@ def _cut(spans, first, last) -> list:
     return out
 
 
-def _outside(task, nets) -> list:
-    """The spans of block ``task`` (offsets, inclusive) that none of ``nets`` covers."""
+def _outside(task, ranges) -> list:
+    """The spans of block ``task`` (offsets, inclusive) that none of ``ranges`` (first and
+    last address, as ints) covers."""
     spans, base = [(0, RESULT_LEN - 1)], task << 16
-    for net in nets:
-        spans = _cut(spans, int(net.network_address) - base, int(net.broadcast_address) - base)
+    for first, last in ranges:
+        if first < base + RESULT_LEN and last >= base:
+            spans = _cut(spans, first - base, last - base)
     return spans
 
 
