@@ -1279,7 +1279,8 @@ class Store(Administration, Submissions, ResultReader, Loader, Census):
 
         ``within``: a list of IPv4Networks; only a block whose /16 overlaps one of them (those
         wholly inside first), and a check only of a block they cover, bar the operator's
-        exclusions (a check with holes is refused: ``_accept_check``). ``lease_required``: the lease is usable only with its token.
+        exclusions (a check with holes is refused: ``_accept_check``). ``lease_required``:
+        the lease is usable only with its token.
         Refused 429 (``retry_after`` set) when the holder has ``max_leases`` live leases."""
         self._writable()
         with self._lock:
