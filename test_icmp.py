@@ -376,16 +376,17 @@ def worst_second(sends, rate):
 def test_pacer_batches_hold_the_rate_over_the_sweep_and_every_second(late, stall):
     fake = FakeTime(late=late, stall=stall)
     pacer, sends = paced(10_000, 65536, fake)
-    assert (pacer.batch, pacer.bucket) == (50, 100)          # 5 ms worth a call, at most 10 ms
+    batch = round(10_000 * icmp.BATCH_SECONDS)               # BATCH_SECONDS worth a call
+    assert (pacer.batch, pacer.bucket) == (batch, 2 * batch)  # ... and at most twice that
     assert sum(n for _, n in sends) == 65536
     assert max(n for _, n in sends) <= pacer.bucket           # no burst beyond the bucket
-    assert len(sends) <= 65536 / 50 + 1 and len(fake.sleeps) <= len(sends) + 1
+    assert len(sends) <= 65536 / batch + 1 and len(fake.sleeps) <= len(sends) + 1
     duration = sends[-1][0] - sends[0][0]
     assert abs(65536 / duration / 10_000 - 1) < 0.03            # the rate over the sweep
     assert worst_second(sends, 10_000) < 0.10                  # ... and over any one second
     if not late:
-        assert {n for _, n in sends[:-1]} == {50}              # exact batches (the last: 65536 % 50)
-        assert all(abs(s - 0.005) < 1e-4 for s in fake.sleeps[:-1])  # one sleep between sends
+        assert {n for _, n in sends[:-1]} == {batch}           # exact batches (the last: the rest)
+        assert all(abs(s - icmp.BATCH_SECONDS) < 1e-4 for s in fake.sleeps[:-1])  # one sleep between sends
 
 
 def test_pacer_at_low_and_no_rate():
