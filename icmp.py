@@ -17,17 +17,19 @@ sends while the last one still listens for late replies:
     worker B                    |== send round ==|...... cooldown ......|
     receiver   select() ... credit each reply to the sweep whose secret it proves ...
 
-A sweep builds all its probes at the start, column by column over whole blocks of bytes
-(Signer.probes): no Python runs per probe. On a raw socket it files, with each probe it
-sends, the exact echo reply it expects (source + ICMP message) as a dict key: a reply costs
-one slice, one concatenation and one lookup. Whatever is not byte-for-byte that key (errors,
-strays, IP options, a checksum folded the other way) goes through parse() and
+A sweep builds all its probes, and on a raw socket the exact echo replies they expect, at
+the start, column by column over whole blocks of bytes (Signer.probes): no Python runs per
+probe. recvmmsg(2) leaves each received packet's IPv4 header in one buffer and the rest in
+another (_Batch), so an echo reply costs one index (its source) and one comparison with the
+reply its sweep expects, where the kernel put it. Whatever is not byte-for-byte that reply
+(errors, strays, IP options, a checksum folded the other way) goes through parse() and
 Signer.check().
 
 At a limited rate the sender wakes every BATCH_SECONDS and sends what its token bucket holds
-in one call, and the receiver sleeps in select() until packets come, so pacing costs a few
-hundred wake-ups a second, not thousands. `sweep()` is one sweep, start to end. Standard
-library only: a volunteer copies this file with ping_client.py.
+in one call; while replies flow the receiver takes them every RECV_TICK, with the kernel's
+timestamp of each (so RTTs stay exact), and when none do it sleeps in select(). So pacing
+costs a couple of hundred wake-ups a second, not thousands. `sweep()` is one sweep, start to
+end. Standard library only: a volunteer copies this file with ping_client.py.
 """
 import argparse
 import array
@@ -185,8 +187,9 @@ class SweepStats(NamedTuple):
 
 class SweepResult(NamedTuple):
     """Per target, same index as `addresses`: `status` (a Status), `code` (the ICMP code of
-    an unreachable / time exceeded), `rtt_us` (echo replies only; timed from the start of the
-    send call that carried the probe, so at full speed up to a chunk's send time, ~1-2 ms, high)."""
+    an unreachable / time exceeded), `rtt_us` (echo replies only; from the start of the send
+    call that carried the probe, so flat out up to a chunk's send time, ~1-2 ms, high, to the
+    kernel's timestamp of the reply, or where the socket gives none to when recv() took it)."""
     addresses: Sequence[int]
     status: bytearray
     code: bytearray
@@ -632,7 +635,8 @@ class Sweeper:
 
     The socket is opened on the first start() that has something to probe (or by open()),
     so a sweep of excluded space opens none. The receiver blocks in select() until packets
-    come (no tick while nothing does); close() wakes it."""
+    come, then, while they flow on a socket that timestamps them, takes them every RECV_TICK
+    (no tick while nothing comes); close() wakes it."""
 
     def __init__(self, sock=None, *, clock=time.monotonic, sleep=time.sleep):
         self.sock, self._own = sock, sock is None

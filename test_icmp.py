@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import socket
+import statistics
 import struct
 import sys
 import tempfile
@@ -611,6 +612,32 @@ def test_overlapping_sweeps_on_one_socket_each_get_their_own_replies(kind):
         assert s.cpu_seconds > 0
 
 
+class StampingSocket(FakeSocket):
+    """A raw socket whose packets carry kernel timestamps: its receiver, while replies flow,
+    should take them a tick at a time (settle), not wake for each."""
+    stamps = True
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def recv(self, timeout, settle=False):
+        if settle:
+            time.sleep(min(timeout, 0.002))
+        got = super().recv(timeout)
+        self.calls.append((timeout, settle, len(got)))
+        return got
+
+
+def test_while_replies_flow_a_stamping_receiver_takes_them_a_tick_at_a_time():
+    fake = StampingSocket()
+    result = icmp.sweep(range(LOOP, LOOP + 2048), rate=10_000, cooldown=0.2, allow=ALLOW, sock=fake)
+    assert result.stats.replies == 2048
+    after_replies = [(timeout, settle) for (_, _, got), (timeout, settle, _) in zip(fake.calls, fake.calls[1:])
+                     if 0 < got < icmp.RECV_BATCH]
+    assert after_replies and set(after_replies) == {(icmp.RECV_TICK, True)}
+
+
 class BusyReceiver(FakeSocket):
     """A receiver that lags: 10 ms per recv() call (a loaded machine, a shared lo), so the
     replies wait in the queue well past a short cooldown."""
@@ -683,6 +710,16 @@ def test_sweep_of_127_0_0_0_16_on_host_loopback_finds_all():
     assert result.stats.kind == "raw"
     assert result.stats.replies == 65536 and set(result.status) == {icmp.Status.ECHO_REPLY}
     assert min(result.rtt_us) > 0
+
+
+@pytest.mark.needs_root
+def test_rtts_are_the_kernels_timestamps_not_the_receive_tick():
+    """The receiver takes replies every RECV_TICK; timed by recv() the RTTs of a paced sweep
+    on lo would be about half a tick, timed by the kernel they are the send call's duration."""
+    result = icmp.sweep(ipaddress.IPv4Network("127.0.8.0/22"), rate=20_000, cooldown=1, allow=ALLOW)
+    rtts = [rtt for rtt, status in zip(result.rtt_us, result.status) if status == icmp.Status.ECHO_REPLY]
+    assert len(rtts) == 1024
+    assert statistics.median(rtts) < icmp.RECV_TICK * 1e6 / 10
 
 
 class NoSendmmsg:
