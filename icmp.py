@@ -17,15 +17,19 @@ sends while the last one still listens for late replies:
     worker B                    |== send round ==|...... cooldown ......|
     receiver   select() ... credit each reply to the sweep whose secret it proves ...
 
-On a raw socket a sweep files, with each probe it builds, the exact echo reply it expects
-(source + ICMP message) as a dict key: a reply costs one slice, one concatenation and one
-lookup. Whatever is not byte-for-byte that key (errors, strays, IP options, a checksum folded
-the other way) goes through parse() and Signer.check(), as before.
+A sweep builds all its probes, and on a raw socket the exact echo replies they expect, at
+the start, column by column over whole blocks of bytes (Signer.probes): no Python runs per
+probe. recvmmsg(2) leaves each received packet's IPv4 header in one buffer and the rest in
+another (_Batch), so an echo reply costs one index (its source) and one comparison with the
+reply its sweep expects, where the kernel put it. Whatever is not byte-for-byte that reply
+(errors, strays, IP options, a checksum folded the other way) goes through parse() and
+Signer.check().
 
 At a limited rate the sender wakes every BATCH_SECONDS and sends what its token bucket holds
-in one call, and the receiver sleeps in select() until packets come, so pacing costs a few
-hundred wake-ups a second, not thousands. `sweep()` is one sweep, start to end. Standard
-library only: a volunteer copies this file with ping_client.py.
+in one call; while replies flow the receiver takes them every RECV_TICK, with the kernel's
+timestamp of each (so RTTs stay exact), and when none do it sleeps in select(). So pacing
+costs a couple of hundred wake-ups a second, not thousands. `sweep()` is one sweep, start to
+end. Standard library only: a volunteer copies this file with ping_client.py.
 """
 import argparse
 import array
@@ -35,6 +39,7 @@ import hashlib
 import ipaddress
 import json
 import math
+import operator
 import os
 import secrets
 import select
@@ -74,27 +79,36 @@ CONTACT_MAX = 40         # bytes of the server's contact a probe may carry after
 SOL_RAW = 255            # linux/socket.h: the level of ICMP_FILTER
 ICMP_FILTER = 1          # linux/icmp.h: a bit mask of ICMP types the kernel must not deliver
 SO_RCVBUFFORCE = 33      # linux/socket.h: root may exceed net.core.rmem_max with it
+SO_TIMESTAMPNS = 35      # asm-generic/socket.h: each packet's arrival (CLOCK_REALTIME) as a cmsg
 IP_RECVERR = 11          # linux/in.h
 SO_EE_ORIGIN_ICMP = 2    # linux/errqueue.h: the error came from an ICMP message
 EXTENDED_ERR = struct.Struct("=IBBBBII")   # struct sock_extended_err, then the offender's sockaddr
 
 SEND_CHUNK = 256         # packets per send call when not rate limited
-OUTBOX_PACKETS = 4096    # probes built at a time (~12 ms of signing), each block one Outbox
+OUTBOX_PACKETS = 4096    # probes gathered at a time into one Outbox
 # ZMap's default, and long on purpose: most echo replies come within a second, but a GEO
 # satellite link adds ~0.6 s before any queue, a cellular modem that must wake its radio 1-3 s,
 # a bloated buffer seconds more; a shorter wait biases the census against exactly those
 # networks. A client overlaps it with its next task (Sweeper), so it costs no throughput, and
 # a cooldown ends early once every target has answered.
 DEFAULT_COOLDOWN = 8.0
-BATCH_SECONDS = 0.005    # a paced sender wakes this often and sends what the bucket holds in one call
+# A paced sender wakes this often and sends what its bucket holds in one call: 100 probes at
+# 10,000/s, to addresses spread over the whole block (a /24 sees one of them in 2.5 batches);
+# fewer wake-ups a second are most of what pacing costs.
+BATCH_SECONDS = 0.01
 BUCKET_BATCHES = 2       # the most one send call carries: two batches (a late wake-up)
 CATCH_UP = 1.08          # time a busy machine took from the sender is made up at most this much faster
 CATCH_UP_SECONDS = 0.5   # ... and no more than this much of it (a longer stall is not made up)
 PACER_NAP = 0.05         # the pacer's longest sleep, so a stop is seen soon even at a low rate
 LANE_RATE = 50_000       # below this a paced sweep sends on one lane: a core does it with ease
 RECV_IDLE = 1.0          # the receiver's longest wait in select(); packets or wake() end it sooner
+# While replies flow, a receiver whose socket timestamps them takes them every RECV_TICK, tens
+# at a time, rather than waking for the first of each few: the kernel's timestamp, not the
+# moment recv() ran, is when a reply arrived, so its RTT stays exact.
+RECV_TICK = 0.02
 RECV_BATCH = 256         # packets taken per recv(); fewer means the socket's queue was emptied
 RECV_SLOT = 2048         # bytes kept of a received packet: an echo reply or an error with its quote
+HEAD = IP_HEADER.size    # a received packet's first bytes, kept apart (see _Batch)
 DRAIN_MAX = 5.0          # how long a cooldown's end waits for the receiver to catch up with the queue
 # A send that fails with these found the socket's buffer full (ENOBUFS: the interface queue,
 # which BSD and macOS report on a datagram socket): wait and send again, skip nothing.
@@ -173,8 +187,9 @@ class SweepStats(NamedTuple):
 
 class SweepResult(NamedTuple):
     """Per target, same index as `addresses`: `status` (a Status), `code` (the ICMP code of
-    an unreachable / time exceeded), `rtt_us` (echo replies only; timed from the start of the
-    send call that carried the probe, so at full speed up to a chunk's send time, ~1-2 ms, high)."""
+    an unreachable / time exceeded), `rtt_us` (echo replies only; from the start of the send
+    call that carried the probe, so flat out up to a chunk's send time, ~1-2 ms, high, to the
+    kernel's timestamp of the reply, or where the socket gives none to when recv() took it)."""
     addresses: Sequence[int]
     status: bytearray
     code: bytearray
@@ -226,6 +241,12 @@ class Signer:
     sequence number and payload MAC, and a reply counts only if it carries exactly those for
     the address it claims to answer.
 
+    The keyed hash is SHAKE-128 of the secret and a /24's number, read as 256 digests of 12
+    bytes, one per address of the /24 in order (identifier, sequence number, MAC). A sweep of
+    a /16 thus hashes 256 times, not 65,536, and probes() builds every probe and the reply it
+    expects column by column, with a few dozen C-speed operations on whole blocks of bytes:
+    no Python runs per probe.
+
     A probe's payload is TAG, then the census's contact and a space or two when there is one (a
     network operator who sees the probe learns whom to ask; padded to an even length), then the
     destination and the MAC: at most 12 + 42 + 4 + 8 = 66 bytes.
@@ -248,38 +269,68 @@ class Signer:
         self.prefix += b" " * (len(self.prefix) % 2)   # even, so what follows sits on 16-bit words
         self.payload_size = len(self.prefix) + ADDRESS.size + DIGEST_SIZE - _IDENT_SEQ.size
         self.packet_size = ICMP_HEADER.size + self.payload_size
-        self._keyed = hashlib.blake2b(key=self.secret, digest_size=DIGEST_SIZE)
-        # the words every request shares, summed once (type/code, the prefix)
-        self._fixed_sum = (IcmpType.ECHO_REQUEST << 8) + int.from_bytes(self.prefix, "big")
+        self._keyed = hashlib.shake_128(self.secret)
+        self._streams = {}                 # a /24's number -> its 256 digests, once hashed
+        # the sum of the words every echo request shares (type/code, the prefix), as a
+        # one's-complement residue in 1..0xFFFF: small enough for a lane of probes()
+        self._fixed_sum = _residue((IcmpType.ECHO_REQUEST << 8) + int.from_bytes(self.prefix, "big"))
 
     def sign(self, addr: int) -> tuple[int, int, bytes]:
         """(identifier, sequence number, payload) of the probe to `addr`."""
-        dest, digest = self._digest(addr)
+        digest = self._digest(addr)
         ident, seq = _IDENT_SEQ.unpack_from(digest)
-        return ident, seq, self.prefix + dest + digest[_IDENT_SEQ.size:]
+        return ident, seq, self.prefix + ADDRESS.pack(addr) + digest[_IDENT_SEQ.size:]
 
     def request(self, addr: int) -> bytes:
         """echo_request(*self.sign(addr))."""
         return self.requests((addr,))[0]
 
-    def requests(self, addrs) -> list:
-        """[echo_request(*self.sign(addr)) for addr in addrs], built faster: it runs once per
-        target, so it is one loop with everything it calls held in locals and _complement()
-        inline. The checksum adds the per-target words (identifier, sequence, destination,
-        MAC) to the fixed sum, the same big-integer-modulo-0xFFFF sum as checksum()."""
-        keyed, pack, from_bytes = self._keyed.copy, ADDRESS.pack, int.from_bytes
-        fixed, prefix, head = self._fixed_sum, self.prefix, bytes([IcmpType.ECHO_REQUEST, 0])
-        split = _IDENT_SEQ.size   # the digest's identifier and sequence, then the MAC
-        built = []
-        for addr in addrs:
-            dest = pack(addr)
-            hashed = keyed()
-            hashed.update(dest)
-            digest = hashed.digest()
-            # the type word makes the sum non-zero: _complement()'s fold without its zero case
-            summed = ~((fixed + from_bytes(dest + digest, "big") - 1) % 0xFFFF + 1) & 0xFFFF
-            built.append(head + summed.to_bytes(2, "big") + digest[:split] + prefix + dest + digest[split:])
-        return built
+    def requests(self, addresses) -> list:
+        """[self.request(addr) for addr in addresses], built by probes()."""
+        return self.probes(addresses, replies=False)[0]
+
+    def probes(self, addresses, replies: bool = True) -> tuple[list, bytes]:
+        """(requests, replies) for `addresses`, in their order: requests[k] is
+        echo_request(*self.sign(addresses[k])), and the k-th `packet_size` bytes of replies
+        (when asked for) are the ICMP message of the echo reply that target sends when it
+        answers as RFC 792 says: the request with type 0 and the checksum of that (computed
+        from scratch, as Linux and the BSDs send it).
+
+        Built column by column: each checksum is the fold of a lane of one big integer that
+        sums the word columns of every probe at once, and each varying byte of a probe is one
+        strided slice assignment over all of them."""
+        count = len(addresses)
+        digests, dests = self.digests(addresses), _big_endian(addresses)
+        digest_bytes = [digests[at::DIGEST_SIZE] for at in range(DIGEST_SIZE)]
+        dest_bytes = [dests[at::ADDRESS.size] for at in range(ADDRESS.size)]
+        sums = _word_sums(digests, DIGEST_SIZE, count) + _word_sums(dests, ADDRESS.size, count)
+        tail = 8 + len(self.prefix)       # where the destination starts in a request
+
+        def rows(icmp_type: int, summed: int) -> bytes:
+            template = bytes([icmp_type, 0]) + bytes(6) + self.prefix + bytes(ADDRESS.size + DIGEST_SIZE - 4)
+            ck = _checksums(sums, summed, count)
+            columns = [(2, ck[0::2]), (3, ck[1::2])]
+            columns += [(4 + at, digest_bytes[at]) for at in range(_IDENT_SEQ.size)]
+            columns += [(tail + at, dest_bytes[at]) for at in range(ADDRESS.size)]
+            columns += [(tail + ADDRESS.size + at, digest_bytes[_IDENT_SEQ.size + at])
+                        for at in range(DIGEST_SIZE - _IDENT_SEQ.size)]
+            return _fill(template, count, columns)
+
+        requests = _split(rows(IcmpType.ECHO_REQUEST, self._fixed_sum), self.packet_size)
+        if not replies:
+            return requests, b""
+        # RFC 1624: a reply's sum is its request's less the type word
+        return requests, rows(IcmpType.ECHO_REPLY, _residue(self._fixed_sum - (IcmpType.ECHO_REQUEST << 8)))
+
+    def digests(self, addresses) -> bytes:
+        """The 12-byte digests of `addresses`, back to back: a range of addresses is a slice
+        of its /24s' streams."""
+        if isinstance(addresses, range) and addresses.step == 1 and addresses:
+            first = addresses[0]
+            streams = b"".join(map(self._stream, range(first >> 8, (addresses[-1] >> 8) + 1)))
+            skip = DIGEST_SIZE * (first & 0xFF)
+            return streams[skip:skip + DIGEST_SIZE * len(addresses)]
+        return b"".join(map(self._digest, addresses))
 
     def check(self, reply: Reply, check_ident: bool = True) -> tuple[Verdict, int]:
         """(verdict, probed address). Datagram sockets pass check_ident=False: there the
@@ -293,8 +344,8 @@ class Signer:
         payload, start = reply.payload, len(self.prefix)
         if len(payload) != self.payload_size or not payload.startswith(self.prefix):
             return Verdict.STRAY, reply.target
-        dest, digest = self._digest_of(payload[start:start + ADDRESS.size])
-        probed = int.from_bytes(dest, "big")
+        probed = int.from_bytes(payload[start:start + ADDRESS.size], "big")
+        digest = self._digest(probed)
         ident, seq = _IDENT_SEQ.unpack_from(digest)
         # what sign(probed) would give, compared in place: this runs once per reply
         if ((check_ident and reply.ident != ident) or reply.seq != seq
@@ -311,13 +362,18 @@ class Signer:
         tagged = len(quoted) > 0 and quoted[:len(TAG)] == TAG[:len(quoted)]
         return Verdict.BAD_PAYLOAD if tagged else Verdict.STRAY
 
-    def _digest(self, addr: int) -> tuple[bytes, bytes]:
-        return self._digest_of(ADDRESS.pack(addr))
+    def _digest(self, addr: int) -> bytes:
+        at = DIGEST_SIZE * (addr & 0xFF)
+        return self._stream(addr >> 8)[at:at + DIGEST_SIZE]
 
-    def _digest_of(self, dest: bytes) -> tuple[bytes, bytes]:
-        keyed = self._keyed.copy()
-        keyed.update(dest)
-        return dest, keyed.digest()
+    def _stream(self, block: int) -> bytes:
+        """The digests of the 256 addresses of /24 number `block` (its first address >> 8)."""
+        stream = self._streams.get(block)
+        if stream is None:            # two threads may hash the same /24 at once: same bytes
+            keyed = self._keyed.copy()
+            keyed.update(block.to_bytes(3, "big"))
+            stream = self._streams[block] = keyed.digest(256 * DIGEST_SIZE)
+        return stream
 
 
 def is_contact(value: bytes) -> bool:
@@ -341,24 +397,26 @@ def is_excluded(addr: int, allow=(), exclude=()) -> bool:
     return _span_holding(_excluded_spans(allow, exclude), int(addr)) is not None
 
 
-def permutation(count: int, rng=secrets.SystemRandom()):
-    """Yield 0..count-1 in a random order: a random generator of the multiplicative group
-    modulo a prime p > count, from a random start, as ZMap does. Neighbours in the output are
-    far apart, so no /24 gets a burst, and it needs no table of `count` entries."""
+def permutation(count: int, rng=secrets.SystemRandom()) -> list:
+    """0..count-1 in a random order: the walk x, xg, xg^2, ... modulo a prime p > count, with
+    g a random generator of the multiplicative group and x a random start, as ZMap does.
+    Neighbours in the output are far apart, so no /24 gets a burst. The walk is computed a
+    block at a time (the next block is the last one times g^len(block)), not a step at a time."""
     if count <= 1:
-        yield from range(count)
-        return
+        return list(range(count))
     prime = _next_prime(count + 1)
     factors = _prime_factors(prime - 1)
     while True:
         gen = rng.randrange(2, prime) if prime > 3 else 2
         if all(pow(gen, (prime - 1) // f, prime) != 1 for f in factors):
             break
-    x = rng.randrange(1, prime)
-    for _ in range(prime - 1):
-        if x <= count:
-            yield x - 1
-        x = x * gen % prime
+    start, step = rng.randrange(1, prime), min(256, prime - 1)
+    block = [start * pow(gen, k, prime) % prime for k in range(step)]
+    jump, walk = pow(gen, step, prime), []
+    while len(walk) < prime - 1:
+        walk += block
+        block = [x * jump % prime for x in block]
+    return [x - 1 for x in walk[:prime - 1] if x <= count]
 
 
 @dataclass(frozen=True)
@@ -393,6 +451,8 @@ class IcmpSocket:
         # one receiver thread calls recv(), so one set of receive buffers serves; a datagram
         # socket needs each packet's source, which recvfrom gives, so it keeps that path
         self._recv_mmsg = _RecvMmsg.load() if self.has_ip_header else None
+        # recvmmsg hands over each packet's kernel timestamp (see open()): recv() gives ages
+        self.stamps = self._recv_mmsg is not None and _timestamps_on(sock)
         self._vectors = []     # [(outbox, its sendmmsg vectors)], the newest first, built once per outbox
         self._lock = threading.Lock()
         # wake() makes a recv() waiting in select return at once: a receiver can block for
@@ -440,16 +500,18 @@ class IcmpSocket:
                 if attempt == tries:
                     raise
 
-    def recv(self, timeout: float) -> list:
-        """Wait up to `timeout` s (or until wake()) for packets, then take what is queued: a
-        list of (packet, source) pairs, source None when the packet starts with its IP header."""
-        ready = select.select([self.sock, self._wake_in], [], [], timeout)[0]
+    def recv(self, timeout: float, settle: bool = False) -> list:
+        """Wait up to `timeout` s (or until wake()) for packets, then take what is queued (up
+        to RECV_BATCH): a _Batch when packets start with their IP header, else a list of
+        (packet, source, age), age being how long the packet had waited in the kernel (0.0
+        if not `stamps`). With `settle` the wait is the whole `timeout` (or until wake())."""
+        ready = select.select([self._wake_in] if settle else [self.sock, self._wake_in], [], [], timeout)[0]
         if self._wake_in in ready:
             try:
                 self._wake_in.recv(4096)
             except OSError:
                 pass
-        if self.sock not in ready:
+        if not settle and self.sock not in ready:
             return []
         if self._recv_mmsg is not None:
             try:
@@ -457,20 +519,20 @@ class IcmpSocket:
             except OSError as exc:
                 if exc.errno != errno.ENOSYS:   # as below: an error ends this batch, not the receiver
                     return []
-                self._recv_mmsg = None          # a kernel or sandbox without recvmmsg
+                self._recv_mmsg, self.stamps = None, False   # a kernel or sandbox without recvmmsg
         got = []
         for _ in range(RECV_BATCH):
             try:
                 if self.has_ip_header:
-                    got.append((self.sock.recv(RECV_SLOT), None))
+                    got.append(self.sock.recv(RECV_SLOT))
                 else:
                     packet, (host, _) = self.sock.recvfrom(RECV_SLOT)
-                    got.append((packet, int.from_bytes(socket.inet_aton(host), "big")))
+                    got.append((packet, int.from_bytes(socket.inet_aton(host), "big"), 0.0))
             except OSError:   # none left, or an ICMP error pending: that is on the error queue
                 break
-        if not self.has_ip_header:
-            got.extend(self._queued_errors())
-        return got
+        if self.has_ip_header:
+            return _Batch.of(got)
+        return got + self._queued_errors()
 
     def wake(self) -> None:
         """Make a recv() that is waiting (or the next one) return at once."""
@@ -526,7 +588,7 @@ class IcmpSocket:
                 _, origin, icmp_type, code, _, _, _ = EXTENDED_ERR.unpack_from(data)
                 if origin == SO_EE_ORIGIN_ICMP:
                     offender = int.from_bytes(data[EXTENDED_ERR.size + 4:EXTENDED_ERR.size + 8], "big")
-                    got.append((_error_message(icmp_type, code, probed[0], quoted), offender))
+                    got.append((_error_message(icmp_type, code, probed[0], quoted), offender, 0.0))
         return got
 
     def _vectors_for(self, outbox: Outbox):
@@ -573,7 +635,8 @@ class Sweeper:
 
     The socket is opened on the first start() that has something to probe (or by open()),
     so a sweep of excluded space opens none. The receiver blocks in select() until packets
-    come (no tick while nothing does); close() wakes it."""
+    come, then, while they flow on a socket that timestamps them, takes them every RECV_TICK
+    (no tick while nothing comes); close() wakes it."""
 
     def __init__(self, sock=None, *, clock=time.monotonic, sleep=time.sleep):
         self.sock, self._own = sock, sock is None
@@ -650,9 +713,15 @@ class Sweeper:
 
     def _receive(self) -> None:
         try:
+            got = []
             while not self._closing:
                 begun = time.thread_time()
-                got = self.sock.recv(RECV_IDLE)
+                if len(got) == RECV_BATCH:               # more is queued: take it now
+                    got = self.sock.recv(0.0)
+                elif got and self.sock.stamps:           # replies flow: take them a tick at a time
+                    got = self.sock.recv(RECV_TICK, settle=True)
+                else:                                    # quiet: sleep until something comes
+                    got = self.sock.recv(RECV_IDLE)
                 if got:
                     self._dispatch(got, begun)
                 if len(got) < RECV_BATCH:
@@ -671,32 +740,60 @@ class Sweeper:
             active = self._active[::-1]   # the newest first: most replies answer the sweep sending now
             if not active:
                 return
-            credited = dict.fromkeys(active, 0)
-            for packet, source in got:
-                job = self._claim_echo(active, packet, now) if source is None else None
-                if job is None:
-                    job = self._take(active, packet, source, now)
-                credited[job] += 1
+            credited = self._credit_batch(active, got, now)
         share = (time.thread_time() - begun) / len(got)   # this batch's CPU, shared by packet
         for job, count in credited.items():
             job.receive_cpu += share * count
 
+    @classmethod
+    def _credit_batch(cls, active: list, got, now: float) -> dict:
+        """Credit each packet of `got` (IcmpSocket.recv) to its sweep; how many each got. The
+        echo replies _claim_echoes() proves are credited first, a batch at a time, then the
+        rest in order by the full path (_take): an echo outranks an error, whichever came first."""
+        credited, claimed = dict.fromkeys(active, 0), {job: [] for job in active}
+        if isinstance(got, _Batch):
+            rest = [(got.packet(i), None, got.ages[i]) for i in cls._claim_echoes(active, got, now, claimed)]
+        else:
+            rest = got
+        cls._credit_claimed(claimed, credited)
+        for packet, source, age in rest:
+            credited[cls._take(active, packet, source, now - age)] += 1
+        return credited
+
     @staticmethod
-    def _claim_echo(active: list, packet: bytes, now: float) -> Optional["Sweep"]:
-        """The fast path, for a raw socket: the echo reply exactly as RFC 792 answers one of
-        our probes (IPv4 header without options) is a key a sweep made when it built the
-        probe, so one slice, one concatenation and one dict lookup prove it (source,
-        checksum, identifier, sequence number, payload and MAC, byte for byte). Anything
-        else, a checksum computed the other way round included, takes the full path."""
-        if packet[0] != 0x45:
-            return None
-        key = packet[12:16] + packet[20:]
-        for job in active:
-            k = job.expected.pop(key, None)
-            if k is not None:
-                job._credit_echo(k, now)
-                return job
-        return None
+    def _claim_echoes(active: list, got: "_Batch", now: float, claimed: dict) -> list:
+        """The fast path, for a raw socket: an echo reply exactly as RFC 792 answers one of our
+        probes (IPv4 header without options) is, after the header, byte for byte the reply its
+        sweep built for the target its source names. So one index and one comparison, made
+        where the kernel put the packet, prove it (source, checksum, identifier, sequence
+        number, payload and MAC); a checksum computed the other way round does not pass.
+        Files (target, arrival) in claimed[sweep]; returns the indices of the other packets.
+        This runs once per reply, so it holds what it uses in locals."""
+        body, stride, sizes, versions, ages = got.body, got.stride, got.sizes, got.versions, got.ages
+        sweeps = [(job.first, job.keyed, job.size, HEAD + job.size, job.replies, claimed[job].append)
+                  for job in active]
+        rest = []
+        for i, source in enumerate(got.sources):
+            if versions[i] == 0x45:
+                for first, keyed, size, whole, replies, claim in sweeps:
+                    k = source - first
+                    at = stride * i
+                    if 0 <= k < keyed and sizes[i] == whole and body[at:at + size] == replies[k * size:k * size + size]:
+                        claim((k, now - ages[i]))
+                        break
+                else:
+                    rest.append(i)
+            else:
+                rest.append(i)
+        return rest
+
+    @staticmethod
+    def _credit_claimed(claimed: dict, credited: dict) -> None:
+        for job, echoes in claimed.items():
+            if echoes:
+                job._credit_echoes(echoes)
+                credited[job] += len(echoes)
+                echoes.clear()
 
     @staticmethod
     def _take(active: list, packet: bytes, source: Optional[int], now: float) -> "Sweep":
@@ -756,9 +853,11 @@ class Sweep:
         self.sent_at = array.array("d", bytes(8 * count))
         self.index = _indexer(addresses)
         self.signer, self.check_ident = None, True      # the Sweeper picks a free identifier
-        # raw sockets: the echo reply each probe in flight expects -> its target's index (see
-        # Sweeper._claim_echo); the receiver takes a key out as it credits the reply
-        self.expected, self.keyed = {}, False
+        # target k's probe, and the ICMP message of the echo reply it expects at
+        # replies[k * size:(k + 1) * size], built by _run; for a range of addresses on a raw
+        # socket, target k is address first + k for k < keyed (see Sweeper._credit_batch)
+        self.requests, self.replies, self.size = (), b"", 0
+        self.first, self.keyed = addresses[0] if isinstance(addresses, range) and addresses else 0, 0
         self.excluded = self.rounds = self.sent = self.send_errors = 0
         self.stray = self.wrong_source = self.bad_payload = self.duplicates = 0
         self.send_seconds = self.send_cpu = self.receive_cpu = 0.0
@@ -803,10 +902,16 @@ class Sweep:
         begun = time.thread_time()
         try:
             # a datagram socket's kernel owns the identifier (and so the reply's bytes)
-            self.check_ident = self.keyed = sock.kind == "raw"
-            order = list(permutation(len(self.addresses)))
+            raw = self.check_ident = sock.kind == "raw"
+            keyed = raw and isinstance(self.addresses, range)
+            # every probe and the reply it expects, built at once; each round sends some
+            self.size = self.signer.packet_size
+            self.requests, self.replies = self.signer.probes(self.addresses, replies=keyed)
+            self.keyed = len(self.addresses) if keyed else 0   # now the receiver may look them up
+            order = permutation(len(self.addresses))
             for round_number in range(1, self.probes + 1):
-                todo = [k for k in order if self.status[k] == Status.NO_ANSWER]
+                status, silent = self.status, Status.NO_ANSWER
+                todo = [k for k in order if status[k] == silent]
                 if not todo or self.clock() >= self.deadline or self.stopping:
                     break
                 self.rounds += 1
@@ -838,7 +943,7 @@ class Sweep:
             send_errors=self.send_errors, send_seconds=self.send_seconds,
             cpu_seconds=self.send_cpu + self.receive_cpu)
         self._result = SweepResult(self.addresses, self.status, self.code, self.rtt_us, stats)
-        self.expected = {}               # no reply reaches it any more
+        self.requests, self.replies, self.keyed = (), b"", 0   # no reply reaches it any more
         self._sent.set()
         self._finished.set()
 
@@ -868,18 +973,14 @@ class Sweep:
 
     def _send_lane(self, sock, todo: list, lane: int, rate: float) -> None:
         """Send to `todo`, `rate` a second, one send call per batch; lane 0 (the worker's
-        thread) reports progress. The probes are built OUTBOX_PACKETS at a time, so the first
-        goes out at once and the signing is spread over the sweep (the pacer makes the time up)."""
+        thread) reports progress. The probes are gathered OUTBOX_PACKETS at a time."""
         begun = time.thread_time()
         pacer = _Pacer(rate, self.clock, self.sleep)
-        chunk = pacer.bucket or SEND_CHUNK
+        chunk, sent_at = pacer.bucket or SEND_CHUNK, self.sent_at
         for first in range(0, len(todo), OUTBOX_PACKETS):
             part = todo[first:first + OUTBOX_PACKETS]
-            addrs = array.array("I", [self.addresses[k] for k in part])
-            requests = self.signer.requests(addrs)
-            if self.keyed:               # before the send: the reply may come back inside it
-                self.expected.update(zip(_echo_reply_keys(addrs, requests), part))
-            outbox = Outbox(b"".join(requests), addrs, self.signer.packet_size)
+            addrs = array.array("I", _gather(self.addresses, part))
+            outbox = Outbox(b"".join(_gather(self.requests, part)), addrs, self.signer.packet_size)
             pos = 0
             while pos < len(part) and self.clock() < self.deadline and not self.stopping:
                 want = pacer.take(min(chunk, len(part) - pos))
@@ -887,7 +988,7 @@ class Sweep:
                     continue
                 now = self.clock()
                 for k in part[pos:pos + want]:
-                    self.sent_at[k] = now    # before the send: the receiver may see the reply first
+                    sent_at[k] = now         # before the send: the receiver may see the reply first
                 pos += self._send_chunk(sock, outbox, pos, want, pacer, lane)
                 if not lane:
                     self._report()
@@ -950,19 +1051,33 @@ class Sweep:
             self._answered()
 
     def _credit_echo(self, k: int, now: float) -> None:
-        """Target k's echo reply (an echo outranks an error that came first)."""
-        old = self.status[k]
-        if old == Status.ECHO_REPLY:
-            self.duplicates += 1
-            return
-        self.status[k] = Status.ECHO_REPLY
-        # a late answer to an earlier round can beat the re-probe's send time: never < 0
-        self.rtt_us[k] = min(max(int((now - self.sent_at[k]) * 1e6), 0), 0xFFFFFFFF)
-        if old == Status.NO_ANSWER:
-            self._answered()
+        self._credit_echoes([(k, now)])
 
-    def _answered(self) -> None:
-        self.round_answered += 1
+    def _credit_echoes(self, echoes: list) -> None:
+        """Echo replies, (target k, arrival time) each: an echo outranks an error that came
+        first, a second echo is a duplicate. This runs once per reply, so it holds what it
+        uses in locals."""
+        status, rtt_us, sent_at = self.status, self.rtt_us, self.sent_at
+        echo, answered = int(Status.ECHO_REPLY), len(echoes)    # NO_ANSWER is 0
+        for k, arrived in echoes:
+            old = status[k]
+            if old:
+                answered -= 1
+                if old == echo:
+                    self.duplicates += 1
+                    continue
+                if old == Status.EXCLUDED:      # never probed, so no reply of ours
+                    self.stray += 1
+                    continue
+            status[k] = echo
+            rtt = int((arrived - sent_at[k]) * 1e6)
+            # a late answer to an earlier round can beat the re-probe's send time: never < 0
+            rtt_us[k] = rtt if 0 <= rtt <= 0xFFFFFFFF else min(max(rtt, 0), 0xFFFFFFFF)
+        if answered:
+            self._answered(answered)
+
+    def _answered(self, count: int = 1) -> None:
+        self.round_answered += count
         if not self.sending and self.round_answered >= self.round_sent:
             self.quiet.set()
 
@@ -1004,19 +1119,6 @@ def _ip_header(packet: bytes):
     return start, int.from_bytes(packet[12:16], "big"), int.from_bytes(packet[16:20], "big")
 
 
-def _echo_reply_keys(addrs, requests) -> list:
-    """For each probe, what a raw socket gets when its target answers it as RFC 792 says,
-    less the IPv4 header's fields other than the source: the source, then the request with
-    type 0 and the checksum of that. RFC 1624: the reply's sum is the request's less the type
-    word 0x0800, and the request's is ~checksum; folded as checksum() does (_complement)."""
-    pack, from_bytes, keys = ADDRESS.pack, int.from_bytes, []
-    for addr, request in zip(addrs, requests):
-        summed = 0xFFFF - from_bytes(request[2:4], "big") + 0xFFFF - (IcmpType.ECHO_REQUEST << 8)
-        # to_bytes(4): type 0 and code 0, then the checksum
-        keys.append(pack(addr) + (~((summed - 1) % 0xFFFF + 1) & 0xFFFF).to_bytes(4, "big") + request[4:])
-    return keys
-
-
 def _sums_to_ones(message: bytes) -> bool:
     """checksum(message) == 0, tested the cheap way: a message whose checksum is right sums
     to 0xFFFF in one's complement (RFC 1071), i.e. its big-endian value is a non-zero
@@ -1055,8 +1157,66 @@ def _complement(total: int) -> int:
     """The RFC 1071 checksum of data whose big-endian value is `total` (any sum of its
     16-bit words will do): the one's-complement sum folded to 16 bits, inverted. A non-zero
     sum folds to 1..0xFFFF (one's complement has no +0 for it), an empty one to 0."""
-    folded = (total - 1) % 0xFFFF + 1 if total else 0
-    return ~folded & 0xFFFF
+    return ~_residue(total) & 0xFFFF if total else 0xFFFF
+
+
+def _residue(total: int) -> int:
+    """A positive one's-complement sum folded to 16 bits: 1..0xFFFF, the same value mod 0xFFFF."""
+    return (total - 1) % 0xFFFF + 1
+
+
+def _big_endian(addresses) -> bytes:
+    """The addresses as 4-byte big-endian values, back to back."""
+    words = array.array("I", addresses)
+    if words.itemsize != ADDRESS.size:
+        return b"".join(map(ADDRESS.pack, addresses))
+    if sys.byteorder == "little":
+        words.byteswap()
+    return words.tobytes()
+
+
+def _word_sums(rows: bytes, width: int, count: int) -> int:
+    """The sum of the 16-bit big-endian words of each of the `count` rows of `width` bytes
+    in `rows`, as one big integer of 32-bit lanes (row 0 in the top lane): one strided copy
+    per byte column and one big-integer addition per word column, all of it in C."""
+    lanes, total = bytearray(4 * count), 0
+    for at in range(0, width, 2):
+        lanes[2::4] = rows[at::width]
+        lanes[3::4] = rows[at + 1::width]
+        total += int.from_bytes(lanes, "big")
+    return total
+
+
+def _checksums(sums: int, fixed: int, count: int) -> bytes:
+    """The RFC 1071 checksum of each lane of `sums` (_word_sums) plus `fixed` (1..0xFFFF), as
+    `count` 2-byte big-endian values back to back. A lane holds less than 2**20, so two
+    end-around-carry folds bring it to 1..0xFFFF (never 0: `fixed` is not), as _complement does."""
+    ones = int.from_bytes(b"\0\0\xff\xff" * count, "big")     # 0xFFFF in every lane
+    total = sums + fixed * (ones // 0xFFFF)                     # fixed added to every lane
+    for _ in range(2):
+        total = (total & ones) + ((total >> 16) & ones)
+    lanes = (ones - total).to_bytes(4 * count, "big")          # ~folded, lane by lane
+    return bytes(_fill(b"\0\0", count, [(0, lanes[2::4]), (1, lanes[3::4])]))
+
+
+def _fill(template: bytes, count: int, columns) -> bytes:
+    """`count` copies of `template`, where for each (offset, column) byte `offset` of copy k
+    is column[k]."""
+    rows, width = bytearray(template * count), len(template)
+    for offset, column in columns:
+        rows[offset::width] = column
+    return bytes(rows)
+
+
+def _split(rows: bytes, width: int) -> list:
+    return [rows[at:at + width] for at in range(0, len(rows), width)]
+
+
+def _gather(items, indices) -> tuple:
+    """(items[k] for k in indices), gathered in C."""
+    if len(indices) < 2:
+        return tuple(items[k] for k in indices)
+    return operator.itemgetter(*indices)(items)
 
 
 def _network(value, strict: bool = False) -> ipaddress.IPv4Network:
@@ -1169,6 +1329,15 @@ def _set_rcvbuf(sock: socket.socket, size: int) -> None:
             continue
 
 
+def _timestamps_on(sock: socket.socket) -> bool:
+    """Ask the kernel to timestamp every packet it queues on `sock` (Linux)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        return True
+    except OSError:
+        return False
+
+
 def _raw_socket(wanted: int) -> socket.socket:
     """A raw ICMP socket that is delivered only the ICMP types in the bit mask `wanted`.
     Linux hands a raw socket every ICMP packet, including (on lo) each echo request we send,
@@ -1246,44 +1415,110 @@ class _Mmsg:
 
 class _RecvMmsg:
     """recvmmsg(2) through ctypes: one system call takes up to RECV_BATCH packets from a raw
-    socket (on loopback a select() wake-up finds dozens queued). Each packet gets a
-    RECV_SLOT-byte slot of one buffer, laid out once; recv() copies out what the kernel
-    filled. Same platforms as _Mmsg; elsewhere load() gives None and IcmpSocket uses recv."""
+    socket (a receive tick finds dozens queued). Each packet gets a RECV_SLOT-byte slot of one
+    buffer, and a control slot for its SO_TIMESTAMPNS message, laid out once; recv() copies
+    out what the kernel filled. Each packet is scattered over two iovecs, its first 20 bytes
+    (the IPv4 header, without options) into one buffer of headers and the rest into a slot of
+    another, where an echo reply's ICMP message starts at the slot's start (see _Batch).
+    Same platforms as _Mmsg; elsewhere load() gives None and IcmpSocket uses recv."""
     WORDS = _Mmsg.WORDS
+    STAMP_WORDS = 4    # a control slot: struct cmsghdr (length, level, type) then a timespec
 
     def __init__(self, libc, ctypes):
         self.recvmmsg = libc.recvmmsg
         self.recvmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
         self.recvmmsg.restype = ctypes.c_int
         self.get_errno = ctypes.get_errno
-        self.data = bytearray(RECV_SLOT * RECV_BATCH)
-        self.view = memoryview(self.data)
-        base = ctypes.addressof((ctypes.c_char * len(self.data)).from_buffer(self.data))
-        self.iov = array.array("Q", bytes(16 * RECV_BATCH))   # struct iovec: base, length
-        self.iov[0::2] = _pointers(base, RECV_SLOT, RECV_BATCH)
-        self.iov[1::2] = array.array("Q", [RECV_SLOT]) * RECV_BATCH
-        self.msgs = array.array("Q", bytes(8 * self.WORDS * RECV_BATCH))   # no name, no control
-        self.msgs[2::self.WORDS] = _pointers(self.iov.buffer_info()[0], 16, RECV_BATCH)
-        self.msgs[3::self.WORDS] = array.array("Q", [1]) * RECV_BATCH
-        self.slots = range(0, RECV_SLOT * RECV_BATCH, RECV_SLOT)
+        self.heads, self.body = bytearray(HEAD * RECV_BATCH), bytearray(RECV_SLOT * RECV_BATCH)
+
+        def address(buffer: bytearray) -> int:
+            return ctypes.addressof((ctypes.c_char * len(buffer)).from_buffer(buffer))
+
+        self.iov = array.array("Q", bytes(32 * RECV_BATCH))   # two struct iovec: base, length
+        self.iov[0::4] = _pointers(address(self.heads), HEAD, RECV_BATCH)
+        self.iov[1::4] = array.array("Q", [HEAD]) * RECV_BATCH
+        self.iov[2::4] = _pointers(address(self.body), RECV_SLOT, RECV_BATCH)
+        self.iov[3::4] = array.array("Q", [RECV_SLOT - HEAD]) * RECV_BATCH
+        self.stamps = array.array("q", bytes(8 * self.STAMP_WORDS * RECV_BATCH))
+        self.msgs = array.array("Q", bytes(8 * self.WORDS * RECV_BATCH))   # no name
+        self.msgs[2::self.WORDS] = _pointers(self.iov.buffer_info()[0], 32, RECV_BATCH)
+        self.msgs[3::self.WORDS] = array.array("Q", [2]) * RECV_BATCH
+        self.msgs[4::self.WORDS] = _pointers(self.stamps.buffer_info()[0], 8 * self.STAMP_WORDS, RECV_BATCH)
+        # the kernel writes back how much control it filled in: set them again before each call
+        self.control_sizes = array.array("Q", [8 * self.STAMP_WORDS]) * RECV_BATCH
+        self.no_stamps = array.array("q", bytes(8 * RECV_BATCH))
 
     @classmethod
     def load(cls):
         return _load_libc(cls, "recvmmsg")
 
-    def recv(self, fd: int) -> list:
-        """What is queued, up to RECV_BATCH packets, as (packet, None) pairs; [] when none."""
+    def recv(self, fd: int) -> "_Batch":
+        """What is queued, up to RECV_BATCH packets (none: an empty batch), each with the
+        seconds since the kernel timestamped it (0.0 for a packet without a timestamp). The
+        batch lives in this object's buffers: it is valid until the next call."""
+        self.msgs[5::self.WORDS] = self.control_sizes
+        self.stamps[2::self.STAMP_WORDS] = self.no_stamps    # tv_sec 0: no timestamp came
         taken = self.recvmmsg(fd, self.msgs.buffer_info()[0], RECV_BATCH, socket.MSG_DONTWAIT, None)
         if taken < 0:
             err = self.get_errno()
             if err in _BUSY:
-                return []
-            raise OSError(err, os.strerror(err))
+                taken = 0
+            else:
+                raise OSError(err, os.strerror(err))
         # msg_len, the last word of each mmsghdr, is a 32-bit count: the kernel leaves the
         # word's upper half as we zeroed it
-        view = self.view
-        return [(view[at:at + size].tobytes(), None)
-                for at, size in zip(self.slots, self.msgs[self.WORDS - 1:self.WORDS * taken:self.WORDS])]
+        wall, words = time.time(), self.STAMP_WORDS
+        sizes = self.msgs[self.WORDS - 1:self.WORDS * taken:self.WORDS].tolist()
+        ages = [wall - sec - nsec * 1e-9 if sec else 0.0
+                for sec, nsec in zip(self.stamps[2:words * taken:words], self.stamps[3:words * taken:words])]
+        return _Batch(self.heads, self.body, RECV_SLOT, sizes, ages)
+
+
+class _Batch:
+    """Packets a raw socket took at once, laid out as recvmmsg(2) leaves them (_RecvMmsg):
+    packet i's first HEAD bytes (its IPv4 header when it has no options) at heads[HEAD * i:],
+    the rest at body[stride * i:], sizes[i] bytes in all, ages[i] how long the kernel held it.
+    `sources` and `versions` are every packet's source address and version/IHL byte, read
+    for all at once. Iterating gives (packet, None, age), as IcmpSocket.recv does for a
+    datagram socket."""
+
+    def __init__(self, heads, body, stride: int, sizes: list, ages: list):
+        self.heads, self.body, self.stride, self.sizes, self.ages = heads, body, stride, sizes, ages
+        count = len(sizes)
+        words = bytearray(ADDRESS.size * count)
+        for at in range(ADDRESS.size):       # bytes 12..15 of each header, as big-endian words
+            words[at::ADDRESS.size] = heads[12 + at:HEAD * count:HEAD]
+        self.sources = _words(words)
+        self.versions = heads[0:HEAD * count:HEAD]
+
+    @classmethod
+    def of(cls, packets: list, ages=None) -> "_Batch":
+        """A batch of whole `packets` (each starting with its IPv4 header), copied into place."""
+        stride = max((len(p) - HEAD for p in packets), default=0)
+        heads = b"".join(p[:HEAD].ljust(HEAD, b"\0") for p in packets)
+        body = b"".join(p[HEAD:].ljust(stride, b"\0") for p in packets)
+        return cls(heads, body, stride, [len(p) for p in packets], ages or [0.0] * len(packets))
+
+    def packet(self, i: int) -> bytes:
+        size, at = self.sizes[i], self.stride * i
+        return bytes(self.heads[HEAD * i:HEAD * i + min(size, HEAD)] + self.body[at:at + max(size - HEAD, 0)])
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __iter__(self):
+        return ((self.packet(i), None, age) for i, age in enumerate(self.ages))
+
+
+def _words(data: bytes) -> list:
+    """4-byte big-endian values, back to back, as a list of ints."""
+    words = array.array("I")
+    if words.itemsize != ADDRESS.size:
+        return [value for value, in ADDRESS.iter_unpack(data)]
+    words.frombytes(data)
+    if sys.byteorder == "little":
+        words.byteswap()
+    return words.tolist()
 
 
 def _load_libc(cls, function: str):

@@ -130,7 +130,7 @@ def no_packets(monkeypatch):
 
 class RecordingSocket:
     """A fake IcmpSocket for the real icmp.sweep: keeps every packet, sends none, hears none."""
-    kind, lanes = "raw", 1
+    kind, lanes, stamps = "raw", 1, False
 
     def __init__(self):
         self.sent = []                       # (destination, packet)

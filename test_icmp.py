@@ -5,6 +5,7 @@ import array
 import bisect
 import collections
 import errno
+import hashlib
 import ipaddress
 import itertools
 import json
@@ -12,6 +13,7 @@ import os
 import random
 import shutil
 import socket
+import statistics
 import struct
 import sys
 import tempfile
@@ -95,9 +97,10 @@ def test_probe_layout_golden_bytes():
     assert probe[:2] == b"\x08\x00" and probe[4:8] == struct.pack("!HH", ident, seq)
     assert probe[8:20] == icmp.TAG == b"ipv4-census "
     assert probe[20:24] == bytes([127, 0, 0, 7])
-    # identifier, sequence number and MAC: blake2b(127.0.0.7, key=SECRET, 12 bytes)
-    assert probe[4:8] + probe[24:] == bytes.fromhex("608d3816b1903d62056b824a")
-    assert probe.hex() == "080010a0608d3816697076342d63656e737573207f000007b1903d62056b824a"
+    # identifier, sequence number and MAC: the 8th digest of SHAKE-128(SECRET, the /24 127.0.0)
+    digest = hashlib.shake_128(SECRET + bytes([127, 0, 0])).digest(256 * 12)[7 * 12:8 * 12]
+    assert probe[4:8] + probe[24:] == digest == bytes.fromhex("7098229571d5506fb2ccb99b")
+    assert probe.hex() == "08005e1170982295697076342d63656e737573207f00000771d5506fb2ccb99b"
     assert icmp.checksum(probe) == 0
 
 
@@ -106,15 +109,16 @@ def test_a_block_of_requests_is_each_request_built_alone():
     targets = range(LOOP, LOOP + 4096)
     built = signer.requests(array.array("I", targets))
     assert built == [icmp.echo_request(*signer.sign(target)) for target in targets]
+    assert built == signer.requests(targets) and signer.request(LOOP + 9) == built[9]
     assert all(icmp.checksum(probe) == 0 for probe in built)
 
 
 def test_probe_with_a_contact_golden_bytes_and_bounded():
     signer = icmp.Signer(SECRET, contact=b"census@example.org")
     probe = signer.request(addr("127.0.0.7"))
-    assert probe.hex() == ("080075c0608d3816" "697076342d63656e73757320"                # TAG
+    assert probe.hex() == ("0800c33170982295" "697076342d63656e73757320"                # TAG
                            "63656e737573406578616d706c652e6f7267" "2020"              # contact, padded even
-                           "7f000007" "b1903d62056b824a")                             # destination, MAC
+                           "7f000007" "71d5506fb2ccb99b")                             # destination, MAC
     assert probe == icmp.echo_request(*signer.sign(addr("127.0.0.7")))
     assert icmp.checksum(probe) == 0 and probe[8:].startswith(icmp.TAG + b"census@example.org ")
     reply = icmp.parse(ip_packet(addr("127.0.0.7"), LOOP + 1, echo_reply(probe)))
@@ -228,19 +232,28 @@ def _parse_both_ways(packet: bytes, signer: icmp.Signer) -> int:
 
 # --- validation --------------------------------------------------------------------------------
 
-def test_echo_reply_key_is_the_reply_a_raw_socket_gets_for_every_checksum():
-    """The fast path's key (source + the reply's ICMP message) against a reply built from
-    scratch: every identifier once, so every checksum value, both ends of the fold included."""
-    def key_of(packet):
-        return packet[12:16] + packet[20:]
+def test_checksum_lanes_fold_as_checksum_does_for_every_sum():
+    """probes() folds a lane per probe: every one's-complement residue (so every checksum
+    value, both ends of the fold included) and the largest lanes give _complement()'s value."""
+    sums = list(range(0x10000)) + [0x10000, 0x1FFFE, 9 * 0xFFFF, (1 << 20) - 1 - 0xFFFF]
+    lanes = int.from_bytes(b"".join(value.to_bytes(4, "big") for value in sums), "big")
+    for fixed in (1, 0x0800, 0xFFFF):
+        got = icmp._checksums(lanes, fixed, len(sums))
+        assert list(struct.unpack(f"!{len(sums)}H", got)) == [icmp._complement(value + fixed) for value in sums]
 
-    for ident in range(0x10000):
-        request = icmp.echo_request(ident, 0x0102, b"ipv4-census \x7f\x00\x01\x07")
-        assert icmp._echo_reply_keys([LOOP + 7], [request])[0] == key_of(ip_packet(LOOP + 7, LOOP + 1, echo_reply(request)))
+
+def test_expected_echo_replies_are_what_a_raw_socket_gets():
+    """The replies the fast path compares against, against replies built from scratch, for
+    a range across 17 /24s and for a list in no order."""
     signer = icmp.Signer(SECRET, contact=b"abuse@example.org")
-    for target in range(LOOP, LOOP + 256):
-        request = signer.request(target)
-        assert icmp._echo_reply_keys([target], [request])[0] == key_of(ip_packet(target, LOOP + 1, echo_reply(request)))
+    size = signer.packet_size
+    for targets in (range(LOOP + 200, LOOP + 200 + 4096), [LOOP + 0x0309, LOOP + 7, LOOP + 0xFFFF]):
+        requests, replies = signer.probes(targets)
+        assert len(requests) == len(targets) and len(replies) == size * len(targets)
+        for k, (target, request) in enumerate(zip(targets, requests)):
+            assert request == icmp.echo_request(*signer.sign(target))
+            assert replies[k * size:(k + 1) * size] == ip_packet(target, LOOP + 1, echo_reply(request))[20:]
+    assert signer.probes(range(LOOP, LOOP)) == ([], b"")
 
 
 def test_plain_echo_replies_take_the_fast_path_and_the_rest_the_full_one(monkeypatch):
@@ -260,7 +273,7 @@ def test_plain_echo_replies_take_the_fast_path_and_the_rest_the_full_one(monkeyp
 
     result = icmp.sweep(range(LOOP, LOOP + 256), cooldown=0.5, allow=ALLOW, sock=FakeSocket(respond))
     assert set(result.status) == {icmp.Status.ECHO_REPLY} and result.stats.duplicates == 1
-    assert checked[1] == 2      # the reply with options, and the duplicate (its key was taken)
+    assert checked[1] == 1      # the reply with options; the duplicate is told on the fast path
 
 
 def test_only_a_reply_proving_our_probe_to_that_address_counts():
@@ -364,16 +377,17 @@ def worst_second(sends, rate):
 def test_pacer_batches_hold_the_rate_over_the_sweep_and_every_second(late, stall):
     fake = FakeTime(late=late, stall=stall)
     pacer, sends = paced(10_000, 65536, fake)
-    assert (pacer.batch, pacer.bucket) == (50, 100)          # 5 ms worth a call, at most 10 ms
+    batch = round(10_000 * icmp.BATCH_SECONDS)               # BATCH_SECONDS worth a call
+    assert (pacer.batch, pacer.bucket) == (batch, 2 * batch)  # ... and at most twice that
     assert sum(n for _, n in sends) == 65536
     assert max(n for _, n in sends) <= pacer.bucket           # no burst beyond the bucket
-    assert len(sends) <= 65536 / 50 + 1 and len(fake.sleeps) <= len(sends) + 1
+    assert len(sends) <= 65536 / batch + 1 and len(fake.sleeps) <= len(sends) + 1
     duration = sends[-1][0] - sends[0][0]
     assert abs(65536 / duration / 10_000 - 1) < 0.03            # the rate over the sweep
     assert worst_second(sends, 10_000) < 0.10                  # ... and over any one second
     if not late:
-        assert {n for _, n in sends[:-1]} == {50}              # exact batches (the last: 65536 % 50)
-        assert all(abs(s - 0.005) < 1e-4 for s in fake.sleeps[:-1])  # one sleep between sends
+        assert {n for _, n in sends[:-1]} == {batch}           # exact batches (the last: the rest)
+        assert all(abs(s - icmp.BATCH_SECONDS) < 1e-4 for s in fake.sleeps[:-1])  # one sleep between sends
 
 
 def test_pacer_at_low_and_no_rate():
@@ -389,7 +403,7 @@ def test_pacer_at_low_and_no_rate():
 class FakeSocket:
     """Answers probes through `respond(addr, request) -> [packets]`, like a raw socket would.
     Refuses (raises) anything outside 127.0.0.0/8: no real packet is ever involved."""
-    kind, lanes = "raw", 1
+    kind, lanes, stamps = "raw", 1, False
 
     def __init__(self, respond=None):
         self.respond = respond or (lambda target, request: [ip_packet(target, LOOP + 1, echo_reply(request))])
@@ -403,7 +417,7 @@ class FakeSocket:
                 raise AssertionError(f"{ipaddress.IPv4Address(target)} handed to the socket")
             request = outbox.data[k * outbox.size:(k + 1) * outbox.size]
             self.sent.append(target)
-            self.queue.extend((packet, None) for packet in self.respond(target, request))
+            self.queue.extend((packet, None, 0.0) for packet in self.respond(target, request))
         return stop - start
 
     def recv(self, timeout):
@@ -412,7 +426,7 @@ class FakeSocket:
             got.append(self.queue.popleft())
         if not got:
             time.sleep(min(timeout, 0.001))
-        return got
+        return icmp._Batch.of([packet for packet, _, _ in got])    # as a raw socket's recv() gives
 
     def wake(self):
         pass
@@ -578,7 +592,7 @@ class DgramFake(FakeSocket):
         super().__init__(lambda target, request: [echo_reply(request[:4] + b"\x42\x42" + request[6:])])
 
     def recv(self, timeout):     # the source: the probed address, read from the payload
-        return [(packet, int.from_bytes(packet[-12:-8], "big")) for packet, _ in super().recv(timeout)]
+        return [(packet, int.from_bytes(packet[-12:-8], "big"), age) for packet, _, age in super().recv(timeout)]
 
 
 @pytest.mark.parametrize("kind", ["raw", "dgram"])
@@ -596,6 +610,32 @@ def test_overlapping_sweeps_on_one_socket_each_get_their_own_replies(kind):
         s = result.stats
         assert (s.sent, s.replies, s.duplicates, s.bad_payload, s.stray) == (2048, 2048, 0, 0, 0)
         assert s.cpu_seconds > 0
+
+
+class StampingSocket(FakeSocket):
+    """A raw socket whose packets carry kernel timestamps: its receiver, while replies flow,
+    should take them a tick at a time (settle), not wake for each."""
+    stamps = True
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def recv(self, timeout, settle=False):
+        if settle:
+            time.sleep(min(timeout, 0.002))
+        got = super().recv(timeout)
+        self.calls.append((timeout, settle, len(got)))
+        return got
+
+
+def test_while_replies_flow_a_stamping_receiver_takes_them_a_tick_at_a_time():
+    fake = StampingSocket()
+    result = icmp.sweep(range(LOOP, LOOP + 2048), rate=10_000, cooldown=0.2, allow=ALLOW, sock=fake)
+    assert result.stats.replies == 2048
+    after_replies = [(timeout, settle) for (_, _, got), (timeout, settle, _) in zip(fake.calls, fake.calls[1:])
+                     if 0 < got < icmp.RECV_BATCH]
+    assert after_replies and set(after_replies) == {(icmp.RECV_TICK, True)}
 
 
 class BusyReceiver(FakeSocket):
@@ -672,6 +712,16 @@ def test_sweep_of_127_0_0_0_16_on_host_loopback_finds_all():
     assert min(result.rtt_us) > 0
 
 
+@pytest.mark.needs_root
+def test_rtts_are_the_kernels_timestamps_not_the_receive_tick():
+    """The receiver takes replies every RECV_TICK; timed by recv() the RTTs of a paced sweep
+    on lo would be about half a tick, timed by the kernel they are the send call's duration."""
+    result = icmp.sweep(ipaddress.IPv4Network("127.0.8.0/22"), rate=20_000, cooldown=1, allow=ALLOW)
+    rtts = [rtt for rtt, status in zip(result.rtt_us, result.status) if status == icmp.Status.ECHO_REPLY]
+    assert len(rtts) == 1024
+    assert statistics.median(rtts) < icmp.RECV_TICK * 1e6 / 10
+
+
 class NoSendmmsg:
     """A libc whose sendmmsg is missing at run time (ENOSYS), as in some sandboxes."""
 
@@ -717,13 +767,18 @@ def test_recvmmsg_takes_what_is_queued_byte_for_byte():
         probes = [icmp.echo_request(0x4242, seq, mark + b"x" * (seq % 7)) for seq in range(600)]
         for probe in probes:
             sock.sock.sendto(probe, ("127.0.0.1", 0))
-        ours, deadline = [], time.monotonic() + 5
+        time.sleep(0.2)                        # the replies wait in the queue: their age shows it
+        ours, ages, deadline = [], [], time.monotonic() + 5
         while len(ours) < len(probes) and time.monotonic() < deadline:
             batch = sock.recv(1.0)
-            assert len(batch) <= icmp.RECV_BATCH and all(source is None for _, source in batch)
-            ours += [packet[20:] for packet in (p for p, _ in batch) if packet[28:36] == mark]
+            assert len(batch) <= icmp.RECV_BATCH and all(source is None for _, source, _ in batch)
+            mine = [(packet, age) for packet, _, age in batch if packet[28:36] == mark]
+            ours += [packet[20:] for packet, _ in mine]
+            ages += [age for _, age in mine]
+        assert sock.stamps
     assert [m[4:] for m in ours] == [probe[4:] for probe in probes]   # each whole, in order
     assert all(m[:2] == b"\0\0" and icmp.checksum(m) == 0 for m in ours)
+    assert 0.19 < min(ages) and max(ages) < 5                          # kernel timestamps
 
 
 NOBODY = 65534
