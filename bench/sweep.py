@@ -210,8 +210,12 @@ def run_paced(bench: Bench, runs: int) -> list:
     fping = ["fping", "-a", "-q", "-r", "0", "-i", 1000 / PACED_RATE, "-t", "500", "-g", TARGET]
     tools = [("icmp.py --rate 10000", ours)] + ([("fping -i 0.1", fping)] if shutil.which("fping") else [])
     rows = []
+    startup = [sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import icmp"]
     for k in range(runs):
         rows.append(run_running(bench, k + 1))
+        cpu = bench.measure(startup)[5]
+        rows.append({"tool": "python3 + import icmp", "run": k + 1, "cpu": cpu, "cpu_per_16": cpu, "requests": 0,
+                     "rate": 0.0, "worst": 0.0, "wall": 0.0})
         for tool, argv in tools:
             wall, requests, window, out, _, cpu, samples = bench.measure(argv)
             rate, worst = rate_and_worst_second(samples)
@@ -348,10 +352,13 @@ def print_paced(rows: list) -> None:
     medians = {}
     for tool in dict.fromkeys(r["tool"] for r in rows):
         mine = [r for r in rows if r["tool"] == tool]
-        medians[tool] = {key: statistics.median(r[key] for r in mine) for key in ("cpu_per_16", "rate")}
+        medians[tool] = {key: statistics.median(r[key] for r in mine) for key in ("cpu", "cpu_per_16", "rate")}
         worst = max((r["worst"] for r in mine), key=abs)
         rate = (f"rate {medians[tool]['rate']:,.0f}/s ({medians[tool]['rate'] / PACED_RATE - 1:+.1%})  "
-                f"worst second {worst:+.1%}" if medians[tool]["rate"] else "(rate: see the one-/16 process)")
+                f"worst second {worst:+.1%}" if medians[tool]["rate"] else "")
+        if tool == "python3 + import icmp":
+            print(f"  {tool:<22} CPU {medians[tool]['cpu']:.2f} s (start-up alone, in the one-/16 process's figure)")
+            continue
         print(f"  {tool:<22} CPU {medians[tool]['cpu_per_16']:.2f} s per /16  {rate}  ({len(mine)} runs)")
     fping = medians.get("fping -i 0.1")
     for tool, what in (("icmp.py --rate 10000", "a one-/16 process"), ("icmp.py, running", "a running client")):
