@@ -135,6 +135,17 @@ def test_a_kept_result_several_built_earns_each_sweep_its_agreement():
     assert verifier.standing("a").agreed == verifier.standing("b").agreed == 1
 
 
+def test_a_check_that_rejects_a_part_does_not_agree_with_the_result():
+    """Verifier.add alone (no store): a check agreeing with the whole but not with b's part
+    does not agree with the result; the block wants another opinion and nobody is judged."""
+    verifier = Verifier(0.05)
+    verifier.add(5, built("a", "b"))
+    outcome = verifier.add(5, opinion("c")._replace(confirms=(True, False)), [True])
+    assert outcome.block.status == Status.DISPUTED and outcome.block.agreeing == ()
+    assert all(verifier.standing(name) == trust.Standing() for name in "abc")
+    assert outcome.debit == () and all(part.credited for part in outcome.block.opinions[0].parts)
+
+
 def test_a_flagged_sweep_earns_no_credit_until_verified():
     verifier = Verifier(0.05)
     verifier.standings["b"] = trust.Standing(disputed=2, flagged=True)

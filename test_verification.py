@@ -2,12 +2,15 @@
 volunteers whose results differ by realistic noise (loss, hosts coming and going), one liar of
 each kind, and an original client sending the string form. Results are simulated (no packet
 is sent); the server, store, verifier and journal are the real ones."""
+import array
 import base64
 import http.client
 import ipaddress
 import random
 import zlib
 
+import icmp
+import ping_client
 import trust
 from conftest import Clock, Running, answer
 from store import Store
@@ -452,3 +455,67 @@ def test_plain_holders_are_handed_and_judged_checks_as_before(census_server):
     assert sweep(srv, "a", "127.0.0.51", LOW, "127.1.128.0/17")["task_index"] == LOOP + 1
     assert sweep(srv, "d", "127.0.0.54", LOW, "127.1.128.0/17")["task_index"] == LOOP + 1
     assert verification(srv, LOOP + 1)["status"] == "verified"
+
+
+# -- halves swept by the real client: its stats count its own --only as excluded, and its skipped
+# lists it (both), so a part's addresses probed are counted on the server, on the spans it probed
+
+def client_sweep(srv, name, address, ones, only=(), handout=None):
+    """`name` at `address` runs ping_client --only `only` on `handout` (by default its next
+    one), `ones` answering:
+    the sweep's status has the client's own exclusions EXCLUDED (ping_client.check_task), the
+    body is ping_client.submission_body's. The task index."""
+    handout = handout or ask(srv, name, address, ",".join(only) or None)
+    task = ping_client.parse_task(handout)
+    options = ping_client.SweepOptions(0, 1, 0.0, None, (ipaddress.IPv4Network("127.0.0.0/8"),),
+                                       (), tuple(map(ipaddress.IPv4Network, only)))
+    base, status = int(task.network.network_address), bytearray(BLOCK)
+    for net in ping_client.check_task(task, options):
+        first = max(int(net.network_address) - base, 0)
+        last = min(int(net.broadcast_address) - base, BLOCK - 1)
+        status[first:last + 1] = bytes([icmp.Status.EXCLUDED]) * max(0, last - first + 1)
+    for k in ones:
+        status[k] = icmp.Status.ECHO_REPLY
+    counts = dict.fromkeys(icmp.SweepStats._fields, 0)
+    counts.update(excluded=status.count(icmp.Status.EXCLUDED), replies=len(ones), rounds=1,
+                  elapsed=1.0, kind="fake")
+    counts["sent"] = BLOCK - counts["excluded"]
+    result = icmp.SweepResult(range(base, base + BLOCK), status, bytearray(BLOCK),
+                              array.array("I", bytes(4 * BLOCK)), icmp.SweepStats(**counts))
+    body = ping_client.submission_body(task, result, name)
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10, source_address=(address, 0))
+    assert answer(conn, "POST", "/submit_result", body)[::2] == (200, {"success": True}), name
+    conn.close()
+    return task.index
+
+
+def thirds(first, last):
+    """THIRDS (the truth) on offsets first..last."""
+    return range(first + -first % 3, last + 1, 3)
+
+
+def test_halves_swept_with_the_real_clients_stats_are_each_credited_and_trusted(census_server):
+    """a and b each sweep half of what a block leaves to probe, with ping_client --only (its
+    stats: probed 32,768, excluded 32,768): in 127.0/16, and in 127.1/16 where the operator
+    excludes the upper /17. Each is credited half of each block's addresses, the blocks count
+    all they probed, and once c checks them each of a and b has gained trust for both."""
+    srv = census_server("127.0.0.0/15", store_kw={
+        "verify": 0.05, "exclude": [ipaddress.IPv4Network("127.1.128.0/17")]})
+    assert client_sweep(srv, "a", "127.0.0.51", LOW, [LOWER]) == LOOP
+    assert client_sweep(srv, "b", "127.0.0.52", HIGH, [UPPER]) == LOOP         # a's holes
+    assert client_sweep(srv, "a", "127.0.0.51", thirds(0, 16383), ["127.1.0.0/18"]) == LOOP + 1
+    assert client_sweep(srv, "b", "127.0.0.52", thirds(16384, 32767), ["127.1.64.0/18"]) == LOOP + 1
+    for task, probed in ((LOOP, BLOCK), (LOOP + 1, BLOCK // 2)):
+        info = srv.call("GET", f"/task?id={task}")[2]
+        assert (info["probed"], info["verification"]["kept_sweepers"]) == (probed, ["a", "b"])
+    people = {c["name"]: c for c in srv.call("GET", "/contributors")[2]["contributors"]}
+    for name in "ab":
+        assert (people[name]["tasks_done"], people[name]["addresses_probed"]) == (2, 32768 + 16384)
+    truth = {LOOP: THIRDS, LOOP + 1: thirds(0, 32767)}
+    for _ in truth:                                              # c checks both, whole
+        handout = ask(srv, "c", "127.0.0.53")
+        client_sweep(srv, "c", "127.0.0.53", truth[handout["task_index"]], handout=handout)
+    assert all(verification(srv, task)["status"] == "verified" for task in truth)
+    for name in "ab":
+        assert srv.store.standing(name) == {"verified": 2, "disputed": 0, "unverified": 0,
+                                            "flagged": False}, name
