@@ -1090,9 +1090,7 @@ class Submissions:
                 task, holes))
         meta = self._result_meta(task, packed, now, holder, token, name, stats)
         agrees = [trust.agreement(packed.bitmap, other).agrees for other in prior]
-        confirms = _confirms(block.opinions[0], packed.bitmap, prior[0])
-        if confirms:        # a result several sweeps built agrees only if each sweep's part does
-            agrees[0] = agrees[0] and all(confirms)
+        confirms = _confirms(block.opinions[0], packed.bitmap, prior[0])   # add() needs all
         opinion = trust.Opinion(meta.contributor, holder, meta.responders, meta.probed,
                                 confirms=confirms)
         outcome = self._verifier.add(task, opinion, agrees)

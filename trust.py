@@ -166,6 +166,8 @@ class Verifier:
             return self._first(task, opinion, check)
         if len(agrees) != len(old.opinions):
             raise ValueError(f"one agreement per earlier opinion ({len(old.opinions)})")
+        if old.opinions[0].parts and opinion.confirms:     # a part it rejects: no agreement
+            agrees = [agrees[0] and all(opinion.confirms), *agrees[1:]]
         opinion, credit = self._credit_now(opinion)
         n = len(old.opinions)
         block = old._replace(opinions=old.opinions + (opinion,),
@@ -274,7 +276,7 @@ class Verifier:
                 opinions.append(self._judge_one(opinion, agrees, _telling(kept), out))
                 continue
             # each part as the kept opinion confirms it; the kept one itself agreed with its
-            # partner on every part (the store asks a check to confirm each, see add)
+            # partner on every part (add asks a check to confirm each)
             confirms = kept.confirms if i != block.kept else ()
             if len(confirms) != len(opinion.parts):
                 confirms = (agrees,) * len(opinion.parts)
