@@ -1050,10 +1050,12 @@ class Submissions:
         if before is not None and before.holes and partial is not None and partial[0] == before:
             packed = self._filled(partial, packed)
             sweeps = (*before.sweeps, _sweep_of(before))
-        holes = self._unexplained(task, packed.skipped)
+        holes, probeable = self._unexplained(task, packed.skipped), self._probeable(task)
         meta = self._result_meta(task, packed, now, holder, token, name, stats)
-        meta = meta._replace(holes=holes, probed=RESULT_LEN - meta.excluded - _count(holes)
-                             if holes or before is not None else meta.probed, sweeps=sweeps)
+        # counted here, not from the stats: a client's "excluded" has its --only, a hole too
+        if holes or before is not None:
+            meta = meta._replace(probed=_count(probeable) - _count(holes))
+        meta = meta._replace(holes=holes, sweeps=sweeps)
         change = self._retire_lease(task)
         self._old.pop(task, None)
         if self._errors.pop(task, None) is not None:
@@ -1066,7 +1068,7 @@ class Submissions:
             return self._commit(task, change, packed.blob, packed.crc)
         change.update(self._set_state(task, State.DONE))
         opinion = trust.Opinion(meta.contributor, holder, meta.responders, meta.probed,
-                                parts=_parts(meta, packed.bitmap))
+                                parts=_parts(meta, packed.bitmap, probeable))
         outcome = self._verifier.add(task, opinion, check=before is not None and bool(before.holes))
         change.update(self._settled(task, outcome, now), r=meta, n=self._submissions)
         return self._commit(task, change, packed.blob, packed.crc)
@@ -1130,8 +1132,11 @@ class Submissions:
 
     def _probed_nothing(self, task, skipped) -> bool:
         """Whether `skipped` leaves out every address that no exclusion explains."""
-        return _count(self._unexplained(task, skipped)) == _count(
-            self._unexplained(task, ((0, RESULT_LEN - 1),)))
+        return _count(self._unexplained(task, skipped)) == _count(self._probeable(task))
+
+    def _probeable(self, task) -> tuple:
+        """The spans of the block that no exclusion explains: what a whole sweep probes."""
+        return self._unexplained(task, ((0, RESULT_LEN - 1),))
 
     def _unexplained(self, task, skipped) -> tuple:
         """The skipped spans that neither the operator's exclusions nor (with no scope given)
@@ -1502,22 +1507,22 @@ def _sweep_of(meta: ResultMeta) -> tuple:
             tuple(map(tuple, meta.holes)))
 
 
-def _parts(meta: ResultMeta, bitmap: bytes) -> tuple:
+def _parts(meta: ResultMeta, bitmap: bytes, probeable) -> tuple:
     """A whole result several sweeps built: one trust.Opinion a sweep, with the spans it
-    probed (the holes the one before left, less its own), its responders there and the
-    addresses it probed; () for a result one sweep made."""
+    probed (the holes the one before left, less its own; the first's, the block's
+    `probeable` spans less its holes), its responders there and its addresses probed: those
+    spans' size (not the sweep's own count: a client's --only is in its stats' excluded and
+    in its holes); () for a result one sweep made."""
     if not meta.sweeps:
         return ()
-    bits, parts = int.from_bytes(bitmap, "big"), []
-    left, probed_before = [(0, RESULT_LEN - 1)], 0
-    for who, address, _, probed, holes in (*meta.sweeps, _sweep_of(meta)):
+    bits, parts, left = int.from_bytes(bitmap, "big"), [], list(probeable)
+    for who, address, _, _, holes in (*meta.sweeps, _sweep_of(meta)):
         spans = left
         for first, last in holes:
             spans = _cut(spans, first, last)
         responders = (bits & results.span_mask(spans)).bit_count()
-        parts.append(trust.Opinion(who, address, responders, max(0, probed - probed_before),
-                                   ref=tuple(spans)))
-        left, probed_before = holes, probed
+        parts.append(trust.Opinion(who, address, responders, _count(spans), ref=tuple(spans)))
+        left = holes
     return tuple(parts)
 
 
