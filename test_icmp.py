@@ -242,6 +242,11 @@ def test_checksum_lanes_fold_as_checksum_does_for_every_sum():
         assert list(struct.unpack(f"!{len(sums)}H", got)) == [icmp._complement(value + fixed) for value in sums]
 
 
+def test_pointer_words_are_the_range_they_stand_for():
+    for base, step, count in ((1 << 40, 16, 4096), (0x7F12_3456_7000, 2048, 256), (5, 3, 1), (0, 1, 0)):
+        assert icmp._pointers(base, step, count) == array.array("Q", range(base, base + step * count, step))
+
+
 def test_expected_echo_replies_are_what_a_raw_socket_gets():
     """The replies the fast path compares against, against replies built from scratch, for
     a range across 17 /24s and for a list in no order."""
