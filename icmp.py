@@ -35,6 +35,7 @@ import argparse
 import array
 import bisect
 import errno
+import functools
 import hashlib
 import ipaddress
 import json
@@ -261,7 +262,8 @@ class Signer:
     (check_ident=False): there the sequence number and the quoted payload are what is left.
     Concurrent sweeps are told apart by their secrets alone."""
 
-    def __init__(self, secret: Optional[bytes] = None, contact: bytes = b""):
+    def __init__(self, secret: Optional[bytes] = None, contact: bytes = b"",
+                 covers: Callable[[int], bool] = lambda addr: True):
         if not is_contact(contact):
             raise ValueError(f"a contact is printable ASCII of at most {CONTACT_MAX} bytes: {contact!r:.60}")
         self.secret = secret if secret is not None else secrets.token_bytes(16)
@@ -271,6 +273,9 @@ class Signer:
         self.packet_size = ICMP_HEADER.size + self.payload_size
         self._keyed = hashlib.shake_128(self.secret)
         self._streams = {}                 # a /24's number -> its 256 digests, once hashed
+        # check() hashes only the addresses a sweep probes: a packet naming any other (which
+        # whoever sends it chooses) costs no hash and leaves no /24 in _streams
+        self.covers = covers
         # the sum of the words every echo request shares (type/code, the prefix), as a
         # one's-complement residue in 1..0xFFFF: small enough for a lane of probes()
         self._fixed_sum = _residue((IcmpType.ECHO_REQUEST << 8) + int.from_bytes(self.prefix, "big"))
@@ -345,6 +350,8 @@ class Signer:
         if len(payload) != self.payload_size or not payload.startswith(self.prefix):
             return Verdict.STRAY, reply.target
         probed = int.from_bytes(payload[start:start + ADDRESS.size], "big")
+        if not self.covers(probed):
+            return Verdict.BAD_PAYLOAD, probed
         digest = self._digest(probed)
         ident, seq = _IDENT_SEQ.unpack_from(digest)
         # what sign(probed) would give, compared in place: this runs once per reply
@@ -354,11 +361,12 @@ class Signer:
         return (Verdict.OK if probed == reply.source else Verdict.WRONG_SOURCE), probed
 
     def _check_quote(self, reply: Reply, check_ident: bool) -> Verdict:
-        ident, seq, expected = self.sign(reply.target)
-        quoted = reply.payload[:len(expected)]
-        if ((reply.ident == ident or not check_ident) and reply.seq == seq
-                and quoted == expected[:len(quoted)]):
-            return Verdict.OK
+        quoted = reply.payload[:self.payload_size]
+        if self.covers(reply.target):
+            ident, seq, expected = self.sign(reply.target)
+            if ((reply.ident == ident or not check_ident) and reply.seq == seq
+                    and quoted == expected[:len(quoted)]):
+                return Verdict.OK
         tagged = len(quoted) > 0 and quoted[:len(TAG)] == TAG[:len(quoted)]
         return Verdict.BAD_PAYLOAD if tagged else Verdict.STRAY
 
@@ -451,8 +459,7 @@ class IcmpSocket:
         # one receiver thread calls recv(), so one set of receive buffers serves; a datagram
         # socket needs each packet's source, which recvfrom gives, so it keeps that path
         self._recv_mmsg = _RecvMmsg.load() if self.has_ip_header else None
-        # recvmmsg hands over each packet's kernel timestamp (see open()): recv() gives ages
-        self.stamps = self._recv_mmsg is not None and _timestamps_on(sock)
+        self._stamping = self._recv_mmsg is not None and _timestamps_on(sock)
         self._vectors = []     # [(outbox, its sendmmsg vectors)], the newest first, built once per outbox
         self._lock = threading.Lock()
         # wake() makes a recv() waiting in select return at once: a receiver can block for
@@ -460,6 +467,12 @@ class IcmpSocket:
         self._wake_in, self._wake_out = socket.socketpair()
         self._wake_in.setblocking(False)
         self._wake_out.setblocking(False)
+
+    @property
+    def stamps(self) -> bool:
+        """recv() gives each packet's age from the kernel's timestamp (recvmmsg's control
+        slots); without recvmmsg it gives 0.0, the packet timed when recv() took it."""
+        return self._recv_mmsg is not None and self._stamping
 
     @classmethod
     def open(cls, rcvbuf: int = 32 << 20, lanes: int = 2) -> "IcmpSocket":
@@ -500,11 +513,12 @@ class IcmpSocket:
                 if attempt == tries:
                     raise
 
-    def recv(self, timeout: float, settle: bool = False) -> list:
+    def recv(self, timeout: float, settle: bool = False):
         """Wait up to `timeout` s (or until wake()) for packets, then take what is queued (up
-        to RECV_BATCH): a _Batch when packets start with their IP header, else a list of
-        (packet, source, age), age being how long the packet had waited in the kernel (0.0
-        if not `stamps`). With `settle` the wait is the whole `timeout` (or until wake())."""
+        to RECV_BATCH): a _Batch when packets start with their IP header (valid until the next
+        call: it may lie in recvmmsg's buffers), else a list of (packet, source, age), age
+        being how long the packet had waited in the kernel (0.0 if not `stamps`). With
+        `settle` the wait is the whole `timeout` (or until wake())."""
         ready = select.select([self._wake_in] if settle else [self.sock, self._wake_in], [], [], timeout)[0]
         if self._wake_in in ready:
             try:
@@ -519,7 +533,7 @@ class IcmpSocket:
             except OSError as exc:
                 if exc.errno != errno.ENOSYS:   # as below: an error ends this batch, not the receiver
                     return []
-                self._recv_mmsg, self.stamps = None, False   # a kernel or sandbox without recvmmsg
+                self._recv_mmsg = None          # a kernel or sandbox without recvmmsg
         got = []
         for _ in range(RECV_BATCH):
             try:
@@ -624,8 +638,7 @@ def sweep(targets, *, rate=0, probes=1, cooldown=DEFAULT_COOLDOWN, timeout=None,
 
 class Sweeper:
     """One ICMP socket shared by any number of sweeps in flight, and the one receiver thread
-    that credits every reply to the sweep whose secret it proves (a raw socket: each sweep has
-    its own identifier; a datagram one, where the kernel owns the identifier: the keyed hash).
+    that credits every reply to the sweep whose secret it proves (each sweep has its own).
 
         with Sweeper() as sweeper:
             a = sweeper.start(net_a, rate=10000)   # a worker thread sends a's rounds
@@ -679,7 +692,8 @@ class Sweeper:
         with self._lock:
             if self.failure is not None:
                 raise self.failure
-            job.signer = Signer(contact=contact)     # its own secret: replies find their sweep
+            # its own secret, so replies find their sweep; it hashes only the sweep's targets
+            job.signer = Signer(contact=contact, covers=lambda addr: job.index(addr) is not None)
             self._active.append(job)
         worker = threading.Thread(target=job._run, args=(self.sock,), name="icmp-sweep", daemon=True)
         self._workers = [w for w in self._workers if w.is_alive()] + [worker]
@@ -770,15 +784,15 @@ class Sweeper:
         Files (target, arrival) in claimed[sweep]; returns the indices of the other packets.
         This runs once per reply, so it holds what it uses in locals."""
         body, stride, sizes, versions, ages = got.body, got.stride, got.sizes, got.versions, got.ages
-        sweeps = [(job.first, job.keyed, job.size, HEAD + job.size, job.replies, claimed[job].append)
+        sweeps = [(job.first, job.expecting, job.size, HEAD + job.size, job.replies, claimed[job].append)
                   for job in active]
         rest = []
         for i, source in enumerate(got.sources):
             if versions[i] == 0x45:
-                for first, keyed, size, whole, replies, claim in sweeps:
-                    k = source - first
-                    at = stride * i
-                    if 0 <= k < keyed and sizes[i] == whole and body[at:at + size] == replies[k * size:k * size + size]:
+                for first, expecting, size, whole, replies, claim in sweeps:
+                    k, at = source - first, stride * i
+                    if (0 <= k < expecting and sizes[i] == whole
+                            and body[at:at + size] == replies[k * size:k * size + size]):
                         claim((k, now - ages[i]))
                         break
                 else:
@@ -852,12 +866,12 @@ class Sweep:
         self.rtt_us = array.array("I", bytes(4 * count))
         self.sent_at = array.array("d", bytes(8 * count))
         self.index = _indexer(addresses)
-        self.signer, self.check_ident = None, True      # the Sweeper picks a free identifier
+        self.signer, self.check_ident = None, True      # the Sweeper gives it its secret
         # target k's probe, and the ICMP message of the echo reply it expects at
         # replies[k * size:(k + 1) * size], built by _run; for a range of addresses on a raw
-        # socket, target k is address first + k for k < keyed (see Sweeper._credit_batch)
+        # socket, target k is address first + k for k < expecting (see Sweeper._claim_echoes)
         self.requests, self.replies, self.size = (), b"", 0
-        self.first, self.keyed = addresses[0] if isinstance(addresses, range) and addresses else 0, 0
+        self.first, self.expecting = addresses[0] if isinstance(addresses, range) and addresses else 0, 0
         self.excluded = self.rounds = self.sent = self.send_errors = 0
         self.stray = self.wrong_source = self.bad_payload = self.duplicates = 0
         self.send_seconds = self.send_cpu = self.receive_cpu = 0.0
@@ -903,11 +917,11 @@ class Sweep:
         try:
             # a datagram socket's kernel owns the identifier (and so the reply's bytes)
             raw = self.check_ident = sock.kind == "raw"
-            keyed = raw and isinstance(self.addresses, range)
+            expect = raw and isinstance(self.addresses, range)
             # every probe and the reply it expects, built at once; each round sends some
             self.size = self.signer.packet_size
-            self.requests, self.replies = self.signer.probes(self.addresses, replies=keyed)
-            self.keyed = len(self.addresses) if keyed else 0   # now the receiver may look them up
+            self.requests, self.replies = self.signer.probes(self.addresses, replies=expect)
+            self.expecting = len(self.addresses) if expect else 0   # now the receiver may look them up
             order = permutation(len(self.addresses))
             for round_number in range(1, self.probes + 1):
                 status, silent = self.status, Status.NO_ANSWER
@@ -943,7 +957,7 @@ class Sweep:
             send_errors=self.send_errors, send_seconds=self.send_seconds,
             cpu_seconds=self.send_cpu + self.receive_cpu)
         self._result = SweepResult(self.addresses, self.status, self.code, self.rtt_us, stats)
-        self.requests, self.replies, self.keyed = (), b"", 0   # no reply reaches it any more
+        self.requests, self.replies, self.expecting = (), b"", 0   # no reply reaches it any more
         self._sent.set()
         self._finished.set()
 
@@ -1021,8 +1035,9 @@ class Sweep:
 
     def _cool_down(self) -> None:
         """Wait for stragglers: up to `cooldown` s, but no longer than it takes every probe of
-        the round to be answered; then until the receiver has caught up. After the last round only the final progress is reported:
-        by then the next sweep may be the one on the user's screen."""
+        the round to be answered; then until the receiver has caught up. After the last round
+        only the final progress is reported: by then the next sweep may be the one on the
+        user's screen."""
         end = min(self.clock() + self.cooldown, self.deadline)
         self.sending = False
         while self.round_answered < self.round_sent and not self.stopping and (left := end - self.clock()) > 0:
@@ -1430,14 +1445,13 @@ class _RecvMmsg:
         self.recvmmsg.restype = ctypes.c_int
         self.get_errno = ctypes.get_errno
         self.heads, self.body = bytearray(HEAD * RECV_BATCH), bytearray(RECV_SLOT * RECV_BATCH)
-
-        def address(buffer: bytearray) -> int:
-            return ctypes.addressof((ctypes.c_char * len(buffer)).from_buffer(buffer))
-
+        # the kernel is handed raw pointers into both: these views keep them from being resized
+        self._pinned = [(ctypes.c_char * len(b)).from_buffer(b) for b in (self.heads, self.body)]
+        heads_at, body_at = map(ctypes.addressof, self._pinned)
         self.iov = array.array("Q", bytes(32 * RECV_BATCH))   # two struct iovec: base, length
-        self.iov[0::4] = _pointers(address(self.heads), HEAD, RECV_BATCH)
+        self.iov[0::4] = _pointers(heads_at, HEAD, RECV_BATCH)
         self.iov[1::4] = array.array("Q", [HEAD]) * RECV_BATCH
-        self.iov[2::4] = _pointers(address(self.body), RECV_SLOT, RECV_BATCH)
+        self.iov[2::4] = _pointers(body_at, RECV_SLOT, RECV_BATCH)
         self.iov[3::4] = array.array("Q", [RECV_SLOT - HEAD]) * RECV_BATCH
         self.stamps = array.array("q", bytes(8 * self.STAMP_WORDS * RECV_BATCH))
         self.msgs = array.array("Q", bytes(8 * self.WORDS * RECV_BATCH))   # no name
@@ -1447,6 +1461,7 @@ class _RecvMmsg:
         # the kernel writes back how much control it filled in: set them again before each call
         self.control_sizes = array.array("Q", [8 * self.STAMP_WORDS]) * RECV_BATCH
         self.no_stamps = array.array("q", bytes(8 * RECV_BATCH))
+        self.emptied = -math.inf        # when a call last found the queue empty (monotonic)
 
     @classmethod
     def load(cls):
@@ -1467,11 +1482,19 @@ class _RecvMmsg:
                 raise OSError(err, os.strerror(err))
         # msg_len, the last word of each mmsghdr, is a 32-bit count: the kernel leaves the
         # word's upper half as we zeroed it
-        wall, words = time.time(), self.STAMP_WORDS
         sizes = self.msgs[self.WORDS - 1:self.WORDS * taken:self.WORDS].tolist()
-        ages = [wall - sec - nsec * 1e-9 if sec else 0.0
+        return _Batch(self.heads, self.body, RECV_SLOT, sizes, self._ages(taken))
+
+    def _ages(self, taken: int) -> list:
+        """Each packet's age: now less its timestamp, both CLOCK_REALTIME. None waited longer
+        than since the queue was last found empty, so an age out of that range means the wall
+        clock stepped (NTP, a resume) in between: such a packet is timed now, as without stamps."""
+        now, wall, words = time.monotonic(), time.time(), self.STAMP_WORDS
+        oldest = now - self.emptied + 0.001
+        if taken < RECV_BATCH:
+            self.emptied = now
+        return [age if sec and 0.0 <= (age := wall - sec - nsec * 1e-9) <= oldest else 0.0
                 for sec, nsec in zip(self.stamps[2:words * taken:words], self.stamps[3:words * taken:words])]
-        return _Batch(self.heads, self.body, RECV_SLOT, sizes, ages)
 
 
 class _Batch:
@@ -1536,7 +1559,20 @@ def _load_libc(cls, function: str):
 
 
 def _pointers(base: int, step: int, count: int) -> array.array:
-    return array.array("Q", range(base, base + step * count, step))
+    """base, base + step, ... (`count` of them) as 8-byte words: one big integer holds them
+    all, a 64-bit lane each, so no Python runs per word (an array made from a range of such
+    large ints costs ~80 ns a word, and an outbox needs three)."""
+    lanes = base * _lanes_of(count, 1) + step * _lanes_of(count, 0)
+    words = array.array("Q")
+    words.frombytes(lanes.to_bytes(8 * count, sys.byteorder))
+    return words
+
+
+@functools.lru_cache(maxsize=8)
+def _lanes_of(count: int, ones: bool) -> int:
+    """A big integer of `count` 64-bit lanes (lane k at bit 64k): each 1, or each k."""
+    values = array.array("Q", [1] * count if ones else range(count))
+    return int.from_bytes(values.tobytes(), sys.byteorder)
 
 
 class _Pacer:

@@ -242,6 +242,11 @@ def test_checksum_lanes_fold_as_checksum_does_for_every_sum():
         assert list(struct.unpack(f"!{len(sums)}H", got)) == [icmp._complement(value + fixed) for value in sums]
 
 
+def test_pointer_words_are_the_range_they_stand_for():
+    for base, step, count in ((1 << 40, 16, 4096), (0x7F12_3456_7000, 2048, 256), (5, 3, 1), (0, 1, 0)):
+        assert icmp._pointers(base, step, count) == array.array("Q", range(base, base + step * count, step))
+
+
 def test_expected_echo_replies_are_what_a_raw_socket_gets():
     """The replies the fast path compares against, against replies built from scratch, for
     a range across 17 /24s and for a list in no order."""
@@ -638,6 +643,26 @@ def test_while_replies_flow_a_stamping_receiver_takes_them_a_tick_at_a_time():
     assert after_replies and set(after_replies) == {(icmp.RECV_TICK, True)}
 
 
+def test_packets_naming_addresses_outside_the_sweep_cost_no_hash():
+    """Whoever sends a volunteer ICMP chooses the address an error quotes or an echo's payload
+    names: only the sweep's own targets are hashed, so a flood of such packets leaves nothing
+    behind (each /24 hashed would keep 3 KB for the sweep's life)."""
+    other = icmp.Signer(b"another secret!!")
+    outside = [LOOP + (k << 8) + 9 for k in range(1, 200)]
+
+    def respond(target, request):
+        forged = [ip_packet(LOOP + 254, LOOP + 1, unreachable(addr, other.request(addr))) for addr in outside]
+        echo = ip_packet(outside[0], LOOP + 1, echo_reply(other.request(outside[0])))
+        return [ip_packet(target, LOOP + 1, echo_reply(request)), echo] + forged if target == LOOP else \
+            [ip_packet(target, LOOP + 1, echo_reply(request))]
+
+    with icmp.Sweeper(FakeSocket(respond)) as sweeper:
+        job = sweeper.start(range(LOOP, LOOP + 16), cooldown=0.5, allow=ALLOW)
+        result = job.result(timeout=10)
+    assert result.stats.replies == 16 and result.stats.bad_payload + result.stats.stray == 200
+    assert set(job.signer._streams) == {LOOP >> 8}         # the sweep's own /24, built by probes()
+
+
 class BusyReceiver(FakeSocket):
     """A receiver that lags: 10 ms per recv() call (a loaded machine, a shared lo), so the
     replies wait in the queue well past a short cooldown."""
@@ -755,8 +780,9 @@ def test_plain_recv_path_without_recvmmsg(recv_mmsg):
     with icmp.IcmpSocket.open() as sock:
         assert sock._recv_mmsg is not None      # raw socket on Linux: recvmmsg by default
         sock._recv_mmsg = recv_mmsg
+        assert sock.stamps == (recv_mmsg is not None)   # stamps come with recvmmsg, and go with it
         result = icmp.sweep(ipaddress.IPv4Network("127.0.4.0/24"), allow=ALLOW, cooldown=2, sock=sock)
-        assert sock._recv_mmsg is None
+        assert sock._recv_mmsg is None and not sock.stamps
     assert set(result.status) == {icmp.Status.ECHO_REPLY}
 
 
@@ -779,6 +805,21 @@ def test_recvmmsg_takes_what_is_queued_byte_for_byte():
     assert [m[4:] for m in ours] == [probe[4:] for probe in probes]   # each whole, in order
     assert all(m[:2] == b"\0\0" and icmp.checksum(m) == 0 for m in ours)
     assert 0.19 < min(ages) and max(ages) < 5                          # kernel timestamps
+
+
+def test_an_age_the_wall_clock_stepped_under_is_not_believed():
+    """A packet cannot have waited longer than since the queue was last found empty, nor come
+    from the future: a timestamp that says so (the wall clock stepped) times the packet now."""
+    receiver = icmp._RecvMmsg.load()
+    if receiver is None:
+        pytest.skip("recvmmsg through ctypes: 64-bit little-endian Linux only")
+    receiver.emptied = time.monotonic() - 0.5
+    wall = time.time()
+    for k, stamp in enumerate((wall - 0.25, wall + 5.0, wall - 100.0)):
+        receiver.stamps[4 * k + 2:4 * k + 4] = array.array("q", divmod(int(stamp * 1e9), 10 ** 9))
+    ages = receiver._ages(3)
+    assert 0.24 < ages[0] < 0.3 and ages[1:] == [0.0, 0.0]
+    assert receiver.emptied > time.monotonic() - 0.1         # this call found the queue empty
 
 
 NOBODY = 65534
