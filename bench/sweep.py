@@ -111,8 +111,8 @@ class Bench:
         self.anchor.stdout.readline()
 
     def time_run(self, argv, timeout=120):
-        """(wall s, requests seen, send window s, stdout, peak RSS kB) of one command in the lab."""
-        return self.measure(argv, timeout)[:5]
+        """(wall s, requests seen, send window s, stdout, peak RSS kB, CPU s) of one command in the lab."""
+        return self.measure(argv, timeout)[:6]
 
     def measure(self, argv, timeout=120):
         """time_run's figures, then CPU s (user + system) and the `lo` samples [(t, packets)]."""
@@ -169,12 +169,12 @@ def run_all(bench: Bench, args) -> list:
 
 def run_ours(bench: Bench, rate: float, run: int) -> dict:
     argv = [sys.executable, ICMP_PY, TARGET, "--allow", "127.0.0.0/8", "--rate", rate, "--cooldown", 1]
-    wall, requests, window, out, rss = bench.time_run(argv)
+    wall, requests, window, out, rss, cpu = bench.time_run(argv)
     report = json.loads(out)
     stats = report["stats"]
     own_pps = stats["sent"] / stats["send_seconds"] if stats["send_seconds"] else 0.0
     row = row_of(f"icmp.py rate={rate:g}", run, wall, requests, window, stats["replies"],
-                 rss or report["max_rss_kb"])
+                 rss or report["max_rss_kb"], cpu)
     row["own_pps"] = own_pps
     print_row(row, f"own sent/send_s {own_pps:,.0f}/s  stray {stats['stray']} "
                    f"bad {stats['bad_payload']} dup {stats['duplicates']} kind {stats['kind']}")
@@ -183,9 +183,9 @@ def run_ours(bench: Bench, rate: float, run: int) -> dict:
 
 def run_fping(bench: Bench, run: int) -> dict:
     argv = ["fping", "-a", "-q", "-r", "0", "-i", "0", "-t", "500", "-g", TARGET]
-    wall, requests, window, out, rss = bench.time_run(argv)
+    wall, requests, window, out, rss, cpu = bench.time_run(argv)
     found = sum(1 for line in out.splitlines() if line.startswith("127."))
-    row = row_of("fping", run, wall, requests, window, found, rss)
+    row = row_of("fping", run, wall, requests, window, found, rss, cpu)
     print_row(row, "(fping -g skips the network and broadcast address: 65,534 probed)")
     return row
 
@@ -196,10 +196,10 @@ def run_zmap(bench: Bench, tmp: str, run: int) -> dict:
     argv = ["zmap", "-q", "--disable-syslog", "-M", "icmp_echoscan", "-i", "lo", "-G", "00:00:00:00:00:00",
             "--source-mac", "02:00:00:00:00:01", "-S", "127.0.0.1", "-b", blocklist, "-r", "0",
             "-P", "1", "-c", "2", "-o", out_file, TARGET]
-    wall, requests, window, _, rss = bench.time_run(argv)
+    wall, requests, window, _, rss, cpu = bench.time_run(argv)
     with open(out_file) as fh:
         found = len({line.strip() for line in fh if line.startswith("127.")})
-    row = row_of("zmap", run, wall, requests, window, found, rss)
+    row = row_of("zmap", run, wall, requests, window, found, rss, cpu)
     print_row(row, "(zmap waits its fixed -c 2 s cooldown)")
     return row
 
@@ -307,9 +307,9 @@ def census_run(box, cooldown) -> dict:
             "per_min": 60 * len(starts) / wall, "steady": steady, "steady_per_min": 60 / steady if steady else 0.0}
 
 
-def row_of(tool, run, wall, requests, window, found, rss_kb) -> dict:
+def row_of(tool, run, wall, requests, window, found, rss_kb, cpu) -> dict:
     return {"tool": tool, "run": run, "wall": wall, "requests": requests, "window": window,
-            "pps": requests / window if window else 0.0, "found": found, "rss_mb": rss_kb / 1024}
+            "pps": requests / window if window else 0.0, "found": found, "rss_mb": rss_kb / 1024, "cpu": cpu}
 
 
 def send_window(samples: list) -> float:
@@ -322,7 +322,7 @@ def send_window(samples: list) -> float:
 def print_row(row: dict, note: str = "") -> None:
     print(f"{row['tool']:<20} run {row['run']}: wall {row['wall']:.3f} s  requests {row['requests']:,}  "
           f"window {row['window']:.3f} s  {row['pps']:,.0f} probes/s  found {row['found']:,}  "
-          f"rss {row['rss_mb']:.1f} MB  {note}", flush=True)
+          f"rss {row['rss_mb']:.1f} MB  CPU {row['cpu']:.2f} s  {note}", flush=True)
 
 
 def print_summary(rows: list) -> None:
@@ -330,10 +330,10 @@ def print_summary(rows: list) -> None:
     medians = {}
     for tool in dict.fromkeys(r["tool"] for r in rows):
         mine = [r for r in rows if r["tool"] == tool]
-        med = {key: statistics.median(r[key] for r in mine) for key in ("wall", "pps", "found", "rss_mb")}
+        med = {key: statistics.median(r[key] for r in mine) for key in ("wall", "pps", "found", "rss_mb", "cpu")}
         medians[tool] = med
         print(f"  {tool:<20} wall {med['wall']:.3f} s  {med['pps']:,.0f} probes/s  found {med['found']:,.0f}  "
-              f"rss {med['rss_mb']:.1f} MB  ({len(mine)} runs)")
+              f"rss {med['rss_mb']:.1f} MB  CPU {med['cpu']:.2f} s  ({len(mine)} runs)")
     ours = medians.get("icmp.py rate=0")
     paced = [r for r in rows if r["tool"] == "icmp.py rate=10000"]
     if paced:
