@@ -789,16 +789,17 @@ class Sweeper:
         rest = []
         for i, source in enumerate(got.sources):
             if versions[i] == 0x45:
+                at = stride * i
                 for first, expecting, size, whole, replies, claim in sweeps:
-                    k, at = source - first, stride * i
+                    k = source - first
                     if (0 <= k < expecting and sizes[i] == whole
                             and body[at:at + size] == replies[k * size:k * size + size]):
                         claim((k, now - ages[i]))
                         break
                 else:
                     rest.append(i)
-            else:
-                rest.append(i)
+                continue
+            rest.append(i)
         return rest
 
     @staticmethod
@@ -994,7 +995,7 @@ class Sweep:
         for first in range(0, len(todo), OUTBOX_PACKETS):
             part = todo[first:first + OUTBOX_PACKETS]
             addrs = array.array("I", _gather(self.addresses, part))
-            outbox = Outbox(b"".join(_gather(self.requests, part)), addrs, self.signer.packet_size)
+            outbox = Outbox(b"".join(_gather(self.requests, part)), addrs, self.size)
             pos = 0
             while pos < len(part) and self.clock() < self.deadline and not self.stopping:
                 want = pacer.take(min(chunk, len(part) - pos))

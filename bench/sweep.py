@@ -86,12 +86,12 @@ def main(argv=None) -> int:
         box.up()
         bench = Bench(box)
         rows = run_all(bench, args)
-        paced = [] if args.skip_rate else run_paced(bench, args.paced_runs)
+        paced, startups = ([], []) if args.skip_rate else run_paced(bench, args.paced_runs)
     finally:
         box.down()
     census = [] if args.skip_census else run_census()
     print_summary(rows)
-    print_paced(paced)
+    print_paced(paced, startups)
     print_census(census)
     return 0
 
@@ -111,11 +111,12 @@ class Bench:
         self.anchor.stdout.readline()
 
     def time_run(self, argv, timeout=120):
-        """(wall s, requests seen, send window s, stdout, peak RSS kB, CPU s) of one command in the lab."""
+        """measure() without the `lo` samples."""
         return self.measure(argv, timeout)[:6]
 
     def measure(self, argv, timeout=120):
-        """time_run's figures, then CPU s (user + system) and the `lo` samples [(t, packets)]."""
+        """(wall s, requests seen, send window s, stdout, peak RSS kB, CPU s (user + system), the
+        `lo` samples [(t, packets)]) of one command in the lab."""
         if TIME:
             argv = [TIME, "-f", "maxrss_kb=%M cpu_s=%U+%S", *argv]
         before = self.requests()
@@ -210,12 +211,10 @@ def run_paced(bench: Bench, runs: int) -> list:
     fping = ["fping", "-a", "-q", "-r", "0", "-i", 1000 / PACED_RATE, "-t", "500", "-g", TARGET]
     tools = [("icmp.py --rate 10000", ours)] + ([("fping -i 0.1", fping)] if shutil.which("fping") else [])
     rows = []
-    startup = [sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import icmp"]
+    startup, startups = [sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import icmp"], []
     for k in range(runs):
         rows.append(run_running(bench, k + 1))
-        cpu = bench.measure(startup)[5]
-        rows.append({"tool": "python3 + import icmp", "run": k + 1, "cpu": cpu, "cpu_per_16": cpu, "requests": 0,
-                     "rate": 0.0, "worst": 0.0, "wall": 0.0})
+        startups.append(bench.measure(startup)[5])
         for tool, argv in tools:
             wall, requests, window, out, _, cpu, samples = bench.measure(argv)
             rate, worst = rate_and_worst_second(samples)
@@ -228,7 +227,7 @@ def run_paced(bench: Bench, runs: int) -> list:
                   f"({row['cpu_per_16']:.2f} s per /16, {cpu / max(requests, 1) * 1e6:.1f} us a probe"
                   f"{', own count %.2f s' % row['own_cpu'] if 'own_cpu' in row else ''}); "
                   f"rate {rate:,.0f}/s, worst second {worst:+.1%} of {PACED_RATE:,}; wall {wall:.1f} s", flush=True)
-    return rows
+    return rows, startups
 
 
 def run_running(bench: Bench, run: int) -> dict:
@@ -345,21 +344,21 @@ def print_summary(rows: list) -> None:
 
 
 
-def print_paced(rows: list) -> None:
+def print_paced(rows: list, startups: list) -> None:
     if not rows:
         return
     print(f"\nat {PACED_RATE:,} probes/s (medians; CPU = user + system of the whole process, per /16):")
     medians = {}
     for tool in dict.fromkeys(r["tool"] for r in rows):
         mine = [r for r in rows if r["tool"] == tool]
-        medians[tool] = {key: statistics.median(r[key] for r in mine) for key in ("cpu", "cpu_per_16", "rate")}
+        medians[tool] = {key: statistics.median(r[key] for r in mine) for key in ("cpu_per_16", "rate")}
         worst = max((r["worst"] for r in mine), key=abs)
         rate = (f"rate {medians[tool]['rate']:,.0f}/s ({medians[tool]['rate'] / PACED_RATE - 1:+.1%})  "
                 f"worst second {worst:+.1%}" if medians[tool]["rate"] else "")
-        if tool == "python3 + import icmp":
-            print(f"  {tool:<22} CPU {medians[tool]['cpu']:.2f} s (start-up alone, in the one-/16 process's figure)")
-            continue
         print(f"  {tool:<22} CPU {medians[tool]['cpu_per_16']:.2f} s per /16  {rate}  ({len(mine)} runs)")
+    if startups:
+        print(f"  {'python3 + import icmp':<22} CPU {statistics.median(startups):.2f} s "
+              f"(start-up alone, inside the one-/16 process's figure)")
     fping = medians.get("fping -i 0.1")
     for tool, what in (("icmp.py --rate 10000", "a one-/16 process"), ("icmp.py, running", "a running client")):
         if tool in medians and fping and fping["cpu_per_16"]:
