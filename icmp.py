@@ -19,16 +19,17 @@ sends while the last one still listens for late replies:
 
 A sweep builds all its probes, and on a raw socket the exact echo replies they expect, at
 the start, column by column over whole blocks of bytes (Signer.probes): no Python runs per
-probe. recvmmsg(2) leaves each received packet's IPv4 header in one buffer and the rest in
-another (_Batch), so an echo reply costs one index (its source) and one comparison with the
-reply its sweep expects, where the kernel put it. Whatever is not byte-for-byte that reply
-(errors, strays, IP options, a checksum folded the other way) goes through parse() and
-Signer.check().
+probe. recvmmsg(2) leaves each received packet's IPv4 header in one buffer, the echo reply
+a sweep expects back to back with the others in a second, and what is left in a third
+(_Batch): so a run of echo replies is proven at once, the replies its sources should have
+sent, joined, being byte for byte what the kernel put there. Whatever is not exactly such a
+reply (errors, strays, IP options, a checksum folded the other way) goes through parse()
+and Signer.check().
 
 At a limited rate the sender wakes every BATCH_SECONDS and sends what its token bucket holds
 in one call; while replies flow the receiver takes them every RECV_TICK, with the kernel's
 timestamp of each (so RTTs stay exact), and when none do it sleeps in select(). So pacing
-costs a couple of hundred wake-ups a second, not thousands. `sweep()` is one sweep, start to
+costs about a hundred and fifty wake-ups a second, not thousands. `sweep()` is one sweep, start to
 end. Standard library only: a volunteer copies this file with ping_client.py.
 """
 import argparse
@@ -103,9 +104,9 @@ CATCH_UP_SECONDS = 0.5   # ... and no more than this much of it (a longer stall 
 PACER_NAP = 0.05         # the pacer's longest sleep, so a stop is seen soon even at a low rate
 LANE_RATE = 50_000       # below this a paced sweep sends on one lane: a core does it with ease
 RECV_IDLE = 1.0          # the receiver's longest wait in select(); packets or wake() end it sooner
-# While replies flow, a receiver whose socket timestamps them takes them every RECV_TICK, tens
-# at a time, rather than waking for the first of each few: the kernel's timestamp, not the
-# moment recv() ran, is when a reply arrived, so its RTT stays exact.
+# While replies flow, a receiver whose socket timestamps them takes them every RECV_TICK,
+# hundreds at a time, rather than waking for the first of each few: the kernel's timestamp,
+# not the moment recv() ran, is when a reply arrived, so its RTT stays exact.
 RECV_TICK = 0.05
 RECV_BATCH = 256         # packets taken per recv(); fewer means the socket's queue was emptied
 RECV_SLOT = 2048         # bytes kept of a received packet: an echo reply or an error with its quote
