@@ -699,7 +699,8 @@ def test_packets_naming_addresses_outside_the_sweep_cost_no_hash():
     def respond(target, request):
         forged = [ip_packet(LOOP + 254, LOOP + 1, unreachable(addr, other.request(addr))) for addr in outside]
         echo = ip_packet(outside[0], LOOP + 1, echo_reply(other.request(outside[0])))
-        return [ip_packet(target, LOOP + 1, echo_reply(request)), echo] + forged if target == LOOP else \
+        # the flood first: the sweep, all answered, may end as soon as its echoes are in
+        return [echo] + forged + [ip_packet(target, LOOP + 1, echo_reply(request))] if target == LOOP else \
             [ip_packet(target, LOOP + 1, echo_reply(request))]
 
     with icmp.Sweeper(FakeSocket(respond)) as sweeper:
