@@ -835,10 +835,10 @@ class Sweeper:
         """_claim_echoes() packet by packet, against every sweep: the indices none claims."""
         rest = []
         for i in indices:
-            source, whole = got.sources[i], got.sizes[i] - HEAD
+            source, size = got.sources[i], got.sizes[i] - HEAD
             for job in active if got.versions[i] == 0x45 else ():
                 k = source - job.first
-                if 0 <= k < job.expecting and whole == job.size and got.message(i) == job.replies[k]:
+                if 0 <= k < job.expecting and size == job.size and got.message(i) == job.replies[k]:
                     claims[job][0].append(k)
                     claims[job][1].append(got.ages[i])
                     break
@@ -1484,7 +1484,7 @@ class _Mmsg:
 
 class _RecvMmsg:
     """recvmmsg(2) through ctypes: one system call takes up to RECV_BATCH packets from a raw
-    socket (a receive tick finds dozens queued), with a control slot each for its
+    socket (a receive tick finds hundreds queued), with a control slot each for its
     SO_TIMESTAMP message, all laid out once. Each packet is scattered over three iovecs:
     its first HEAD bytes (the IPv4 header, without options) into a buffer of headers, the next
     `echo_size` (the ICMP message of the echo reply a sweep expects) into a buffer where those
@@ -1497,7 +1497,7 @@ class _RecvMmsg:
     So a batch's echo replies can be checked with one comparison for all of them. Same
     platforms as _Mmsg; elsewhere load() gives None and IcmpSocket uses recv."""
     WORDS = _Mmsg.WORDS
-    STAMP_WORDS = 4    # a control slot: struct cmsghdr (length, level, type) then a timespec
+    STAMP_WORDS = 4    # a control slot: struct cmsghdr (length, level, type) then a timeval
     IOV_WORDS = 6      # three struct iovec (base, length) per packet
 
     def __init__(self, libc, ctypes):
@@ -1540,8 +1540,8 @@ class _RecvMmsg:
 
     def recv(self, fd: int, echo_size: int = PACKET_SIZE) -> "_Batch":
         """What is queued, up to RECV_BATCH packets (none: an empty batch), laid out for echo
-        replies of `echo_size` bytes, each with the seconds since the kernel timestamped it
-        (0.0 for a packet without a timestamp). The batch lives in this object's buffers: it
+        replies of `echo_size` bytes, each with the microseconds since the kernel timestamped
+        it (0 for a packet without a timestamp). The batch lives in this object's buffers: it
         is valid until the next call."""
         self.lay_out(echo_size)
         self.msgs[5::self.WORDS] = self.control_sizes
@@ -1583,9 +1583,10 @@ class _Batch:
     """Packets a raw socket took at once, laid out as recvmmsg(2) leaves them (_RecvMmsg):
     packet i's first HEAD bytes (its IPv4 header when it has no options) at heads[HEAD * i:],
     its next `echo_size` bytes at echoes[echo_size * i:], the rest at rest[stride * i:];
-    sizes[i] bytes in all, ages[i] how long the kernel held it (microseconds). `sources` and `versions` are
-    every packet's source address and version/IHL byte, read for all at once. Iterating gives
-    (packet, None, age), as IcmpSocket.recv does for a datagram socket."""
+    sizes[i] bytes in all, ages[i] how long the kernel held it (microseconds). `sources` and
+    `versions` are every packet's source address and version/IHL byte, read for all at once.
+    Iterating gives (packet, None, age in seconds), as IcmpSocket.recv does for a datagram
+    socket."""
 
     def __init__(self, heads, echoes, echo_size: int, rest, stride: int, sizes: list, ages: list):
         self.heads, self.echoes, self.echo_size, self.rest = heads, echoes, echo_size, rest
@@ -1601,7 +1602,7 @@ class _Batch:
     def of(cls, packets: list, ages=None, echo_size: int = PACKET_SIZE) -> "_Batch":
         """A batch of whole `packets` (each starting with its IPv4 header, `ages` in seconds),
         copied into place."""
-        stride = max((len(p) - HEAD - echo_size for p in packets), default=0)
+        stride = max([0] + [len(p) - HEAD - echo_size for p in packets])
         heads = b"".join(p[:HEAD].ljust(HEAD, b"\0") for p in packets)
         echoes = b"".join(p[HEAD:HEAD + echo_size].ljust(echo_size, b"\0") for p in packets)
         rest = b"".join(p[HEAD + echo_size:].ljust(stride, b"\0") for p in packets)
