@@ -19,16 +19,17 @@ sends while the last one still listens for late replies:
 
 A sweep builds all its probes, and on a raw socket the exact echo replies they expect, at
 the start, column by column over whole blocks of bytes (Signer.probes): no Python runs per
-probe. recvmmsg(2) leaves each received packet's IPv4 header in one buffer and the rest in
-another (_Batch), so an echo reply costs one index (its source) and one comparison with the
-reply its sweep expects, where the kernel put it. Whatever is not byte-for-byte that reply
-(errors, strays, IP options, a checksum folded the other way) goes through parse() and
-Signer.check().
+probe. recvmmsg(2) leaves each received packet's IPv4 header in one buffer, the echo reply
+a sweep expects back to back with the others in a second, and what is left in a third
+(_Batch): so a run of echo replies is proven at once, the replies its sources should have
+sent, joined, being byte for byte what the kernel put there. Whatever is not exactly such a
+reply (errors, strays, IP options, a checksum folded the other way) goes through parse()
+and Signer.check().
 
 At a limited rate the sender wakes every BATCH_SECONDS and sends what its token bucket holds
 in one call; while replies flow the receiver takes them every RECV_TICK, with the kernel's
 timestamp of each (so RTTs stay exact), and when none do it sleeps in select(). So pacing
-costs a couple of hundred wake-ups a second, not thousands. `sweep()` is one sweep, start to
+costs about a hundred and fifty wake-ups a second, not thousands. `sweep()` is one sweep, start to
 end. Standard library only: a volunteer copies this file with ping_client.py.
 """
 import argparse
@@ -80,7 +81,7 @@ CONTACT_MAX = 40         # bytes of the server's contact a probe may carry after
 SOL_RAW = 255            # linux/socket.h: the level of ICMP_FILTER
 ICMP_FILTER = 1          # linux/icmp.h: a bit mask of ICMP types the kernel must not deliver
 SO_RCVBUFFORCE = 33      # linux/socket.h: root may exceed net.core.rmem_max with it
-SO_TIMESTAMPNS = 35      # asm-generic/socket.h: each packet's arrival (CLOCK_REALTIME) as a cmsg
+SO_TIMESTAMP = 29        # asm-generic/socket.h: each packet's arrival (CLOCK_REALTIME, a timeval) as a cmsg
 IP_RECVERR = 11          # linux/in.h
 SO_EE_ORIGIN_ICMP = 2    # linux/errqueue.h: the error came from an ICMP message
 EXTENDED_ERR = struct.Struct("=IBBBBII")   # struct sock_extended_err, then the offender's sockaddr
@@ -103,13 +104,15 @@ CATCH_UP_SECONDS = 0.5   # ... and no more than this much of it (a longer stall 
 PACER_NAP = 0.05         # the pacer's longest sleep, so a stop is seen soon even at a low rate
 LANE_RATE = 50_000       # below this a paced sweep sends on one lane: a core does it with ease
 RECV_IDLE = 1.0          # the receiver's longest wait in select(); packets or wake() end it sooner
-# While replies flow, a receiver whose socket timestamps them takes them every RECV_TICK, tens
-# at a time, rather than waking for the first of each few: the kernel's timestamp, not the
-# moment recv() ran, is when a reply arrived, so its RTT stays exact.
-RECV_TICK = 0.02
+# While replies flow, a receiver whose socket timestamps them takes them every RECV_TICK,
+# hundreds at a time, rather than waking for the first of each few: the kernel's timestamp,
+# not the moment recv() ran, is when a reply arrived, so its RTT stays exact.
+RECV_TICK = 0.05
 RECV_BATCH = 256         # packets taken per recv(); fewer means the socket's queue was emptied
 RECV_SLOT = 2048         # bytes kept of a received packet: an echo reply or an error with its quote
+RUN_MIN = 4              # a run of packets the fast path could not prove at once is halved down to this
 HEAD = IP_HEADER.size    # a received packet's first bytes, kept apart (see _Batch)
+ECHO_MAX = PACKET_SIZE + CONTACT_MAX + 2   # the longest echo reply's ICMP message (a padded contact)
 DRAIN_MAX = 5.0          # how long a cooldown's end waits for the receiver to catch up with the queue
 # A send that fails with these found the socket's buffer full (ENOBUFS: the interface queue,
 # which BSD and macOS report on a datagram socket): wait and send again, skip nothing.
@@ -460,6 +463,9 @@ class IcmpSocket:
         # socket needs each packet's source, which recvfrom gives, so it keeps that path
         self._recv_mmsg = _RecvMmsg.load() if self.has_ip_header else None
         self._stamping = self._recv_mmsg is not None and _timestamps_on(sock)
+        # the ICMP message size of the echo replies recv() lays out back to back (see _Batch):
+        # a sweep sets it to that of the replies it expects
+        self.echo_size = PACKET_SIZE
         self._vectors = []     # [(outbox, its sendmmsg vectors)], the newest first, built once per outbox
         self._lock = threading.Lock()
         # wake() makes a recv() waiting in select return at once: a receiver can block for
@@ -529,7 +535,7 @@ class IcmpSocket:
             return []
         if self._recv_mmsg is not None:
             try:
-                return self._recv_mmsg.recv(self.sock.fileno())
+                return self._recv_mmsg.recv(self.sock.fileno(), self.echo_size)
             except OSError as exc:
                 if exc.errno != errno.ENOSYS:   # as below: an error ends this batch, not the receiver
                     return []
@@ -545,7 +551,7 @@ class IcmpSocket:
             except OSError:   # none left, or an ICMP error pending: that is on the error queue
                 break
         if self.has_ip_header:
-            return _Batch.of(got)
+            return _Batch.of(got, echo_size=self.echo_size)
         return got + self._queued_errors()
 
     def wake(self) -> None:
@@ -764,51 +770,81 @@ class Sweeper:
         """Credit each packet of `got` (IcmpSocket.recv) to its sweep; how many each got. The
         echo replies _claim_echoes() proves are credited first, a batch at a time, then the
         rest in order by the full path (_take): an echo outranks an error, whichever came first."""
-        credited, claimed = dict.fromkeys(active, 0), {job: [] for job in active}
+        credited = dict.fromkeys(active, 0)
+        claims = {job: ([], []) for job in active}     # the targets it answers, their ages (us)
         if isinstance(got, _Batch):
-            rest = [(got.packet(i), None, got.ages[i]) for i in cls._claim_echoes(active, got, now, claimed)]
+            rest = [(got.packet(i), None, got.ages[i] / 1e6) for i in cls._claim_echoes(active, got, now, claims)]
         else:
             rest = got
-        cls._credit_claimed(claimed, credited)
+        for job, (targets, ages) in claims.items():
+            if targets:
+                job._credit_echoes(targets, ages, now)
+                credited[job] += len(targets)
         for packet, source, age in rest:
             credited[cls._take(active, packet, source, now - age)] += 1
         return credited
 
-    @staticmethod
-    def _claim_echoes(active: list, got: "_Batch", now: float, claimed: dict) -> list:
+    @classmethod
+    def _claim_echoes(cls, active: list, got: "_Batch", now: float, claims: dict) -> list:
         """The fast path, for a raw socket: an echo reply exactly as RFC 792 answers one of our
         probes (IPv4 header without options) is, after the header, byte for byte the reply its
-        sweep built for the target its source names. So one index and one comparison, made
-        where the kernel put the packet, prove it (source, checksum, identifier, sequence
-        number, payload and MAC); a checksum computed the other way round does not pass.
-        Files (target, arrival) in claimed[sweep]; returns the indices of the other packets.
-        This runs once per reply, so it holds what it uses in locals."""
-        body, stride, sizes, versions, ages = got.body, got.stride, got.sizes, got.versions, got.ages
-        sweeps = [(job.first, job.expecting, job.size, HEAD + job.size, job.replies, claimed[job].append)
-                  for job in active]
-        rest = []
-        for i, source in enumerate(got.sources):
-            if versions[i] == 0x45:
-                at = stride * i
-                for first, expecting, size, whole, replies, claim in sweeps:
-                    k = source - first
-                    if (0 <= k < expecting and sizes[i] == whole
-                            and body[at:at + size] == replies[k * size:k * size + size]):
-                        claim((k, now - ages[i]))
-                        break
-                else:
-                    rest.append(i)
-                continue
-            rest.append(i)
+        sweep built for the target its source names. That proves it (source, checksum,
+        identifier, sequence number, payload and MAC); a checksum folded the other way does not.
+        Most replies answer the newest sweep, so each run of packets that could (the right size,
+        a source among its targets) is proven at once: the replies it expects, joined, are the
+        batch's echoes where the kernel put them (_claim_run). Files (targets, ages) in
+        claims[sweep]; returns the indices of the other packets, in order."""
+        newest, count = active[0], len(got)
+        if not newest.expecting or newest.size != got.echo_size:
+            return cls._claim_each(active, got, range(count), now, claims)
+        whole, first, end = HEAD + newest.size, newest.first, newest.first + newest.expecting
+        sizes, sources = got.sizes, got.sources
+        if sizes.count(whole) == count and first <= min(sources, default=first) and max(sources, default=first) < end:
+            others = []                                 # the usual batch: all could be the newest's
+        else:
+            others = [i for i in range(count) if sizes[i] != whole or not first <= sources[i] < end]
+        rest, edges = [], [-1, *others, count]
+        for before, after in zip(edges, edges[1:]):
+            if after - before > 1:
+                cls._claim_run(active, got, before + 1, after, now, claims, rest)
+            if after < count:
+                rest += cls._claim_each(active, got, (after,), now, claims)
         return rest
 
+    @classmethod
+    def _claim_run(cls, active: list, got: "_Batch", lo: int, hi: int, now: float, claims: dict, rest: list) -> None:
+        """Packets lo..hi-1, each the size of the newest sweep's replies and from one of its
+        targets: claim them all when they are exactly its replies, with one comparison; else
+        halve the run, down to a few packets checked one by one (another sweep's reply, a stray)."""
+        job = active[0]
+        size, targets = job.size, [source - job.first for source in got.sources[lo:hi]]
+        if (got.versions[lo:hi].count(0x45) == hi - lo
+                and b"".join(_gather(job.replies, targets)) == got.echoes[size * lo:size * hi]):
+            claimed, ages = claims[job]
+            claimed += targets
+            ages += got.ages[lo:hi]
+        elif hi - lo > RUN_MIN:
+            middle = (lo + hi) // 2
+            cls._claim_run(active, got, lo, middle, now, claims, rest)
+            cls._claim_run(active, got, middle, hi, now, claims, rest)
+        else:
+            rest += cls._claim_each(active, got, range(lo, hi), now, claims)
+
     @staticmethod
-    def _credit_claimed(claimed: dict, credited: dict) -> None:
-        for job, echoes in claimed.items():
-            if echoes:
-                job._credit_echoes(echoes)
-                credited[job] += len(echoes)
-                echoes.clear()
+    def _claim_each(active: list, got: "_Batch", indices, now: float, claims: dict) -> list:
+        """_claim_echoes() packet by packet, against every sweep: the indices none claims."""
+        rest = []
+        for i in indices:
+            source, size = got.sources[i], got.sizes[i] - HEAD
+            for job in active if got.versions[i] == 0x45 else ():
+                k = source - job.first
+                if 0 <= k < job.expecting and size == job.size and got.message(i) == job.replies[k]:
+                    claims[job][0].append(k)
+                    claims[job][1].append(got.ages[i])
+                    break
+            else:
+                rest.append(i)
+        return rest
 
     @staticmethod
     def _take(active: list, packet: bytes, source: Optional[int], now: float) -> "Sweep":
@@ -865,13 +901,13 @@ class Sweep:
         self.deadline = self.started + timeout if timeout is not None else math.inf
         self.status, self.code = bytearray(count), bytearray(count)
         self.rtt_us = array.array("I", bytes(4 * count))
-        self.sent_at = array.array("d", bytes(8 * count))
+        self.sent_at = [0.0] * count     # a list: storing and reading a float costs half what an array's does
         self.index = _indexer(addresses)
         self.signer, self.check_ident = None, True      # the Sweeper gives it its secret
         # target k's probe, and the ICMP message of the echo reply it expects at
-        # replies[k * size:(k + 1) * size], built by _run; for a range of addresses on a raw
+        # replies[k] (`size` bytes each), built by _run; for a range of addresses on a raw
         # socket, target k is address first + k for k < expecting (see Sweeper._claim_echoes)
-        self.requests, self.replies, self.size = (), b"", 0
+        self.requests, self.replies, self.size = (), (), 0
         self.first, self.expecting = addresses[0] if isinstance(addresses, range) and addresses else 0, 0
         self.excluded = self.rounds = self.sent = self.send_errors = 0
         self.stray = self.wrong_source = self.bad_payload = self.duplicates = 0
@@ -921,12 +957,14 @@ class Sweep:
             expect = raw and isinstance(self.addresses, range)
             # every probe and the reply it expects, built at once; each round sends some
             self.size = self.signer.packet_size
-            self.requests, self.replies = self.signer.probes(self.addresses, replies=expect)
+            self.requests, replies = self.signer.probes(self.addresses, replies=expect)
+            self.replies = _split(replies, self.size)
+            if expect:
+                sock.echo_size = self.size       # its receive buffers lay such replies out back to back
             self.expecting = len(self.addresses) if expect else 0   # now the receiver may look them up
             order = permutation(len(self.addresses))
             for round_number in range(1, self.probes + 1):
-                status, silent = self.status, Status.NO_ANSWER
-                todo = [k for k in order if status[k] == silent]
+                todo = self._silent(order, first=round_number == 1)
                 if not todo or self.clock() >= self.deadline or self.stopping:
                     break
                 self.rounds += 1
@@ -943,6 +981,14 @@ class Sweep:
                 self.send_cpu += time.thread_time() - begun
             self.sweeper._finish(self)
 
+    def _silent(self, order: list, first: bool) -> list:
+        """The targets of `order` with no answer yet: before the first round, all but the
+        excluded ones (NO_ANSWER is 0; comparing items with the IntEnum costs ~10 ms a /16)."""
+        if first and not self.excluded:
+            return order
+        status = self.status
+        return [k for k in order if not status[k]]
+
     def _close(self, kind: str, report: bool = True) -> None:
         if report and self.failure is None:
             try:
@@ -958,7 +1004,7 @@ class Sweep:
             send_errors=self.send_errors, send_seconds=self.send_seconds,
             cpu_seconds=self.send_cpu + self.receive_cpu)
         self._result = SweepResult(self.addresses, self.status, self.code, self.rtt_us, stats)
-        self.requests, self.replies, self.expecting = (), b"", 0   # no reply reaches it any more
+        self.requests, self.replies, self.expecting = (), (), 0   # no reply reaches it any more
         self._sent.set()
         self._finished.set()
 
@@ -1067,30 +1113,37 @@ class Sweep:
             self._answered()
 
     def _credit_echo(self, k: int, now: float) -> None:
-        self._credit_echoes([(k, now)])
+        self._credit_echoes([k], [0], now)
 
-    def _credit_echoes(self, echoes: list) -> None:
-        """Echo replies, (target k, arrival time) each: an echo outranks an error that came
-        first, a second echo is a duplicate. This runs once per reply, so it holds what it
-        uses in locals."""
+    def _credit_echoes(self, targets: list, ages: list, now: float) -> None:
+        """Echo replies from `targets`, taken at `now` after waiting `ages` (microseconds) in
+        the kernel: an echo outranks an error that came first, a second echo is a duplicate.
+        This runs once per reply, so it holds what it uses in locals."""
         status, rtt_us, sent_at = self.status, self.rtt_us, self.sent_at
-        echo, answered = int(Status.ECHO_REPLY), len(echoes)    # NO_ANSWER is 0
-        for k, arrived in echoes:
-            old = status[k]
-            if old:
+        echo, answered = int(Status.ECHO_REPLY), len(targets)     # NO_ANSWER is 0
+        for k, age in zip(targets, ages):
+            if status[k]:
                 answered -= 1
-                if old == echo:
-                    self.duplicates += 1
-                    continue
-                if old == Status.EXCLUDED:      # never probed, so no reply of ours
-                    self.stray += 1
+                if not self._echo_after(k):
                     continue
             status[k] = echo
-            rtt = int((arrived - sent_at[k]) * 1e6)
+            rtt = int((now - sent_at[k]) * 1e6) - age
             # a late answer to an earlier round can beat the re-probe's send time: never < 0
             rtt_us[k] = rtt if 0 <= rtt <= 0xFFFFFFFF else min(max(rtt, 0), 0xFFFFFFFF)
         if answered:
             self._answered(answered)
+
+    def _echo_after(self, k: int) -> bool:
+        """Whether an echo from target k, which has an answer, counts: over an error it does;
+        a second echo is a duplicate, one from an excluded target (never probed, so no reply
+        of ours) a stray."""
+        if self.status[k] == Status.ECHO_REPLY:
+            self.duplicates += 1
+            return False
+        if self.status[k] == Status.EXCLUDED:
+            self.stray += 1
+            return False
+        return True
 
     def _answered(self, count: int = 1) -> None:
         self.round_answered += count
@@ -1348,7 +1401,7 @@ def _set_rcvbuf(sock: socket.socket, size: int) -> None:
 def _timestamps_on(sock: socket.socket) -> bool:
     """Ask the kernel to timestamp every packet it queues on `sock` (Linux)."""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
         return True
     except OSError:
         return False
@@ -1431,33 +1484,41 @@ class _Mmsg:
 
 class _RecvMmsg:
     """recvmmsg(2) through ctypes: one system call takes up to RECV_BATCH packets from a raw
-    socket (a receive tick finds dozens queued). Each packet gets a RECV_SLOT-byte slot of one
-    buffer, and a control slot for its SO_TIMESTAMPNS message, laid out once; recv() copies
-    out what the kernel filled. Each packet is scattered over two iovecs, its first 20 bytes
-    (the IPv4 header, without options) into one buffer of headers and the rest into a slot of
-    another, where an echo reply's ICMP message starts at the slot's start (see _Batch).
-    Same platforms as _Mmsg; elsewhere load() gives None and IcmpSocket uses recv."""
+    socket (a receive tick finds hundreds queued), with a control slot each for its
+    SO_TIMESTAMP message, all laid out once. Each packet is scattered over three iovecs:
+    its first HEAD bytes (the IPv4 header, without options) into a buffer of headers, the next
+    `echo_size` (the ICMP message of the echo reply a sweep expects) into a buffer where those
+    lie back to back, and the rest into a slot of a third (see _Batch):
+
+        heads   |hdr 0|hdr 1|hdr 2|...          HEAD bytes each
+        echoes  |echo 0|echo 1|echo 2|...       echo_size bytes each, dense
+        rest    |rest 0 ...  |rest 1 ...  |...  an error's longer quote, whatever is left
+
+    So a batch's echo replies can be checked with one comparison for all of them. Same
+    platforms as _Mmsg; elsewhere load() gives None and IcmpSocket uses recv."""
     WORDS = _Mmsg.WORDS
-    STAMP_WORDS = 4    # a control slot: struct cmsghdr (length, level, type) then a timespec
+    STAMP_WORDS = 4    # a control slot: struct cmsghdr (length, level, type) then a timeval
+    IOV_WORDS = 6      # three struct iovec (base, length) per packet
 
     def __init__(self, libc, ctypes):
         self.recvmmsg = libc.recvmmsg
         self.recvmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
         self.recvmmsg.restype = ctypes.c_int
         self.get_errno = ctypes.get_errno
-        self.heads, self.body = bytearray(HEAD * RECV_BATCH), bytearray(RECV_SLOT * RECV_BATCH)
-        # the kernel is handed raw pointers into both: these views keep them from being resized
-        self._pinned = [(ctypes.c_char * len(b)).from_buffer(b) for b in (self.heads, self.body)]
-        heads_at, body_at = map(ctypes.addressof, self._pinned)
-        self.iov = array.array("Q", bytes(32 * RECV_BATCH))   # two struct iovec: base, length
-        self.iov[0::4] = _pointers(heads_at, HEAD, RECV_BATCH)
-        self.iov[1::4] = array.array("Q", [HEAD]) * RECV_BATCH
-        self.iov[2::4] = _pointers(body_at, RECV_SLOT, RECV_BATCH)
-        self.iov[3::4] = array.array("Q", [RECV_SLOT - HEAD]) * RECV_BATCH
+        self.heads, self.echoes = bytearray(HEAD * RECV_BATCH), bytearray(ECHO_MAX * RECV_BATCH)
+        self.rest = bytearray(RECV_SLOT * RECV_BATCH)
+        # the kernel is handed raw pointers into them: these views keep them from being resized
+        self._pinned = [(ctypes.c_char * len(b)).from_buffer(b) for b in (self.heads, self.echoes, self.rest)]
+        self.iov = array.array("Q", bytes(8 * self.IOV_WORDS * RECV_BATCH))
+        self.iov[0::self.IOV_WORDS] = _pointers(ctypes.addressof(self._pinned[0]), HEAD, RECV_BATCH)
+        self.iov[1::self.IOV_WORDS] = array.array("Q", [HEAD]) * RECV_BATCH
+        self.iov[4::self.IOV_WORDS] = _pointers(ctypes.addressof(self._pinned[2]), RECV_SLOT, RECV_BATCH)
+        self._echoes_at, self.echo_size = ctypes.addressof(self._pinned[1]), -1
+        self.lay_out(PACKET_SIZE)
         self.stamps = array.array("q", bytes(8 * self.STAMP_WORDS * RECV_BATCH))
         self.msgs = array.array("Q", bytes(8 * self.WORDS * RECV_BATCH))   # no name
-        self.msgs[2::self.WORDS] = _pointers(self.iov.buffer_info()[0], 32, RECV_BATCH)
-        self.msgs[3::self.WORDS] = array.array("Q", [2]) * RECV_BATCH
+        self.msgs[2::self.WORDS] = _pointers(self.iov.buffer_info()[0], 8 * self.IOV_WORDS, RECV_BATCH)
+        self.msgs[3::self.WORDS] = array.array("Q", [3]) * RECV_BATCH
         self.msgs[4::self.WORDS] = _pointers(self.stamps.buffer_info()[0], 8 * self.STAMP_WORDS, RECV_BATCH)
         # the kernel writes back how much control it filled in: set them again before each call
         self.control_sizes = array.array("Q", [8 * self.STAMP_WORDS]) * RECV_BATCH
@@ -1468,10 +1529,21 @@ class _RecvMmsg:
     def load(cls):
         return _load_libc(cls, "recvmmsg")
 
-    def recv(self, fd: int) -> "_Batch":
-        """What is queued, up to RECV_BATCH packets (none: an empty batch), each with the
-        seconds since the kernel timestamped it (0.0 for a packet without a timestamp). The
-        batch lives in this object's buffers: it is valid until the next call."""
+    def lay_out(self, echo_size: int) -> None:
+        """Make the second iovec of each packet `echo_size` bytes (at most ECHO_MAX)."""
+        echo_size = min(max(echo_size, 0), ECHO_MAX)
+        if echo_size != self.echo_size:
+            self.echo_size, words = echo_size, self.IOV_WORDS
+            self.iov[2::words] = _pointers(self._echoes_at, echo_size, RECV_BATCH)
+            self.iov[3::words] = array.array("Q", [echo_size]) * RECV_BATCH
+            self.iov[5::words] = array.array("Q", [RECV_SLOT - HEAD - echo_size]) * RECV_BATCH
+
+    def recv(self, fd: int, echo_size: int = PACKET_SIZE) -> "_Batch":
+        """What is queued, up to RECV_BATCH packets (none: an empty batch), laid out for echo
+        replies of `echo_size` bytes, each with the microseconds since the kernel timestamped
+        it (0 for a packet without a timestamp). The batch lives in this object's buffers: it
+        is valid until the next call."""
+        self.lay_out(echo_size)
         self.msgs[5::self.WORDS] = self.control_sizes
         self.stamps[2::self.STAMP_WORDS] = self.no_stamps    # tv_sec 0: no timestamp came
         taken = self.recvmmsg(fd, self.msgs.buffer_info()[0], RECV_BATCH, socket.MSG_DONTWAIT, None)
@@ -1484,30 +1556,41 @@ class _RecvMmsg:
         # msg_len, the last word of each mmsghdr, is a 32-bit count: the kernel leaves the
         # word's upper half as we zeroed it
         sizes = self.msgs[self.WORDS - 1:self.WORDS * taken:self.WORDS].tolist()
-        return _Batch(self.heads, self.body, RECV_SLOT, sizes, self._ages(taken))
+        return _Batch(self.heads, self.echoes, self.echo_size, self.rest, RECV_SLOT, sizes, self._ages(taken))
 
     def _ages(self, taken: int) -> list:
-        """Each packet's age: now less its timestamp, both CLOCK_REALTIME. None waited longer
-        than since the queue was last found empty, so an age out of that range means the wall
-        clock stepped (NTP, a resume) in between: such a packet is timed now, as without stamps."""
-        now, wall, words = time.monotonic(), time.time(), self.STAMP_WORDS
-        oldest = now - self.emptied + 0.001
+        """Each packet's age in microseconds: now less its timestamp (a timeval), both
+        CLOCK_REALTIME. None waited longer than since the queue was last found empty, so an age
+        out of that range means the wall clock stepped (NTP, a resume) in between; such a
+        packet, or one without a stamp (tv_sec 0), is timed now (age 0)."""
+        now, wall, words = time.monotonic(), time.time_ns() // 1000, self.STAMP_WORDS
+        oldest = (now - self.emptied + 0.001) * 1e6
         if taken < RECV_BATCH:
             self.emptied = now
-        return [age if sec and 0.0 <= (age := wall - sec - nsec * 1e-9) <= oldest else 0.0
-                for sec, nsec in zip(self.stamps[2:words * taken:words], self.stamps[3:words * taken:words])]
+        secs, usecs = self.stamps[2:words * taken:words], self.stamps[3:words * taken:words]
+        # the usual batch was stamped within one second: then an age is one subtraction (and
+        # the checks are on the list made, as touching an array's items costs an int each)
+        if secs and secs[0] and secs.tobytes() == secs[:1].tobytes() * taken:
+            since = wall - secs[0] * 1_000_000
+            ages = [since - usec for usec in usecs]
+            if min(ages) >= 0 and max(ages) <= oldest:
+                return ages
+        ages = [wall - sec * 1_000_000 - usec for sec, usec in zip(secs, usecs)]
+        return [age if sec and 0 <= age <= oldest else 0 for sec, age in zip(secs, ages)]
 
 
 class _Batch:
     """Packets a raw socket took at once, laid out as recvmmsg(2) leaves them (_RecvMmsg):
     packet i's first HEAD bytes (its IPv4 header when it has no options) at heads[HEAD * i:],
-    the rest at body[stride * i:], sizes[i] bytes in all, ages[i] how long the kernel held it.
-    `sources` and `versions` are every packet's source address and version/IHL byte, read
-    for all at once. Iterating gives (packet, None, age), as IcmpSocket.recv does for a
-    datagram socket."""
+    its next `echo_size` bytes at echoes[echo_size * i:], the rest at rest[stride * i:];
+    sizes[i] bytes in all, ages[i] how long the kernel held it (microseconds). `sources` and
+    `versions` are every packet's source address and version/IHL byte, read for all at once.
+    Iterating gives (packet, None, age in seconds), as IcmpSocket.recv does for a datagram
+    socket."""
 
-    def __init__(self, heads, body, stride: int, sizes: list, ages: list):
-        self.heads, self.body, self.stride, self.sizes, self.ages = heads, body, stride, sizes, ages
+    def __init__(self, heads, echoes, echo_size: int, rest, stride: int, sizes: list, ages: list):
+        self.heads, self.echoes, self.echo_size, self.rest = heads, echoes, echo_size, rest
+        self.stride, self.sizes, self.ages = stride, sizes, ages
         count = len(sizes)
         words = bytearray(ADDRESS.size * count)
         for at in range(ADDRESS.size):       # bytes 12..15 of each header, as big-endian words
@@ -1516,22 +1599,30 @@ class _Batch:
         self.versions = heads[0:HEAD * count:HEAD]
 
     @classmethod
-    def of(cls, packets: list, ages=None) -> "_Batch":
-        """A batch of whole `packets` (each starting with its IPv4 header), copied into place."""
-        stride = max((len(p) - HEAD for p in packets), default=0)
+    def of(cls, packets: list, ages=None, echo_size: int = PACKET_SIZE) -> "_Batch":
+        """A batch of whole `packets` (each starting with its IPv4 header, `ages` in seconds),
+        copied into place."""
+        stride = max([0] + [len(p) - HEAD - echo_size for p in packets])
         heads = b"".join(p[:HEAD].ljust(HEAD, b"\0") for p in packets)
-        body = b"".join(p[HEAD:].ljust(stride, b"\0") for p in packets)
-        return cls(heads, body, stride, [len(p) for p in packets], ages or [0.0] * len(packets))
+        echoes = b"".join(p[HEAD:HEAD + echo_size].ljust(echo_size, b"\0") for p in packets)
+        rest = b"".join(p[HEAD + echo_size:].ljust(stride, b"\0") for p in packets)
+        ages = [int(age * 1e6) for age in ages] if ages else [0] * len(packets)
+        return cls(heads, echoes, echo_size, rest, stride, [len(p) for p in packets], ages)
+
+    def message(self, i: int) -> bytes:
+        """Packet i after its first HEAD bytes (after the IPv4 header, if it has no options)."""
+        size, echo_size = self.sizes[i] - HEAD, self.echo_size
+        at, more = echo_size * i, self.stride * i
+        return bytes(self.echoes[at:at + min(max(size, 0), echo_size)] + self.rest[more:more + max(size - echo_size, 0)])
 
     def packet(self, i: int) -> bytes:
-        size, at = self.sizes[i], self.stride * i
-        return bytes(self.heads[HEAD * i:HEAD * i + min(size, HEAD)] + self.body[at:at + max(size - HEAD, 0)])
+        return bytes(self.heads[HEAD * i:HEAD * i + min(self.sizes[i], HEAD)]) + self.message(i)
 
     def __len__(self) -> int:
         return len(self.sizes)
 
     def __iter__(self):
-        return ((self.packet(i), None, age) for i, age in enumerate(self.ages))
+        return ((self.packet(i), None, age / 1e6) for i, age in enumerate(self.ages))
 
 
 def _words(data: bytes) -> list:

@@ -281,6 +281,52 @@ def test_plain_echo_replies_take_the_fast_path_and_the_rest_the_full_one(monkeyp
     assert checked[1] == 1      # the reply with options; the duplicate is told on the fast path
 
 
+def expecting(sweeper, addresses, contact=b""):
+    """A sweep as _run leaves it on a raw socket, its probes built, before it sends."""
+    job = icmp.Sweep(sweeper, addresses, 0, 1, 1.0, None, None)
+    job.signer = icmp.Signer(contact=contact)
+    job.size = job.signer.packet_size
+    job.requests, replies = job.signer.probes(addresses)
+    job.replies, job.expecting = icmp._split(replies, job.size), len(addresses)
+    return job
+
+
+def test_a_batch_is_proven_a_run_at_a_time_and_what_breaks_a_run_takes_the_full_path(monkeypatch):
+    """Runs of the newest sweep's exact replies are claimed at once; an older sweep's reply,
+    an error, a forged MAC, a corrupt checksum, a reply signed with another secret and one
+    with IP options break the runs, and each is told apart exactly as packet by packet."""
+    parsed = collections.Counter()
+    parse = icmp.parse
+    monkeypatch.setattr(icmp, "parse", lambda *a: parsed.update([1]) or parse(*a))
+    sweeper = icmp.Sweeper(sock=FakeSocket())
+    older = expecting(sweeper, range(LOOP + 0x10000, LOOP + 0x10100))
+    newest = expecting(sweeper, range(LOOP, LOOP + 256), contact=b"abuse@example.org")
+
+    def reply(job, k, options=b""):
+        return ip_packet(job.addresses[k], LOOP + 1, echo_reply(job.requests[k]), options)
+
+    forged = bytearray(echo_reply(newest.requests[40]))
+    forged[-1] ^= 1                                   # the MAC, under a right checksum
+    corrupt = bytearray(reply(newest, 43))
+    corrupt[-1] ^= 1                                  # a wrong checksum: not an answer at all
+    stranger = icmp.Signer(contact=b"abuse@example.org").request(LOOP + 41)
+    packets = ([reply(newest, k) for k in range(30)] + [reply(older, 7)]
+               + [reply(newest, k) for k in range(30, 35)]
+               + [ip_packet(LOOP + 0x99, LOOP + 1, unreachable(LOOP + 50, newest.requests[50]))]
+               + [ip_packet(LOOP + 40, LOOP + 1, with_checksum(bytes(forged))), reply(newest, 3), bytes(corrupt)]
+               + [ip_packet(LOOP + 41, LOOP + 1, echo_reply(stranger))]
+               + [reply(newest, 42, options=b"\x01\x01\x01\x00")] + [reply(newest, k) for k in range(60, 200)])
+    batch = icmp._Batch.of(packets, [0.001] * len(packets), echo_size=newest.size)
+    credited = sweeper._credit_batch([newest, older], batch, 10.0)
+    echoes = {k for k, status in enumerate(newest.status) if status == icmp.Status.ECHO_REPLY}
+    assert echoes == set(range(35)) | {42} | set(range(60, 200))
+    assert newest.status[50] == icmp.Status.UNREACHABLE and newest.status[40] == icmp.Status.NO_ANSWER
+    assert (newest.duplicates, newest.bad_payload, newest.stray) == (1, 2, 1)
+    assert [k for k, status in enumerate(older.status) if status] == [7]
+    assert credited == {newest: len(packets) - 1, older: 1}
+    assert parsed[1] == 5     # the error, the forged MAC, the corrupt one, the stranger and the one with options
+
+
 def test_only_a_reply_proving_our_probe_to_that_address_counts():
     signer = icmp.Signer(SECRET)
     target = LOOP + 0x0203
@@ -653,7 +699,8 @@ def test_packets_naming_addresses_outside_the_sweep_cost_no_hash():
     def respond(target, request):
         forged = [ip_packet(LOOP + 254, LOOP + 1, unreachable(addr, other.request(addr))) for addr in outside]
         echo = ip_packet(outside[0], LOOP + 1, echo_reply(other.request(outside[0])))
-        return [ip_packet(target, LOOP + 1, echo_reply(request)), echo] + forged if target == LOOP else \
+        # the flood first: the sweep, all answered, may end as soon as its echoes are in
+        return [echo] + forged + [ip_packet(target, LOOP + 1, echo_reply(request))] if target == LOOP else \
             [ip_packet(target, LOOP + 1, echo_reply(request))]
 
     with icmp.Sweeper(FakeSocket(respond)) as sweeper:
@@ -770,7 +817,7 @@ def test_plain_sendto_path_without_sendmmsg(mmsg):
 class NoRecvmmsg:
     """A libc whose recvmmsg is missing at run time (ENOSYS), as in some sandboxes."""
 
-    def recv(self, fd):
+    def recv(self, fd, echo_size):
         raise OSError(errno.ENOSYS, "recvmmsg")
 
 
@@ -816,9 +863,9 @@ def test_an_age_the_wall_clock_stepped_under_is_not_believed():
     receiver.emptied = time.monotonic() - 0.5
     wall = time.time()
     for k, stamp in enumerate((wall - 0.25, wall + 5.0, wall - 100.0)):
-        receiver.stamps[4 * k + 2:4 * k + 4] = array.array("q", divmod(int(stamp * 1e9), 10 ** 9))
-    ages = receiver._ages(3)
-    assert 0.24 < ages[0] < 0.3 and ages[1:] == [0.0, 0.0]
+        receiver.stamps[4 * k + 2:4 * k + 4] = array.array("q", divmod(int(stamp * 1e6), 10 ** 6))
+    ages = receiver._ages(3)                                  # microseconds
+    assert 240_000 < ages[0] < 300_000 and ages[1:] == [0, 0]
     assert receiver.emptied > time.monotonic() - 0.1         # this call found the queue empty
 
 
