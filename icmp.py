@@ -29,8 +29,8 @@ and Signer.check().
 At a limited rate the sender wakes every BATCH_SECONDS and sends what its token bucket holds
 in one call; while replies flow the receiver takes them every RECV_TICK, with the kernel's
 timestamp of each (so RTTs stay exact), and when none do it sleeps in select(). So pacing
-costs about a hundred and fifty wake-ups a second, not thousands. `sweep()` is one sweep, start to
-end. Standard library only: a volunteer copies this file with ping_client.py.
+costs about a hundred and twenty wake-ups a second, not thousands. `sweep()` is one sweep,
+start to end. Standard library only: a volunteer copies this file with ping_client.py.
 """
 import argparse
 import array
@@ -108,6 +108,8 @@ RECV_IDLE = 1.0          # the receiver's longest wait in select(); packets or w
 # hundreds at a time, rather than waking for the first of each few: the kernel's timestamp,
 # not the moment recv() ran, is when a reply arrived, so its RTT stays exact.
 RECV_TICK = 0.05
+FLAT_OUT_RATE = 400_000  # replies a second a sweep flat out may bring (2 lanes on lo), for the tick
+QUEUED_BYTES = 2048      # what the kernel charges a queued reply (832 B on lo, up to 2 KB from a NIC)
 RECV_BATCH = 256         # packets taken per recv(); fewer means the socket's queue was emptied
 RECV_SLOT = 2048         # bytes kept of a received packet: an echo reply or an error with its quote
 RUN_MIN = 4              # a run of packets the fast path could not prove at once is halved down to this
@@ -466,6 +468,9 @@ class IcmpSocket:
         # the ICMP message size of the echo replies recv() lays out back to back (see _Batch):
         # a sweep sets it to that of the replies it expects
         self.echo_size = PACKET_SIZE
+        # how many replies its queue holds before the kernel drops them (the receiver's tick
+        # must not be longer than it takes to fill)
+        self.queue_packets = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // QUEUED_BYTES
         self._vectors = []     # [(outbox, its sendmmsg vectors)], the newest first, built once per outbox
         self._lock = threading.Lock()
         # wake() makes a recv() waiting in select return at once: a receiver can block for
@@ -494,7 +499,7 @@ class IcmpSocket:
                 # Linux keeps ICMP errors away from a datagram socket's data; with IP_RECVERR
                 # it queues them (with the probe they quote) on the socket's error queue
                 sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
-        _set_rcvbuf(sock, rcvbuf)
+        _set_rcvbuf(sock, rcvbuf)     # root may be refused more than net.core.rmem_max (no CAP_NET_ADMIN)
         sock.setblocking(False)
         # a companion must not receive: only Linux can filter every ICMP type away from it
         parallel = kind == "raw" and sys.platform.startswith("linux")
@@ -736,10 +741,11 @@ class Sweeper:
             got = []
             while not self._closing:
                 begun = time.thread_time()
+                self._lay_out()
                 if len(got) == RECV_BATCH:               # more is queued: take it now
                     got = self.sock.recv(0.0)
                 elif got and self.sock.stamps:           # replies flow: take them a tick at a time
-                    got = self.sock.recv(RECV_TICK, settle=True)
+                    got = self.sock.recv(self._tick(), settle=True)
                 else:                                    # quiet: sleep until something comes
                     got = self.sock.recv(RECV_IDLE)
                 if got:
@@ -753,6 +759,20 @@ class Sweeper:
                 self.failure, active = exc, list(self._active)
             for job in active:
                 job.fail(exc)
+
+    def _lay_out(self) -> None:
+        """Have the socket lay out echo replies of the size the newest sweep that looks them
+        up expects (see _Batch): most replies answer it."""
+        newest = next((job for job in reversed(self._active) if job.expecting), None)
+        if newest is not None:
+            self.sock.echo_size = newest.size
+
+    def _tick(self) -> float:
+        """RECV_TICK, or less when the socket's queue would not hold a tick of replies at the
+        rate of the sweeps in flight (with half of it to spare): a full queue drops replies,
+        which the census would read as silence. A sweep flat out counts as FLAT_OUT_RATE."""
+        rate = sum(job.rate or FLAT_OUT_RATE for job in self._active)
+        return min(RECV_TICK, self.sock.queue_packets / 2 / rate) if rate else RECV_TICK
 
     def _dispatch(self, got: list, begun: float) -> None:
         now = self.clock()
@@ -773,7 +793,7 @@ class Sweeper:
         credited = dict.fromkeys(active, 0)
         claims = {job: ([], []) for job in active}     # the targets it answers, their ages (us)
         if isinstance(got, _Batch):
-            rest = [(got.packet(i), None, got.ages[i] / 1e6) for i in cls._claim_echoes(active, got, now, claims)]
+            rest = [(got.packet(i), None, got.ages[i] / 1e6) for i in cls._claim_echoes(active, got, claims)]
         else:
             rest = got
         for job, (targets, ages) in claims.items():
@@ -785,7 +805,7 @@ class Sweeper:
         return credited
 
     @classmethod
-    def _claim_echoes(cls, active: list, got: "_Batch", now: float, claims: dict) -> list:
+    def _claim_echoes(cls, active: list, got: "_Batch", claims: dict) -> list:
         """The fast path, for a raw socket: an echo reply exactly as RFC 792 answers one of our
         probes (IPv4 header without options) is, after the header, byte for byte the reply its
         sweep built for the target its source names. That proves it (source, checksum,
@@ -796,7 +816,7 @@ class Sweeper:
         claims[sweep]; returns the indices of the other packets, in order."""
         newest, count = active[0], len(got)
         if not newest.expecting or newest.size != got.echo_size:
-            return cls._claim_each(active, got, range(count), now, claims)
+            return cls._claim_each(active, got, range(count), claims)
         whole, first, end = HEAD + newest.size, newest.first, newest.first + newest.expecting
         sizes, sources = got.sizes, got.sources
         if sizes.count(whole) == count and first <= min(sources, default=first) and max(sources, default=first) < end:
@@ -806,13 +826,13 @@ class Sweeper:
         rest, edges = [], [-1, *others, count]
         for before, after in zip(edges, edges[1:]):
             if after - before > 1:
-                cls._claim_run(active, got, before + 1, after, now, claims, rest)
+                cls._claim_run(active, got, before + 1, after, claims, rest)
             if after < count:
-                rest += cls._claim_each(active, got, (after,), now, claims)
+                rest += cls._claim_each(active, got, (after,), claims)
         return rest
 
     @classmethod
-    def _claim_run(cls, active: list, got: "_Batch", lo: int, hi: int, now: float, claims: dict, rest: list) -> None:
+    def _claim_run(cls, active: list, got: "_Batch", lo: int, hi: int, claims: dict, rest: list) -> None:
         """Packets lo..hi-1, each the size of the newest sweep's replies and from one of its
         targets: claim them all when they are exactly its replies, with one comparison; else
         halve the run, down to a few packets checked one by one (another sweep's reply, a stray)."""
@@ -823,15 +843,15 @@ class Sweeper:
             claimed, ages = claims[job]
             claimed += targets
             ages += got.ages[lo:hi]
-        elif hi - lo > RUN_MIN:
+        elif hi - lo > max(RUN_MIN, 1):
             middle = (lo + hi) // 2
-            cls._claim_run(active, got, lo, middle, now, claims, rest)
-            cls._claim_run(active, got, middle, hi, now, claims, rest)
+            cls._claim_run(active, got, lo, middle, claims, rest)
+            cls._claim_run(active, got, middle, hi, claims, rest)
         else:
-            rest += cls._claim_each(active, got, range(lo, hi), now, claims)
+            rest += cls._claim_each(active, got, range(lo, hi), claims)
 
     @staticmethod
-    def _claim_each(active: list, got: "_Batch", indices, now: float, claims: dict) -> list:
+    def _claim_each(active: list, got: "_Batch", indices, claims: dict) -> list:
         """_claim_echoes() packet by packet, against every sweep: the indices none claims."""
         rest = []
         for i in indices:
@@ -959,8 +979,6 @@ class Sweep:
             self.size = self.signer.packet_size
             self.requests, replies = self.signer.probes(self.addresses, replies=expect)
             self.replies = _split(replies, self.size)
-            if expect:
-                sock.echo_size = self.size       # its receive buffers lay such replies out back to back
             self.expecting = len(self.addresses) if expect else 0   # now the receiver may look them up
             order = permutation(len(self.addresses))
             for round_number in range(1, self.probes + 1):
@@ -1118,7 +1136,7 @@ class Sweep:
     def _credit_echoes(self, targets: list, ages: list, now: float) -> None:
         """Echo replies from `targets`, taken at `now` after waiting `ages` (microseconds) in
         the kernel: an echo outranks an error that came first, a second echo is a duplicate.
-        This runs once per reply, so it holds what it uses in locals."""
+        Its loop runs once per reply, so it holds what it uses in locals."""
         status, rtt_us, sent_at = self.status, self.rtt_us, self.sent_at
         echo, answered = int(Status.ECHO_REPLY), len(targets)     # NO_ANSWER is 0
         for k, age in zip(targets, ages):
@@ -1546,6 +1564,7 @@ class _RecvMmsg:
         self.lay_out(echo_size)
         self.msgs[5::self.WORDS] = self.control_sizes
         self.stamps[2::self.STAMP_WORDS] = self.no_stamps    # tv_sec 0: no timestamp came
+        called = time.monotonic()     # the queue, if this call empties it, was empty after this
         taken = self.recvmmsg(fd, self.msgs.buffer_info()[0], RECV_BATCH, socket.MSG_DONTWAIT, None)
         if taken < 0:
             err = self.get_errno()
@@ -1556,17 +1575,18 @@ class _RecvMmsg:
         # msg_len, the last word of each mmsghdr, is a 32-bit count: the kernel leaves the
         # word's upper half as we zeroed it
         sizes = self.msgs[self.WORDS - 1:self.WORDS * taken:self.WORDS].tolist()
-        return _Batch(self.heads, self.echoes, self.echo_size, self.rest, RECV_SLOT, sizes, self._ages(taken))
+        return _Batch(self.heads, self.echoes, self.echo_size, self.rest, RECV_SLOT, sizes, self._ages(taken, called))
 
-    def _ages(self, taken: int) -> list:
+    def _ages(self, taken: int, called: float) -> list:
         """Each packet's age in microseconds: now less its timestamp (a timeval), both
-        CLOCK_REALTIME. None waited longer than since the queue was last found empty, so an age
-        out of that range means the wall clock stepped (NTP, a resume) in between; such a
-        packet, or one without a stamp (tv_sec 0), is timed now (age 0)."""
+        CLOCK_REALTIME. None waited longer than since the queue was last found empty (by a
+        call made at `called`, monotonic), so an age out of that range means the wall clock
+        stepped (NTP, a resume) in between; such a packet, or one without a stamp (tv_sec 0),
+        is timed now (age 0)."""
         now, wall, words = time.monotonic(), time.time_ns() // 1000, self.STAMP_WORDS
         oldest = (now - self.emptied + 0.001) * 1e6
         if taken < RECV_BATCH:
-            self.emptied = now
+            self.emptied = called
         secs, usecs = self.stamps[2:words * taken:words], self.stamps[3:words * taken:words]
         # the usual batch was stamped within one second: then an age is one subtraction (and
         # the checks are on the list made, as touching an array's items costs an int each)

@@ -292,15 +292,19 @@ def expecting(sweeper, addresses, contact=b""):
 
 
 def test_a_batch_is_proven_a_run_at_a_time_and_what_breaks_a_run_takes_the_full_path(monkeypatch):
-    """Runs of the newest sweep's exact replies are claimed at once; an older sweep's reply,
-    an error, a forged MAC, a corrupt checksum, a reply signed with another secret and one
-    with IP options break the runs, and each is told apart exactly as packet by packet."""
-    parsed = collections.Counter()
-    parse = icmp.parse
+    """Runs of the newest sweep's exact replies are claimed at once; an older sweep's reply
+    of the same size, an error, a forged MAC, a corrupt checksum, a reply signed with another
+    secret and one with IP options break the runs (a run that fails is halved), and each is
+    told apart, and timed, exactly as packet by packet."""
+    parsed, each = collections.Counter(), []
+    parse, claim_each = icmp.parse, icmp.Sweeper._claim_each
     monkeypatch.setattr(icmp, "parse", lambda *a: parsed.update([1]) or parse(*a))
+    monkeypatch.setattr(icmp.Sweeper, "_claim_each", staticmethod(
+        lambda active, got, indices, claims: each.extend(indices) or claim_each(active, got, indices, claims)))
     sweeper = icmp.Sweeper(sock=FakeSocket())
-    older = expecting(sweeper, range(LOOP + 0x10000, LOOP + 0x10100))
+    older = expecting(sweeper, range(LOOP, LOOP + 256), contact=b"abuse@example.org")    # the same targets
     newest = expecting(sweeper, range(LOOP, LOOP + 256), contact=b"abuse@example.org")
+    newest.sent_at = [9.99] * 256
 
     def reply(job, k, options=b""):
         return ip_packet(job.addresses[k], LOOP + 1, echo_reply(job.requests[k]), options)
@@ -310,21 +314,27 @@ def test_a_batch_is_proven_a_run_at_a_time_and_what_breaks_a_run_takes_the_full_
     corrupt = bytearray(reply(newest, 43))
     corrupt[-1] ^= 1                                  # a wrong checksum: not an answer at all
     stranger = icmp.Signer(contact=b"abuse@example.org").request(LOOP + 41)
-    packets = ([reply(newest, k) for k in range(30)] + [reply(older, 7)]
-               + [reply(newest, k) for k in range(30, 35)]
+    long_run = [reply(newest, k) for k in range(60, 200)]
+    long_run[70:70] = [reply(older, 7), bytes(corrupt), reply(newest, 61)]      # inside a run
+    packets = ([reply(newest, k) for k in range(30)]
                + [ip_packet(LOOP + 0x99, LOOP + 1, unreachable(LOOP + 50, newest.requests[50]))]
-               + [ip_packet(LOOP + 40, LOOP + 1, with_checksum(bytes(forged))), reply(newest, 3), bytes(corrupt)]
+               + [ip_packet(LOOP + 40, LOOP + 1, with_checksum(bytes(forged))), reply(newest, 3)]
                + [ip_packet(LOOP + 41, LOOP + 1, echo_reply(stranger))]
-               + [reply(newest, 42, options=b"\x01\x01\x01\x00")] + [reply(newest, k) for k in range(60, 200)])
+               + [reply(newest, 42, options=b"\x01\x01\x01\x00")] + long_run)
     batch = icmp._Batch.of(packets, [0.001] * len(packets), echo_size=newest.size)
     credited = sweeper._credit_batch([newest, older], batch, 10.0)
     echoes = {k for k, status in enumerate(newest.status) if status == icmp.Status.ECHO_REPLY}
-    assert echoes == set(range(35)) | {42} | set(range(60, 200))
+    assert echoes == set(range(30)) | {42} | set(range(60, 200))
     assert newest.status[50] == icmp.Status.UNREACHABLE and newest.status[40] == icmp.Status.NO_ANSWER
-    assert (newest.duplicates, newest.bad_payload, newest.stray) == (1, 2, 1)
+    assert (newest.duplicates, newest.bad_payload, newest.stray) == (2, 2, 1)      # 3 and 61 twice
     assert [k for k, status in enumerate(older.status) if status] == [7]
     assert credited == {newest: len(packets) - 1, older: 1}
     assert parsed[1] == 5     # the error, the forged MAC, the corrupt one, the stranger and the one with options
+    # the run of 143 with two strangers in it was halved: few of its packets went one by one
+    assert len([i for i in each if i >= len(packets) - len(long_run)]) <= 4 * icmp.RUN_MIN
+    # 10 s less 9.99 s sent less 1 ms in the kernel, on the fast path and the full one alike
+    # (to the microsecond: each truncates its float once)
+    assert {newest.rtt_us[k] for k in (0, 29, 42, 60, 199)} <= {8999, 9000}
 
 
 def test_only_a_reply_proving_our_probe_to_that_address_counts():
@@ -666,7 +676,7 @@ def test_overlapping_sweeps_on_one_socket_each_get_their_own_replies(kind):
 class StampingSocket(FakeSocket):
     """A raw socket whose packets carry kernel timestamps: its receiver, while replies flow,
     should take them a tick at a time (settle), not wake for each."""
-    stamps = True
+    stamps, queue_packets = True, 100_000
 
     def __init__(self):
         super().__init__()
@@ -864,9 +874,44 @@ def test_an_age_the_wall_clock_stepped_under_is_not_believed():
     wall = time.time()
     for k, stamp in enumerate((wall - 0.25, wall + 5.0, wall - 100.0)):
         receiver.stamps[4 * k + 2:4 * k + 4] = array.array("q", divmod(int(stamp * 1e6), 10 ** 6))
-    ages = receiver._ages(3)                                  # microseconds
+    ages = receiver._ages(3, time.monotonic())                # microseconds
     assert 240_000 < ages[0] < 300_000 and ages[1:] == [0, 0]
     assert receiver.emptied > time.monotonic() - 0.1         # this call found the queue empty
+
+
+def test_a_reply_queued_while_the_last_call_waited_for_the_gil_keeps_its_age():
+    """A call that emptied the queue bounds the next packets' ages from when it was made, not
+    from when it got the interpreter back: a reply queued in between is not timed anew."""
+    receiver = icmp._RecvMmsg.load()
+    if receiver is None:
+        pytest.skip("recvmmsg through ctypes: 64-bit little-endian Linux only")
+    receiver._ages(0, time.monotonic() - 0.05)        # made 50 ms ago, found the queue empty
+    receiver.stamps[2:4] = array.array("q", divmod(int((time.time() - 0.049) * 1e6), 10 ** 6))
+    assert 45_000 < receiver._ages(1, time.monotonic())[0] < 80_000
+
+
+class Queue(FakeSocket):
+    stamps = True
+
+    def __init__(self, queue_packets):
+        super().__init__()
+        self.queue_packets = queue_packets
+
+
+def test_the_receive_tick_is_never_longer_than_the_queue_takes_to_fill():
+    """While replies flow the receiver sleeps a tick: the socket's queue must hold a tick of
+    them (with half to spare), or the kernel drops replies the census would read as silence."""
+    for queue, rates, tick in ((100_000, [10_000], icmp.RECV_TICK), (200, [10_000], 0.01),
+                               (200, [5_000, 5_000], 0.01), (16_000, [0], 0.02)):     # 0: flat out
+        sweeper = icmp.Sweeper(Queue(queue))
+        sweeper._active = [icmp.Sweep(sweeper, range(LOOP, LOOP + 16), rate, 1, 1.0, None, None) for rate in rates]
+        assert sweeper._tick() == pytest.approx(tick)
+
+
+@pytest.mark.needs_root
+def test_a_socket_knows_how_many_replies_its_queue_holds():
+    with icmp.IcmpSocket.open(rcvbuf=204_800) as sock:          # the kernel doubles it: 400 KB
+        assert sock.queue_packets == 409_600 // icmp.QUEUED_BYTES
 
 
 NOBODY = 65534
