@@ -920,6 +920,38 @@ def test_a_socket_knows_how_many_replies_its_queue_holds():
         assert sock.queue_packets == 409_600 // icmp.QUEUED_BYTES
 
 
+class Dropping(FakeSocket):
+    """A socket whose kernel drops `lost` packets while the sweep runs, its queue full."""
+
+    def __init__(self, lost):
+        super().__init__()
+        self.lost, self.dropped = lost, 100      # drops before the sweep are not its own
+
+    def send(self, outbox, start, stop, lane=0):
+        self.dropped += self.lost
+        return super().send(outbox, start, stop, lane)
+
+    def drops(self):
+        return self.dropped
+
+
+@pytest.mark.parametrize("lost", [0, 7])
+def test_a_sweep_reports_the_packets_the_kernel_dropped_while_it_ran(lost):
+    result = icmp.sweep(range(LOOP, LOOP + 16), cooldown=0.2, allow=ALLOW, sock=Dropping(lost))
+    assert result.stats.dropped == lost and result.stats.replies == 16
+
+
+@pytest.mark.needs_root
+def test_a_full_queue_is_counted_as_drops():
+    mark = os.urandom(8)
+    with icmp.IcmpSocket.open(rcvbuf=2048) as sock, icmp.IcmpSocket.open(lanes=1) as other:
+        before = sock.drops()
+        for seq in range(100):        # the replies to 127.0.0.1, unread: a 4 KB queue holds a few
+            other.sock.sendto(icmp.echo_request(0x4343, seq, mark), ("127.0.0.1", 0))
+        time.sleep(0.1)
+        assert sock.drops() - before > 50
+
+
 NOBODY = 65534
 
 
