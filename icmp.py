@@ -83,6 +83,8 @@ ICMP_FILTER = 1          # linux/icmp.h: a bit mask of ICMP types the kernel mus
 SO_RCVBUFFORCE = 33      # linux/socket.h: root may exceed net.core.rmem_max with it
 SO_TIMESTAMP = 29        # asm-generic/socket.h: each packet's arrival (CLOCK_REALTIME, a timeval) as a cmsg
 IP_RECVERR = 11          # linux/in.h
+SO_MEMINFO = 55          # linux/socket.h: a socket's memory counters (u32 each) ...
+MEMINFO_DROPS = 8        # ... of which SK_MEMINFO_DROPS counts the packets its full queue dropped
 SO_EE_ORIGIN_ICMP = 2    # linux/errqueue.h: the error came from an ICMP message
 EXTENDED_ERR = struct.Struct("=IBBBBII")   # struct sock_extended_err, then the offender's sockaddr
 
@@ -189,6 +191,9 @@ class SweepStats(NamedTuple):
     send_errors: int = 0
     send_seconds: float = 0.0   # time spent sending (first to last send of each round)
     cpu_seconds: float = 0.0    # CPU (user + system) of its sender threads and its share of the receiver's
+    # packets the kernel dropped on the socket, its queue full, while the sweep was in flight:
+    # perhaps its own replies, so a silent target may not be silent
+    dropped: int = 0
 
 
 class SweepResult(NamedTuple):
@@ -559,6 +564,18 @@ class IcmpSocket:
             return _Batch.of(got, echo_size=self.echo_size)
         return got + self._queued_errors()
 
+    def drops(self) -> int:
+        """How many packets the kernel has dropped on this socket so far, its queue full:
+        replies the census would read as silence (0 where it cannot tell: not Linux, or
+        before Linux 4.4)."""
+        if not sys.platform.startswith("linux"):
+            return 0
+        try:
+            counters = self.sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * (MEMINFO_DROPS + 1))
+        except OSError:
+            return 0
+        return int.from_bytes(counters[4 * MEMINFO_DROPS:4 * MEMINFO_DROPS + 4], sys.byteorder)
+
     def wake(self) -> None:
         """Make a recv() that is waiting (or the next one) return at once."""
         try:
@@ -705,6 +722,7 @@ class Sweeper:
                 raise self.failure
             # its own secret, so replies find their sweep; it hashes only the sweep's targets
             job.signer = Signer(contact=contact, covers=lambda addr: job.index(addr) is not None)
+            job.drops_before = self._drops()
             self._active.append(job)
         worker = threading.Thread(target=job._run, args=(self.sock,), name="icmp-sweep", daemon=True)
         self._workers = [w for w in self._workers if w.is_alive()] + [worker]
@@ -894,8 +912,14 @@ class Sweeper:
         with self._lock:                  # after this no reply reaches the job
             if job in self._active:
                 self._active.remove(job)
+        job.dropped = self._drops() - job.drops_before
         job._close(self.sock.kind)
         self._notify()
+
+    def _drops(self) -> int:
+        """The socket's count of packets dropped so far (0 from a socket that cannot tell)."""
+        counter = getattr(self.sock, "drops", None)
+        return counter() if callable(counter) else 0
 
     def _notify(self) -> None:
         with self._changed:
@@ -932,6 +956,7 @@ class Sweep:
         self.excluded = self.rounds = self.sent = self.send_errors = 0
         self.stray = self.wrong_source = self.bad_payload = self.duplicates = 0
         self.send_seconds = self.send_cpu = self.receive_cpu = 0.0
+        self.drops_before = self.dropped = 0     # the socket's drop count at the start; drops since
         self.round_sent = self.round_answered = 0
         self.sending, self.stopping, self.failure, self._result = False, False, None, None
         self.quiet = threading.Event()
@@ -1020,7 +1045,7 @@ class Sweep:
             bad_payload=self.bad_payload, duplicates=self.duplicates, rounds=self.rounds,
             elapsed=self.clock() - self.started, kind=kind, time_exceeded=count(Status.TIME_EXCEEDED),
             send_errors=self.send_errors, send_seconds=self.send_seconds,
-            cpu_seconds=self.send_cpu + self.receive_cpu)
+            cpu_seconds=self.send_cpu + self.receive_cpu, dropped=self.dropped)
         self._result = SweepResult(self.addresses, self.status, self.code, self.rtt_us, stats)
         self.requests, self.replies, self.expecting = (), (), 0   # no reply reaches it any more
         self._sent.set()

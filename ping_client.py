@@ -308,7 +308,8 @@ def tally(result) -> tuple[int, int, int, int]:
 
 
 def incomplete(result) -> str:
-    """Why the sweep may have left addresses unprobed (their '0' would be a lie); '' if not."""
+    """Why the sweep may have left addresses unprobed or replies unheard (their '0' would be a
+    lie); '' if not."""
     stats, probed = result.stats, tally(result)[0]
     if not probed:
         return "nothing was probed: every address is excluded"
@@ -320,6 +321,10 @@ def incomplete(result) -> str:
                 f"so some addresses may never have been probed")
     if stats.sent < probed:
         return f"the sweep stopped (--timeout) after {stats.sent:,} probes for {probed:,} targets"
+    if stats.dropped:
+        return (f"the kernel dropped {stats.dropped:,} packets on the ICMP socket (its receive queue "
+                f"was full), so some live addresses may read as silent; a lower --rate or a larger "
+                f"queue (sudo sysctl -w net.core.rmem_max=33554432) avoids that")
     return ""
 
 

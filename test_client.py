@@ -313,6 +313,7 @@ def test_rtt_golden_bytes_and_round_trip():
     ({"sent": 70000, "send_errors": 1, "rounds": 2}, "could not be sent"),
     ({"sent": 70000, "send_errors": 1, "rounds": 3}, ""),          # cannot hide an address
     ({"excluded": range(65536)}, "nothing was probed"),
+    ({"dropped": 3}, "dropped 3 packets"),                       # a full receive queue
 ])
 def test_incomplete_sweeps(stats, why):
     reason = ping_client.incomplete(fake_result(LOOP, **stats))

@@ -844,10 +844,15 @@ def test_plain_recv_path_without_recvmmsg(recv_mmsg):
 
 
 @pytest.mark.needs_root
-def test_recvmmsg_takes_what_is_queued_byte_for_byte():
+@pytest.mark.parametrize("echo_size", [icmp.PACKET_SIZE, 0, icmp.ECHO_MAX])
+def test_recvmmsg_takes_what_is_queued_byte_for_byte(echo_size):
+    """Whatever the echo layout, each packet comes back whole from its three buffers: shorter
+    and longer than the echo slot, and one cut at RECV_SLOT."""
     mark = os.urandom(8)   # other tests' pings on the host's lo reach this raw socket too
     with icmp.IcmpSocket.open() as sock:
-        probes = [icmp.echo_request(0x4242, seq, mark + b"x" * (seq % 7)) for seq in range(600)]
+        sock.echo_size = echo_size
+        probes = [icmp.echo_request(0x4242, seq, mark + b"x" * (seq % 80)) for seq in range(600)]
+        probes.append(icmp.echo_request(0x4242, 600, mark + b"y" * 2100))
         for probe in probes:
             sock.sock.sendto(probe, ("127.0.0.1", 0))
         time.sleep(0.2)                        # the replies wait in the queue: their age shows it
@@ -859,8 +864,9 @@ def test_recvmmsg_takes_what_is_queued_byte_for_byte():
             ours += [packet[20:] for packet, _ in mine]
             ages += [age for _, age in mine]
         assert sock.stamps
-    assert [m[4:] for m in ours] == [probe[4:] for probe in probes]   # each whole, in order
-    assert all(m[:2] == b"\0\0" and icmp.checksum(m) == 0 for m in ours)
+    cut = icmp.RECV_SLOT - icmp.HEAD
+    assert [m[4:] for m in ours] == [probe[4:cut] for probe in probes]   # each whole, in order
+    assert all(m[:2] == b"\0\0" and icmp.checksum(m) == 0 for m in ours[:-1])
     assert 0.19 < min(ages) and max(ages) < 5                          # kernel timestamps
 
 
@@ -912,6 +918,38 @@ def test_the_receive_tick_is_never_longer_than_the_queue_takes_to_fill():
 def test_a_socket_knows_how_many_replies_its_queue_holds():
     with icmp.IcmpSocket.open(rcvbuf=204_800) as sock:          # the kernel doubles it: 400 KB
         assert sock.queue_packets == 409_600 // icmp.QUEUED_BYTES
+
+
+class Dropping(FakeSocket):
+    """A socket whose kernel drops `lost` packets while the sweep runs, its queue full."""
+
+    def __init__(self, lost):
+        super().__init__()
+        self.lost, self.dropped = lost, 100      # drops before the sweep are not its own
+
+    def send(self, outbox, start, stop, lane=0):
+        self.dropped += self.lost
+        return super().send(outbox, start, stop, lane)
+
+    def drops(self):
+        return self.dropped
+
+
+@pytest.mark.parametrize("lost", [0, 7])
+def test_a_sweep_reports_the_packets_the_kernel_dropped_while_it_ran(lost):
+    result = icmp.sweep(range(LOOP, LOOP + 16), cooldown=0.2, allow=ALLOW, sock=Dropping(lost))
+    assert result.stats.dropped == lost and result.stats.replies == 16
+
+
+@pytest.mark.needs_root
+def test_a_full_queue_is_counted_as_drops():
+    mark = os.urandom(8)
+    with icmp.IcmpSocket.open(rcvbuf=2048) as sock, icmp.IcmpSocket.open(lanes=1) as other:
+        before = sock.drops()
+        for seq in range(100):        # the replies to 127.0.0.1, unread: a 4 KB queue holds a few
+            other.sock.sendto(icmp.echo_request(0x4343, seq, mark), ("127.0.0.1", 0))
+        time.sleep(0.1)
+        assert sock.drops() - before > 50
 
 
 NOBODY = 65534
