@@ -471,7 +471,7 @@ class IcmpSocket:
         self._recv_mmsg = _RecvMmsg.load() if self.has_ip_header else None
         self._stamping = self._recv_mmsg is not None and _timestamps_on(sock)
         # the ICMP message size of the echo replies recv() lays out back to back (see _Batch):
-        # a sweep sets it to that of the replies it expects
+        # the receiver sets it to that of the newest sweep's replies (Sweeper._lay_out)
         self.echo_size = PACKET_SIZE
         # how many replies its queue holds before the kernel drops them (the receiver's tick
         # must not be longer than it takes to fill)
