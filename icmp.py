@@ -1620,8 +1620,8 @@ class _RecvMmsg:
             ages = [since - usec for usec in usecs]
             if min(ages) >= 0 and max(ages) <= oldest:
                 return ages
-        ages = [wall - sec * 1_000_000 - usec for sec, usec in zip(secs, usecs)]
-        return [age if sec and 0 <= age <= oldest else 0 for sec, age in zip(secs, ages)]
+        return [age if sec and 0 <= (age := wall - sec * 1_000_000 - usec) <= oldest else 0
+                for sec, usec in zip(secs, usecs)]
 
 
 class _Batch:
