@@ -156,7 +156,7 @@ class Journal:
         """Queue a record (holding the owner's lock); returns the ticket to ``wait`` on.
         ``blob_crc`` is zlib.crc32(blob), computed by the caller before taking its lock."""
         self._upkeep.since_snapshot += 1
-        return self._log.append(_frame(self._log.seq + 1, tag, line, blob, blob_crc))
+        return self._log.append(tag, line, blob, blob_crc)
 
     def wait(self, ticket) -> None:
         """Return once the record is durable; WriteFailed if the disk refused it."""
@@ -338,9 +338,10 @@ class _Appender:
         self.fd, self.size = fd, size
         self.durable_size, self.durable_seq = size, self.seq
 
-    def append(self, record: bytes) -> tuple:
-        """Queue a framed record numbered ``seq + 1`` (holding the owner's lock)."""
+    def append(self, tag: int, line: bytes, blob: bytes, blob_crc: int) -> tuple:
+        """Queue a record, framed and numbered ``seq + 1`` here (holding the owner's lock)."""
         self.seq += 1
+        record = _frame(self.seq, tag, line, blob, blob_crc)
         self.size += len(record)
         self.pending.append(record)
         return self.gen, self.seq

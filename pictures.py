@@ -8,7 +8,7 @@ of the curve of order n goes to (x, y) by ``hilbert_xy``, 0 at the top left and 
 the top right. The curve of order 12 (one point per /24) seen in 16x16 squares is the curve of
 order 8 (one point per /16), so block i of /map.png is the 16x16 square at the dashboard's cell
 of block i; inside it the /24s follow the order-4 curve, turned one of four ways (a square's
-orientation comes from the flips and swaps the curve applies above it: see ``_tiles``).
+orientation comes from the flips and swaps the curve applies above it: see ``_orientations``).
 
     block.png pixel (x, y)  =  address k of the /16 with hilbert_xy(k, 8) == (x, y)
     map.png   pixel (x, y)  =  /24 number j (= address >> 8) with hilbert_xy(j, 12) == (x, y)
@@ -227,24 +227,23 @@ class CensusMap:
         nothing = bytes(area)                       # shade 0 everywhere: no /24 answered
         for task in silent:                         # not read, not counted
             self._tiles[task] = nothing
-        self._shade_squares(store, silent, itertools.repeat(bytes(512)), only_excluded=True)
+        self._redraw_excluded(store, silent, itertools.repeat(bytes(512)))
         for tasks, counts in _counts_of(store, done, whole=self._drawn is None):
-            self._shade_squares(store, tasks, _squares(shades(counts, self.group), area,
-                                                       [_orientations()[t] for t in tasks]))
-            self._shade_squares(store, tasks, _slices(counts, 512), only_excluded=True)
+            squares = _squares(shades(counts, self.group), area, [_orientations()[t] for t in tasks])
+            for task, square in zip(tasks, squares):
+                self._tiles[task] = square
+            self._redraw_excluded(store, tasks, _slices(counts, 512))
         for band in sorted({_tile_origin()[t][1] for t in changed}):
             self._bands[band] = raw = self._band_rows(band)
             packer = zlib.compressobj(_LEVEL, zlib.DEFLATED, -15)
             self._packed[band] = packer.compress(raw) + packer.flush(zlib.Z_SYNC_FLUSH)
 
-    def _shade_squares(self, store, tasks, squares, only_excluded=False):
-        """Set each task's square; with ``only_excluded``, ``squares`` are the tasks' per-/24
-        counts and only blocks with opted-out parts are redrawn, exactly, from them."""
-        for task, square in zip(tasks, squares):
-            if not only_excluded:
-                self._tiles[task] = square
-            elif exclude := store.exclude_of(task):
-                colours = _shades_excluding(square, task, exclude, self.group)
+    def _redraw_excluded(self, store, tasks, counts):
+        """Redraw, exactly, the squares of the tasks with opted-out parts, from each task's
+        per-/24 answer counts (``counts``, in the order of ``tasks``)."""
+        for task, count in zip(tasks, counts):
+            if exclude := store.exclude_of(task):
+                colours = _shades_excluding(count, task, exclude, self.group)
                 self._tiles[task] = _squares(colours, self.side ** 2, [_orientations()[task]])[0]
 
     def _band_rows(self, band) -> bytes:
@@ -436,11 +435,3 @@ def _square_order(area: int) -> list:
         orders.append(at)
     return orders
 
-
-@functools.cache
-def _tiles(side: int):
-    """(orientation of each block, [itemgetter from curve order to row order per orientation])
-    for squares of ``side`` pixels."""
-    getters = [operator.itemgetter(*at) if side > 1 else (lambda s: s[:1])
-               for at in _square_order(side * side)]
-    return _orientations(), getters

@@ -71,6 +71,7 @@ RESERVED = tuple(ipaddress.IPv4Network(n) for n in (
     "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
     "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15",
     "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4", "255.255.255.255/32"))
+_RESERVED_RANGES = tuple((int(n.network_address), int(n.broadcast_address)) for n in RESERVED)
 
 SCOPE_FILE = "census.scope"         # the --scope the data was made with, one CIDR a line
 _RECORD_SIZE = HEADER.size + 256    # a result record's size, less its bytes (about)
@@ -572,10 +573,7 @@ class CensusQueries:
         meta = self._results.get(task)
         if meta is None or not meta.holes:
             return parts
-        probed = results.merge([(0, RESULT_LEN - 1)])
-        for first, last in meta.holes:
-            probed = _cut(probed, first, last)
-        return parts + [str(n) for first, last in probed for n in _span_nets(task, first, last)]
+        return parts + _span_cidrs(task, _cut_all([(0, RESULT_LEN - 1)], meta.holes))
 
     def progress(self) -> dict:
         """The /get_progress numbers."""
@@ -1050,10 +1048,11 @@ class Submissions:
         if before is not None and before.holes and partial is not None and partial[0] == before:
             packed = self._filled(partial, packed)
             sweeps = (*before.sweeps, _sweep_of(before))
-        holes, probeable = self._unexplained(task, packed.skipped), self._probeable(task)
+        holes, probeable = self._unexplained(task, packed.skipped), ()
         meta = self._result_meta(task, packed, now, holder, token, name, stats)
         # counted here, not from the stats: a client's "excluded" has its --only, a hole too
         if holes or before is not None:
+            probeable = self._probeable(task)
             meta = meta._replace(probed=_count(probeable) - _count(holes))
         meta = meta._replace(holes=holes, sweeps=sweeps)
         change = self._retire_lease(task)
@@ -1141,16 +1140,11 @@ class Submissions:
     def _unexplained(self, task, skipped) -> tuple:
         """The skipped spans that neither the operator's exclusions nor (with no scope given)
         reserved space explain: holes."""
-        spans = list(skipped)
-        base = task << 16
-        explained = list(self._parts.get(task, ()))
+        explained = [(int(n.network_address), int(n.broadcast_address))
+                     for n in self._parts.get(task, ())]
         if self._reserved_explains:
-            explained += [n for n in RESERVED if n.overlaps(_block_net(task))]
-        for net in explained:
-            first = max(int(net.network_address) - base, 0)
-            last = min(int(net.broadcast_address) - base, RESULT_LEN - 1)
-            spans = _cut(spans, first, last)
-        return tuple(spans)
+            explained += _RESERVED_RANGES
+        return tuple(_cut_ranges(list(skipped), task, explained))
 
     def _result_meta(self, task, packed, now, holder, token, name, stats):
         """The metadata of a result about to be committed (its bytes go where the next
@@ -1455,14 +1449,25 @@ def _cut(spans, first, last) -> list:
     return out
 
 
+def _cut_all(spans, cuts) -> list:
+    """`spans` less each of `cuts` (offsets, inclusive)."""
+    for first, last in cuts:
+        spans = _cut(spans, first, last)
+    return spans
+
+
+def _cut_ranges(spans, task, ranges) -> list:
+    """`spans` of block ``task`` (offsets, inclusive) less what ``ranges`` (first and last
+    address, as ints) cover of the block."""
+    base = task << 16
+    return _cut_all(spans, [(max(first - base, 0), min(last - base, RESULT_LEN - 1))
+                            for first, last in ranges if first < base + RESULT_LEN and last >= base])
+
+
 def _outside(task, ranges) -> list:
     """The spans of block ``task`` (offsets, inclusive) that none of ``ranges`` (first and
     last address, as ints) covers."""
-    spans, base = [(0, RESULT_LEN - 1)], task << 16
-    for first, last in ranges:
-        if first < base + RESULT_LEN and last >= base:
-            spans = _cut(spans, first - base, last - base)
-    return spans
+    return _cut_ranges([(0, RESULT_LEN - 1)], task, ranges)
 
 
 def _span_nets(task, first, last):
@@ -1471,11 +1476,14 @@ def _span_nets(task, first, last):
                                              ipaddress.IPv4Address(base + last))
 
 
+def _span_cidrs(task, spans) -> list:
+    """Spans of block ``task`` (offsets, inclusive) as CIDR strings."""
+    return [str(n) for first, last in spans for n in _span_nets(task, first, last)]
+
+
 def _hole_nets(task, meta) -> list:
     """A result's holes as CIDRs (what /result and /task call "not_probed")."""
-    if meta is None:
-        return []
-    return [str(n) for first, last in meta.holes for n in _span_nets(task, first, last)]
+    return _span_cidrs(task, meta.holes) if meta else []
 
 
 def _block_record(block: trust.Block) -> list:
@@ -1517,9 +1525,7 @@ def _parts(meta: ResultMeta, bitmap: bytes, probeable) -> tuple:
         return ()
     bits, parts, left = int.from_bytes(bitmap, "big"), [], list(probeable)
     for who, address, _, _, holes in (*meta.sweeps, _sweep_of(meta)):
-        spans = left
-        for first, last in holes:
-            spans = _cut(spans, first, last)
+        spans = _cut_all(left, holes)
         responders = (bits & results.span_mask(spans)).bit_count()
         parts.append(trust.Opinion(who, address, responders, _count(spans), ref=tuple(spans)))
         left = holes
@@ -1538,7 +1544,7 @@ def _confirms(first: trust.Opinion, bitmap: bytes, other: bytes) -> tuple:
 def _partial_check(task, holes) -> str:
     """Why a check with holes is refused (422: not a disagreement, and the client's fallback
     to the string form answers only a 400)."""
-    nets = [str(n) for first, last in holes for n in _span_nets(task, first, last)]
+    nets = _span_cidrs(task, holes)
     shown = ", ".join(nets[:4]) + (f" and {len(nets) - 4} more" if len(nets) > 4 else "")
     return (f"a check must probe the whole block, and {shown} was not probed: not judged; "
             f"the check goes to another holder")

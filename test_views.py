@@ -141,10 +141,10 @@ def test_the_curve_is_the_dashboards_and_a_24_square_sits_in_its_16s_cell():
     assert "const rx = (t >> 1) & 1, ry = (t ^ rx) & 1;" in page
     assert "if (rx === 1) { x = s - 1 - x; y = s - 1 - y; }" in page
     rng = random.Random(5)
-    turns, getters = pictures._tiles(16)
+    turns = pictures._orientations()
     for task in rng.sample(range(65536), 200) + [0, 32512, 65535]:
         ox, oy = pictures._tile_origin()[task]
-        square = getters[turns[task]](bytes(range(256)))
+        square = pictures._squares(bytes(range(256)), 256, [turns[task]])[0]
         for c in rng.sample(range(256), 4):
             x, y = pictures.hilbert_xy(task * 256 + c, 12)
             assert (x >> 4, y >> 4) == (ox, oy) == pictures.hilbert_xy(task, 8)

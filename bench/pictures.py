@@ -91,7 +91,7 @@ def main():
         store = real_store(args.real, store)
         print(f"real store in {args.real}: {store.progress()['done_tasks']:,} blocks done "
               f"({time.monotonic() - started:.0f} s to fill or load)")
-    warm, _ = cpu(lambda: (pictures._tiles(16), pictures._tile_origin(), pictures._block_layout()))
+    warm, _ = cpu(lambda: (pictures._square_order(256), pictures._orientations(), pictures._tile_origin(), pictures._block_layout()))
     print(f"curve tables (once per process): {warm:.2f} s CPU")
     painter = pictures.CensusMap(4096)
     first, (_, data) = cpu(lambda: painter.render(store))
