@@ -362,7 +362,16 @@ def print_paced(rows: list, startups: list) -> None:
     fping = medians.get("fping -i 0.1")
     for tool, what in (("icmp.py --rate 10000", "a one-/16 process"), ("icmp.py, running", "a running client")):
         if tool in medians and fping and fping["cpu_per_16"]:
-            print(f"  CPU ours / fping, {what}: {medians[tool]['cpu_per_16'] / fping['cpu_per_16']:.2f} (goal: <= 0.5)")
+            print(f"  CPU ours / fping, {what}: {medians[tool]['cpu_per_16'] / fping['cpu_per_16']:.2f} (goal: <= 0.5); "
+                  f"run by run: {' '.join('%.2f' % ratio for ratio in run_ratios(rows, tool, 'fping -i 0.1'))}")
+
+
+def run_ratios(rows: list, tool: str, peer: str) -> list:
+    """CPU per /16 of `tool` over that of `peer` in the same run, run by run: how far one busy
+    moment moves the ratio."""
+    per_16 = {(r["tool"], r["run"]): r["cpu_per_16"] for r in rows}
+    return [per_16[tool, run] / per_16[peer, run] for t, run in per_16
+            if t == tool and per_16.get((peer, run))]
 
 
 def print_census(rows: list) -> None:
