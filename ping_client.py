@@ -18,7 +18,9 @@ and removed only when the server has acknowledged or refused it; a restarted cli
 spool first (a looping client also before every new task). Server errors, timeouts and
 connection errors are retried with exponential backoff and jitter (with --once for at most ten
 minutes); a server never reached at all is given up on after 30 s, and an answer that is not a
-census server's at once. Ctrl-C gives every lease in hand back and exits 130 (SIGTERM: 143).
+census server's at once. Ctrl-C gives back the task still being sent and exits 130 (SIGTERM:
+143); a task whose probes are all out first listens to the end of its cooldown and is submitted
+(a second Ctrl-C gives it back too).
 
 The client keeps its own rules whatever a server says: it refuses a block of which nothing may
 be probed (reserved space its own --allow does not open, or all excluded), sweeps at its own
@@ -65,7 +67,7 @@ RETRY_STATUSES = frozenset({408, 429})                          # ... and every 
 HTTP_TIMEOUT = 30.0
 FIRST_CONTACT_PATIENCE = 30.0      # a server never reached at all: give up after this many seconds
 FIRST_CONTACT_TIMEOUT = 10.0       # ... and wait at most this long for each try's connection
-RELEASE_TIMEOUT = 5.0              # a release on the way out must not hold up Ctrl-C for long
+RELEASE_TIMEOUT = 5.0              # a release or submit on the way out must not hold up Ctrl-C for long
 PLAIN_PROGRESS_EVERY = 10.0        # seconds between progress lines when not on a terminal
 ONCE_PATIENCE = 600.0              # with --once, give up on a silent server after this many seconds
 DEFAULT_SPOOL = os.path.join(os.path.expanduser("~"), ".cache", "ipv4-census", "spool")
@@ -105,7 +107,7 @@ class GaveUp(ClientError):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (systemd, kill): the lease goes back as on Ctrl-C, but the exit code is 143."""
+    """SIGTERM (systemd, kill): handled as Ctrl-C is, but the exit code is 143."""
 
 
 class Task(NamedTuple):
@@ -329,7 +331,9 @@ def incomplete(result) -> str:
 
 
 def summary(label: str, result) -> str:
-    """One line per sweep: what was probed, what answered, how fast, at what CPU cost."""
+    """One line per sweep: what was probed, what answered, how fast, at what CPU cost: that
+    of the sweep's own threads (not of the process, which also starts Python and talks to the
+    server), also per 65,536 probes, so that blocks with holes and --probes 2 compare."""
     stats = result.stats
     probed, excluded, replies, unreachable = tally(result)
     share = 100.0 * replies / probed if probed else 0.0
@@ -338,9 +342,9 @@ def summary(label: str, result) -> str:
     return (f"{label}: {probed:,} targets, {replies:,} replied ({share:.1f} %), "
             f"{unreachable:,} unreachable, {excluded:,} excluded; "
             f"{stats.sent:,} probes in {stats.send_seconds:.1f} s ({speed:,.0f}/s, "
-            f"{stats.kind} socket), {stats.elapsed:.1f} s with the cooldown; CPU "
+            f"{stats.kind} socket), {stats.elapsed:.1f} s with the cooldown; sweep CPU "
             f"{stats.cpu_seconds:.2f} s ({per_probe * 1e6:.1f} us a probe, "
-            f"{per_probe * BLOCK:.2f} s per /16)")
+            f"{per_probe * BLOCK:.2f} s per 65,536 probes)")
 
 
 def write_csv(result, stream) -> int:
@@ -636,8 +640,8 @@ class Client:
                     self._wait(idle, "asking for another task")
                 else:
                     idle.reset()
-        except BaseException:                 # Ctrl-C, SIGTERM, a fatal error: give leases back
-            self.give_back()
+        except BaseException:                 # Ctrl-C, SIGTERM, a fatal error
+            self.wind_up()
             raise
 
     def flush_spool(self) -> None:
@@ -753,12 +757,15 @@ class Client:
             self.finish(job)
 
     def finish_all(self) -> None:
+        if self.cooling:
+            self.console.info(f"waiting up to {self.options.cooldown:g} s for late replies to "
+                              f"task(s) {_indices(self.cooling)}")
         while self.cooling:
             job = self.cooling.pop(0)
             self.sweeper.wait_for(lambda: job.sweep.done)
             self.finish(job)
 
-    def finish(self, job: Job) -> int:
+    def finish(self, job: Job, patient: bool = True) -> int:
         """Spool and submit a finished sweep: 0 when the server accepted the result."""
         try:
             spooled = self.spool_result(job, job.sweep.result())
@@ -769,7 +776,7 @@ class Client:
             self.held.remove(job)
             self.release(job.task)
             return EXIT_ERROR
-        return EXIT_OK if self.submit(spooled) else EXIT_ERROR
+        return EXIT_OK if self.submit(spooled, patient) else EXIT_ERROR
 
     def spool_result(self, job: Job, result) -> Spooled | None:
         """Spool a sweep's result; None when the sweep fell short."""
@@ -784,23 +791,47 @@ class Client:
         self.held.remove(job)
         return spooled
 
-    def give_back(self) -> None:
-        """On the way out: stop every sweep in flight and release its lease."""
-        for job in self.held:
+    def wind_up(self) -> None:
+        """On the way out (Ctrl-C, SIGTERM, a fatal error): give back the task still being
+        sent; a task whose probes are all out is worth its cooldown, at most --cooldown s more,
+        so it is finished and submitted (one quick try; else it waits in the spool). A second
+        Ctrl-C gives those back too."""
+        cooled, self.cooling = [job for job in self.cooling if job in self.held], []
+        self.give_back([job for job in self.held if job not in cooled])
+        if cooled:
+            self.console.info(f"stopping: listening up to {self.options.cooldown:g} s more for "
+                              f"late replies to task(s) {_indices(cooled)}, "
+                              f"then submitting (Ctrl-C again gives them back)")
+        try:
+            for job in cooled:
+                self.sweeper.wait_for(lambda: job.sweep.done)
+                self.finish(job, patient=False)
+        finally:                              # a second Ctrl-C: what is left goes back
+            self.give_back(list(self.held))
+
+    def give_back(self, jobs: list) -> None:
+        """Stop these sweeps and release their leases."""
+        for job in jobs:
             job.sweep.cancel()
-        held, self.held, self.cooling = self.held, [], []
-        for job in held:
+        self.held = [job for job in self.held if job not in jobs]
+        for job in jobs:
             self.release(job.task)
 
-    def submit(self, spooled: Spooled) -> bool:
-        """Submit a spooled result until the server answers for good; True when accepted."""
+    def submit(self, spooled: Spooled, patient: bool = True) -> bool:
+        """Submit a spooled result until the server answers for good (not `patient`: once,
+        quickly); True when accepted."""
         index = spooled.body.get("task_index")
+        post = functools.partial(self.api.post, "/submit_result", spooled.body,
+                                 None if patient else RELEASE_TIMEOUT)
         try:
-            status, answer = self._retrying(
-                f"submitting task {index}", lambda: self.api.post("/submit_result", spooled.body))
+            status, answer = self._retrying(f"submitting task {index}", post) if patient else post()
         except GaveUp as exc:
             raise GaveUp(f"{exc}; the result stays in {spooled.path} and is sent at the next "
                          f"start") from None
+        except TransientError as exc:         # the one try on the way out
+            self.console.warn(f"task {index}: not submitted ({exc}); the result stays in "
+                              f"{spooled.path} and is sent at the next start")
+            return False
         if status == 200 and answer.get("success") is True:
             again = " (it already had it)" if answer.get("duplicate") else ""
             self.console.info(f"task {index}: result accepted{again}")
@@ -811,7 +842,7 @@ class Client:
             # a server that knows only the original form gets the same result as a string
             self.console.warn(f"task {index}: the server refused the compact form ({reason}); "
                               f"sending it as a string")
-            return self.submit(spooled._replace(body=string_form(spooled.body)))
+            return self.submit(spooled._replace(body=string_form(spooled.body)), patient)
         if status == 200 or status in DROP_STATUSES:
             self.console.error(f"task {index}: the server refused the result ({reason}); dropped")
             self.spool.drop(spooled.path)
@@ -939,7 +970,7 @@ def scan(network: ipaddress.IPv4Network, output: Output, options: SweepOptions,
 
 # --- command line -----------------------------------------------------------------------------
 
-def systemd_unit(argv: list[str]) -> str:
+def systemd_unit(argv: list[str], cooldown: float = icmp.DEFAULT_COOLDOWN) -> str:
     """A systemd service running this client with these flags, restarted when it fails."""
     flags = [arg for arg in argv if arg != "--print-systemd-unit"]
     if not any(arg == "--spool" or arg.startswith("--spool=") for arg in flags):
@@ -960,6 +991,8 @@ ExecStart={command}
 # exit 0 (the census is complete) ends the service; an error, a crash or a kill restarts it
 Restart=on-failure
 RestartSec=60
+# a stop lets the last task's cooldown run out and submits it (Client.wind_up)
+TimeoutStopSec={math.ceil(cooldown) + 30}
 StateDirectory=ipv4-census
 ProtectSystem=strict
 ProtectHome=read-only
@@ -981,8 +1014,9 @@ EPILOG = ("--allow, --exclude and --only take several CIDRs, space- or comma-sep
           "       result, a sweep cut short or failed, or no answer from the server for 10\n"
           "       minutes (a finished result stays in the spool and is sent at the next start)\n"
           "  2    usage: bad flags, or --scan of a network nothing of which may be probed\n"
-          "  130  interrupted (Ctrl-C); the tasks in hand are released\n"
-          "  143  terminated (SIGTERM); the tasks in hand are released\n\n"
+          "  130  interrupted (Ctrl-C); the task being sent is released, one whose probes\n"
+          "       are all out is submitted after its cooldown (a second Ctrl-C releases it)\n"
+          "  143  terminated (SIGTERM); the same\n\n"
           "running unattended: --print-systemd-unit prints a systemd service for the same\n"
           "flags (Restart=on-failure: it stops when the census is complete, restarts after an\n"
           "error); a looping client on a complete census says so and exits 0.\n\n"
@@ -1102,6 +1136,10 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}" if seconds >= 60 else f"{seconds} s"
 
 
+def _indices(jobs: list) -> str:
+    return ", ".join(str(job.task.index) for job in jobs)
+
+
 def _pace(rate: float) -> str:
     return f"at most {rate:,.0f} probes/s" if rate else "as fast as the machine goes"
 
@@ -1122,8 +1160,9 @@ def _sweep_flags(parser: argparse.ArgumentParser) -> None:
                         help="at most this many probes per second, 0 = as fast as the machine "
                              "goes; a server cannot change it (default: %(default).0f)")
     parser.add_argument("--probes", type=_number(int, 1), default=1, metavar="N",
-                        help="rounds per sweep; later rounds re-probe the silent addresses "
-                             "(default: %(default)s)")
+                        help="rounds per sweep; later rounds re-probe the silent addresses, "
+                             "each after a cooldown; only the last round's cooldown overlaps "
+                             "the next task (default: %(default)s)")
     parser.add_argument("--cooldown", type=_number(float, 0), default=icmp.DEFAULT_COOLDOWN,
                         metavar="S",
                         help="seconds to wait for late replies after a round's last probe, "
@@ -1193,7 +1232,7 @@ def main(argv=None, *, sleep=time.sleep, clock=time.monotonic) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.print_systemd_unit:
-        sys.stdout.write(systemd_unit(argv))
+        sys.stdout.write(systemd_unit(argv, args.cooldown))
         return EXIT_OK
     console, spool, output = Console(verbosity=args.verbosity), None, None
     try:

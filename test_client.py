@@ -14,6 +14,7 @@ import ipaddress
 import json
 import os
 import re
+import signal
 import socket
 import sys
 import threading
@@ -26,6 +27,7 @@ import pytest
 import icmp
 import ping_client
 from ping_client import Api, Backoff, Spool, TransientError
+from test_e2e import FETCH, Proc           # the subprocess helpers of the end-to-end tests
 
 LOOP = "127.0.0.0/16"
 LOOP_TASK = 32512
@@ -792,6 +794,15 @@ def test_a_complete_census_ends_the_client_with_0_and_errored_tasks_are_not_done
         assert ("in error, waiting for the operator" in err) is bool(progress["error_tasks"])
 
 
+def test_the_summary_line_says_the_rate_and_the_cpu_per_probe():
+    result = fake_result(LOOP, replied=range(100), excluded=range(65536 - 16, 65536), sent=2 * 65520,
+                         rounds=2, send_seconds=13.104, cpu_seconds=1.3104, elapsed=21.1, kind="raw")
+    line = ping_client.summary("task 32512 127.0.0.0/16", result)
+    assert line == ("task 32512 127.0.0.0/16: 65,520 targets, 100 replied (0.2 %), 0 unreachable, "
+                    "16 excluded; 131,040 probes in 13.1 s (10,000/s, raw socket), 21.1 s with the "
+                    "cooldown; sweep CPU 1.31 s (10.0 us a probe, 0.66 s per 65,536 probes)")
+
+
 class CoolingSweep(FakeSweep):
     """Sweeps whose last probe is out at once but whose cooldown never ends; a wait for one
     to end is a Ctrl-C."""
@@ -808,9 +819,9 @@ class CoolingSweep(FakeSweep):
         return True
 
 
-def test_the_next_task_starts_while_the_last_cools_down_and_ctrl_c_releases_both(
+def test_the_next_task_starts_while_the_last_cools_down_and_a_second_ctrl_c_releases_both(
         tmp_path, serve, monkeypatch, capsys):
-    sweep = CoolingSweep()
+    sweep = CoolingSweep()             # Ctrl-C at the first wait for a cooldown, and again at the next
     monkeypatch.setattr(icmp, "Sweeper", sweep)
     server = serve({("GET", "/get_task"): [(200, task(LOOP_TASK)), (200, task(LOOP_TASK + 1, lease="L2")),
                                            (200, NO_TASK)],
@@ -823,6 +834,47 @@ def test_the_next_task_starts_while_the_last_cools_down_and_ctrl_c_releases_both
     released = sorted((b["task_index"], b["lease"]) for _, _, b in server.calls("POST", "/release"))
     assert released == [(LOOP_TASK, "L1"), (LOOP_TASK + 1, "L2")]   # every lease in hand goes back
     assert all(job.cancelled for job in sweep.jobs) and spooled(tmp_path) == []
+    assert "Ctrl-C again gives them back" in capsys.readouterr().err
+
+
+class StopWhileSending(FakeSweep):
+    """The first task's probes are all out (it cools down); Ctrl-C comes while the second is
+    being sent; then the first one's cooldown ends."""
+
+    def start(self, targets, **kwargs):
+        job = super().start(targets, **kwargs)
+        self.jobs = getattr(self, "jobs", []) + [job]
+        job.done, job.all_sent = False, len(self.jobs) == 1
+        return job
+
+    def wait_for(self, predicate, timeout=None):
+        if predicate():
+            return True
+        if not getattr(self, "interrupted", False):
+            self.interrupted = True
+            raise KeyboardInterrupt
+        for job in self.jobs:
+            job.done = True
+        return predicate()
+
+
+@pytest.mark.parametrize("answer, kept", [(OK, 0), ((503, {"error": "down"}), 1)], ids=["accepted", "server-down"])
+def test_ctrl_c_gives_back_the_task_being_sent_and_submits_the_one_cooling_down(
+        tmp_path, serve, monkeypatch, capsys, answer, kept):
+    sweep = StopWhileSending()
+    monkeypatch.setattr(icmp, "Sweeper", sweep)
+    server = serve({("GET", "/get_task"): [(200, task(LOOP_TASK)), (200, task(LOOP_TASK + 1, lease="L2"))],
+                    ("POST", "/release"): [OK], ("POST", "/submit_result"): [answer]})
+    code, sleeps = run_client(server, tmp_path, "--allow", "127.0.0.0/8")
+    assert code == 130 and sleeps == []                      # one try on the way out, no backoff
+    [(_, _, body)] = server.calls("POST", "/submit_result")
+    assert (body["task_index"], body["lease"]) == (LOOP_TASK, "L1")
+    assert [(b["task_index"], b["lease"]) for _, _, b in server.calls("POST", "/release")] == [(LOOP_TASK + 1, "L2")]
+    assert [job.cancelled for job in sweep.jobs] == [False, True]
+    assert len(spooled(tmp_path)) == kept                    # a result the server did not take waits
+    err = capsys.readouterr().err
+    assert "listening up to 8 s more for late replies to task(s) 32512" in err
+    assert ("sent at the next start" in err) is bool(kept)
 
 
 # --- first contact, checks before any lease, what the client tells the server -----------------
@@ -934,13 +986,15 @@ def test_without_a_name_a_stable_pseudonym_not_user_at_host(tmp_path, serve, mon
 
 def test_print_systemd_unit(tmp_path, serve, capsys):
     server = serve({})
-    argv = ["--server", server.url, "--name", "alice", "--rate", "5000", "--print-systemd-unit"]
+    argv = ["--server", server.url, "--name", "alice", "--rate", "5000", "--cooldown", "60",
+            "--print-systemd-unit"]
     assert ping_client.main(argv) == 0 and server.requests == []
     unit = capsys.readouterr().out
     assert "[Service]" in unit and "Restart=on-failure" in unit and "[Install]" in unit
+    assert "TimeoutStopSec=90" in unit           # a stop waits for the last cooldown
     [command] = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
     assert command.endswith(f"ping_client.py --server {server.url} --name alice --rate 5000 "
-                            f"--spool {ping_client.UNIT_SPOOL}")
+                            f"--cooldown 60 --spool {ping_client.UNIT_SPOOL}")
     assert os.path.isabs(command.split("=", 1)[1].split()[0])
     with pytest.raises(SystemExit):
         ping_client.main(["--scan", "127.0.0.0/30", "--print-systemd-unit"])
@@ -1075,18 +1129,15 @@ def test_lab_tasks_in_a_row_overlap_their_cooldowns_and_end_on_a_complete_census
     """Four /16s at 40,000 probes/s (1.6 s of sending each) with the default 8 s cooldown,
     which their silent addresses keep running to the end: one after the other that would be
     ~39 s; overlapped, the sends follow each other closely and the whole census takes ~15 s."""
-    from test_e2e import FETCH, Proc             # the subprocess helpers of the end-to-end tests
     net = lab(drop=True)
-    server = Proc([sys.executable, "-u", "ping_server.py", "--host", "127.0.0.1", "--port", "0",
-                   "--scope", "127.0.0.0/14", "--data", str(tmp_path / "data")], popen=net.popen)
-    url = server.wait_for("listening on http://").split("listening on ", 1)[1].strip().rstrip("/")
+    server, url = _lab_server(net, tmp_path, "127.0.0.0/14")
     try:
-        client = Proc([sys.executable, "-u", "ping_client.py", "--server", url, "--allow", "127.0.0.0/8",
-                       "--only", "127.0.0.0/8", "--rate", "40000", "--spool", str(tmp_path / "spool"),
-                       "--name", "lab"], popen=net.popen)
+        client = _lab_client(net, tmp_path, url, "--rate", "40000")
         assert client.wait() == 0, client.output()             # a loop that ends: the census is complete
         output = client.output()
         assert "the census on this server is complete" in output and "cooldown 8 s" in output
+        waiting = [line for line in output.splitlines() if "waiting up to 8 s for late replies" in line]
+        assert waiting and "32515" in waiting[-1]          # the last cooldown is not silence
         starts = [_stamp(line) for line in output.splitlines() if ": sweeping 127." in line]
         assert len(starts) == 4 and output.count("result accepted") == 4
         assert starts[-1] - starts[0] <= 3 * 1.64 * 2 + 3      # loose; one after the other: >= 29 s
@@ -1100,5 +1151,43 @@ def test_lab_tasks_in_a_row_overlap_their_cooldowns_and_end_on_a_complete_census
         server.stop()
 
 
+def _lab_server(net, tmp_path, scope: str):
+    """ping_server.py in the lab, scoped to `scope`: (the process, its URL)."""
+    server = Proc([sys.executable, "-u", "ping_server.py", "--host", "127.0.0.1", "--port", "0",
+                   "--scope", scope, "--data", str(tmp_path / "data")], popen=net.popen)
+    return server, server.wait_for("listening on http://").split("listening on ", 1)[1].strip().rstrip("/")
+
+
+def _lab_client(net, tmp_path, url: str, *flags):
+    """A looping ping_client.py in the lab, probing only loopback."""
+    return Proc([sys.executable, "-u", "ping_client.py", "--server", url, "--allow", "127.0.0.0/8",
+                 "--only", "127.0.0.0/8", "--spool", str(tmp_path / "spool"), "--name", "lab", *flags],
+                popen=net.popen)
+
+
 def _stamp(line: str) -> float:
     return time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S"))
+
+
+def test_lab_sigterm_gives_back_the_task_being_sent_and_submits_the_one_cooling_down(tmp_path, lab):
+    """A real client, stopped (SIGTERM, as systemd does) while its second /16 is being sent:
+    the first, all its probes out, listens to the end of its cooldown and its exact result
+    is submitted; the second's lease goes back at once."""
+    net = lab(drop=True)
+    server, url = _lab_server(net, tmp_path, "127.0.0.0/15")
+    try:
+        client = _lab_client(net, tmp_path, url, "--rate", "20000", "--cooldown", "4")
+        client.wait_for("task 32513: sweeping 127.1.0.0/16")
+        client.proc.send_signal(signal.SIGTERM)
+        assert client.wait() == 143, client.output()
+        output = client.output()
+        assert "listening up to 4 s more for late replies to task(s) 32512" in output
+        assert "task 32512: result accepted" in output and "task 32513: lease released" in output
+        fetched = net.run([sys.executable, "-c", FETCH, f"{url}/result?id=32512"], check=True)
+        alive = net.alive(ping_client.task_network(32512))
+        assert json.loads(fetched.stdout)["result_data"] == "".join(
+            "1" if (32512 << 16) + k in alive else "0" for k in range(65536))
+        progress = json.loads(net.run([sys.executable, "-c", FETCH, f"{url}/get_progress"], check=True).stdout)
+        assert (progress["available_tasks"], progress["in_progress"]) == (1, 0)
+    finally:
+        server.stop()
