@@ -19,8 +19,8 @@ spool first (a looping client also before every new task). Server errors, timeou
 connection errors are retried with exponential backoff and jitter (with --once for at most ten
 minutes); a server never reached at all is given up on after 30 s, and an answer that is not a
 census server's at once. Ctrl-C gives back the task still being sent and exits 130 (SIGTERM:
-143); a task whose probes are all out first listens to the end of its cooldown and is submitted
-(a second Ctrl-C gives it back too).
+143); in a loop, a task whose probes are all out first listens to the end of its cooldown and is
+submitted (a second Ctrl-C gives it back too).
 
 The client keeps its own rules whatever a server says: it refuses a block of which nothing may
 be probed (reserved space its own --allow does not open, or all excluded), sweeps at its own
@@ -765,18 +765,22 @@ class Client:
             self.sweeper.wait_for(lambda: job.sweep.done)
             self.finish(job)
 
-    def finish(self, job: Job, patient: bool = True) -> int:
+    def finish(self, job: Job) -> int:
         """Spool and submit a finished sweep: 0 when the server accepted the result."""
+        spooled = self.keep(job)
+        return EXIT_OK if spooled is not None and self.submit(spooled) else EXIT_ERROR
+
+    def keep(self, job: Job) -> Spooled | None:
+        """Spool a finished sweep's result; None, the task given back, when it failed or fell short."""
         try:
             spooled = self.spool_result(job, job.sweep.result())
         except OSError as exc:         # a socket or disk error: give the task back
             self.held.remove(job)
-            return self._failed(job.task, exc) or EXIT_ERROR
+            return self._failed(job.task, exc)
         if spooled is None:
             self.held.remove(job)
             self.release(job.task)
-            return EXIT_ERROR
-        return EXIT_OK if self.submit(spooled, patient) else EXIT_ERROR
+        return spooled
 
     def spool_result(self, job: Job, result) -> Spooled | None:
         """Spool a sweep's result; None when the sweep fell short."""
@@ -793,33 +797,49 @@ class Client:
 
     def wind_up(self) -> None:
         """On the way out (Ctrl-C, SIGTERM, a fatal error): give back the task still being
-        sent; a task whose probes are all out is worth its cooldown, at most --cooldown s more,
-        so it is finished and submitted (one quick try; else it waits in the spool). A second
-        Ctrl-C gives those back too."""
-        cooled, self.cooling = [job for job in self.cooling if job in self.held], []
-        self.give_back([job for job in self.held if job not in cooled])
-        if cooled:
-            self.console.info(f"stopping: listening up to {self.options.cooldown:g} s more for "
-                              f"late replies to task(s) {_indices(cooled)}, "
-                              f"then submitting (Ctrl-C again gives them back)")
+        sent; a looping client's task whose probes are all out is worth its cooldown, at most
+        --cooldown s more, so it is finished and spooled, then submitted with one quick try
+        (a server that does not answer gets the spool at the next start). A second Ctrl-C
+        gives back what is not spooled yet."""
+        cooled = [] if self.once else [job for job in self.held if job.sweep.all_sent]
+        self.cooling = []
         try:
-            for job in cooled:
-                self.sweeper.wait_for(lambda: job.sweep.done)
-                self.finish(job, patient=False)
+            self.give_back([job for job in self.held if job not in cooled])
+            if cooled:
+                self.console.info(f"stopping: listening up to {self.options.cooldown:g} s more for "
+                                  f"late replies to task(s) {_indices(cooled)}, "
+                                  f"then submitting (Ctrl-C again gives them back)")
+            kept = [self.keep_on_the_way_out(job) for job in cooled]
+            for spooled in filter(None, kept):
+                self.submit(spooled, patient=False)
+        except TransientError as exc:
+            self.console.warn(f"the server did not answer ({exc}); not submitting now")
         finally:                              # a second Ctrl-C: what is left goes back
             self.give_back(list(self.held))
 
+    def keep_on_the_way_out(self, job: Job) -> Spooled | None:
+        """keep() once the job's cooldown is over; a failure is told, not raised (the exit
+        code stays that of the interrupt)."""
+        try:
+            self.sweeper.wait_for(lambda: job.sweep.done)
+            return self.keep(job)
+        except Exception as exc:              # e.g. no permission on the spool: given back below
+            self.console.error(f"task {job.task.index}: {exc}")
+            return None
+
     def give_back(self, jobs: list) -> None:
-        """Stop these sweeps and release their leases."""
+        """Stop these sweeps and release their leases (a job stays held until its release
+        has been tried, so a Ctrl-C in the middle leaves the rest to the caller's finally)."""
         for job in jobs:
             job.sweep.cancel()
-        self.held = [job for job in self.held if job not in jobs]
         for job in jobs:
             self.release(job.task)
+            if job in self.held:
+                self.held.remove(job)
 
     def submit(self, spooled: Spooled, patient: bool = True) -> bool:
-        """Submit a spooled result until the server answers for good (not `patient`: once,
-        quickly); True when accepted."""
+        """Submit a spooled result until the server answers for good; True when accepted. Not
+        `patient`: one quick try, and a TransientError when the server does not answer."""
         index = spooled.body.get("task_index")
         post = functools.partial(self.api.post, "/submit_result", spooled.body,
                                  None if patient else RELEASE_TIMEOUT)
@@ -828,10 +848,6 @@ class Client:
         except GaveUp as exc:
             raise GaveUp(f"{exc}; the result stays in {spooled.path} and is sent at the next "
                          f"start") from None
-        except TransientError as exc:         # the one try on the way out
-            self.console.warn(f"task {index}: not submitted ({exc}); the result stays in "
-                              f"{spooled.path} and is sent at the next start")
-            return False
         if status == 200 and answer.get("success") is True:
             again = " (it already had it)" if answer.get("duplicate") else ""
             self.console.info(f"task {index}: result accepted{again}")
@@ -1014,8 +1030,8 @@ EPILOG = ("--allow, --exclude and --only take several CIDRs, space- or comma-sep
           "       result, a sweep cut short or failed, or no answer from the server for 10\n"
           "       minutes (a finished result stays in the spool and is sent at the next start)\n"
           "  2    usage: bad flags, or --scan of a network nothing of which may be probed\n"
-          "  130  interrupted (Ctrl-C); the task being sent is released, one whose probes\n"
-          "       are all out is submitted after its cooldown (a second Ctrl-C releases it)\n"
+          "  130  interrupted (Ctrl-C); the task being sent is released; in a loop, one whose\n"
+          "       probes are all out is submitted after its cooldown (a second Ctrl-C releases it)\n"
           "  143  terminated (SIGTERM); the same\n\n"
           "running unattended: --print-systemd-unit prints a systemd service for the same\n"
           "flags (Restart=on-failure: it stops when the census is complete, restarts after an\n"
