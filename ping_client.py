@@ -67,7 +67,7 @@ RETRY_STATUSES = frozenset({408, 429})                          # ... and every 
 HTTP_TIMEOUT = 30.0
 FIRST_CONTACT_PATIENCE = 30.0      # a server never reached at all: give up after this many seconds
 FIRST_CONTACT_TIMEOUT = 10.0       # ... and wait at most this long for each try's connection
-RELEASE_TIMEOUT = 5.0              # a release or submit on the way out must not hold up Ctrl-C for long
+QUICK_TIMEOUT = 5.0                # a release, or a submit on the way out: must not hold up Ctrl-C for long
 PLAIN_PROGRESS_EVERY = 10.0        # seconds between progress lines when not on a terminal
 ONCE_PATIENCE = 600.0              # with --once, give up on a silent server after this many seconds
 DEFAULT_SPOOL = os.path.join(os.path.expanduser("~"), ".cache", "ipv4-census", "spool")
@@ -771,28 +771,23 @@ class Client:
         return EXIT_OK if spooled is not None and self.submit(spooled) else EXIT_ERROR
 
     def keep(self, job: Job) -> Spooled | None:
-        """Spool a finished sweep's result; None, the task given back, when it failed or fell short."""
+        """Spool a finished sweep's result; None, the task given back, when the sweep failed
+        or fell short."""
+        task = job.task
         try:
-            spooled = self.spool_result(job, job.sweep.result())
+            result = job.sweep.result()
+            shortfall = incomplete(result)
+            if not shortfall:
+                self.console.info(summary(f"task {task.index} {task.network}", result))
+                spooled = self.spool.put(self.api.base, submission_body(task, result, self.name), task.index)
         except OSError as exc:         # a socket or disk error: give the task back
             self.held.remove(job)
-            return self._failed(job.task, exc)
-        if spooled is None:
-            self.held.remove(job)
-            self.release(job.task)
-        return spooled
-
-    def spool_result(self, job: Job, result) -> Spooled | None:
-        """Spool a sweep's result; None when the sweep fell short."""
-        task = job.task
-        shortfall = incomplete(result)
+            return self._failed(task, exc)
+        self.held.remove(job)          # spooled, from here on it is kept; or given back now
         if shortfall:                  # unprobed addresses would read '0': not a result
             self.console.error(f"task {task.index}: {shortfall}; not submitted")
+            self.release(task)
             return None
-        body = submission_body(task, result, self.name)
-        self.console.info(summary(f"task {task.index} {task.network}", result))
-        spooled = self.spool.put(self.api.base, body, task.index)   # from here on it is kept
-        self.held.remove(job)
         return spooled
 
     def wind_up(self) -> None:
@@ -802,7 +797,6 @@ class Client:
         (a server that does not answer gets the spool at the next start). A second Ctrl-C
         gives back what is not spooled yet."""
         cooled = [] if self.once else [job for job in self.held if job.sweep.all_sent]
-        self.cooling = []
         try:
             self.give_back([job for job in self.held if job not in cooled])
             if cooled:
@@ -842,7 +836,7 @@ class Client:
         `patient`: one quick try, and a TransientError when the server does not answer."""
         index = spooled.body.get("task_index")
         post = functools.partial(self.api.post, "/submit_result", spooled.body,
-                                 None if patient else RELEASE_TIMEOUT)
+                                 None if patient else QUICK_TIMEOUT)
         try:
             status, answer = self._retrying(f"submitting task {index}", post) if patient else post()
         except GaveUp as exc:
@@ -873,7 +867,7 @@ class Client:
         if task.lease is not None:
             body["lease"] = task.lease
         try:
-            status, answer = self.api.post("/release", body, timeout=RELEASE_TIMEOUT)
+            status, answer = self.api.post("/release", body, timeout=QUICK_TIMEOUT)
         except TransientError as exc:
             self.console.warn(f"could not release task {task.index}: {exc}")
             return

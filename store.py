@@ -284,7 +284,6 @@ class CensusMemory:
         self._pinned: set[int] = set()            # tasks an administrator set: scope ignored
         self._held: dict[str, int] = {}           # live leases per holder
         self._checks: dict[int, Lease] = {}       # done tasks leased for a second opinion
-        self._declined: dict[int, frozenset] = {}  # task -> who sent its check back unswept
         self._verifier = trust.Verifier(self._verify, rng=self._rng)
         self._version = self._submissions = 0
         self._probed = self._responders = self._result_bytes = 0
@@ -502,23 +501,14 @@ class Verification:
 
     def _next_check(self, name, holder, within):
         """A check for this holder: only of a block it sweeps whole (a check with holes is
-        no opinion), so with ``within`` one that leaves out nothing the operator does not,
-        and none it already sent back unswept in part (``_decline_check``)."""
-        keys = {("name", name), ("address", holder)}
+        no opinion), so with ``within`` one that leaves out nothing the operator does not
+        (and none it already sent back unswept in part: trust.Verifier.decline)."""
         ranges = [(int(n.network_address), int(n.broadcast_address)) for n in within or ()]
 
         def wanted(task):
-            return (not keys & self._declined.get(task, frozenset())
-                    and (within is None or not self._unexplained(task, _outside(task, ranges))))
-        plain = within is None and not self._declined        # the original hand-out, unchanged
+            return not self._unexplained(task, _outside(task, ranges))
         return self._verifier.next_check(name, holder, busy=self._checks,
-                                         wanted=None if plain else wanted)
-
-    def _decline_check(self, task, name, holder):
-        """A check came back unswept in part: its holder is not handed this one again (in
-        memory only: after a restart it may be, once more)."""
-        self._declined[task] = self._declined.get(task, frozenset()) | {
-            ("name", name), ("address", holder)}
+                                         wanted=None if within is None else wanted)
 
     def _new_check(self, task, now, holder, bound):
         lease = Lease(self._token(), now + self.lease_seconds, holder, bound)
@@ -543,8 +533,6 @@ class Verification:
                 people[opinion.contributor] = self._credit(opinion, sign, now)
         standings = {s.contributor: self._verifier.standing(s.contributor)
                      for o in outcome.block.opinions for s in o.sweeps}
-        if len(outcome.block.opinions) == 1 or not outcome.block.wants_opinion:
-            self._declined.pop(task, None)     # a new result, or no check wanted any more
         return {"t": _block_record(outcome.block), "w": standings, "cs": list(people.values())}
 
     def _credit(self, opinion, sign, now):
@@ -1086,7 +1074,7 @@ class Submissions:
             return self._commit(task, change), (HTTPStatus.BAD_REQUEST, problem)
         holes = self._unexplained(task, packed.skipped)
         if holes:           # no opinion on what it did not probe: not judged, nor handed it again
-            self._decline_check(task, name or holder, holder)
+            self._verifier.decline(task, name or holder, holder)
             return self._commit(task, change), (HTTPStatus.UNPROCESSABLE_ENTITY, _partial_check(
                 task, holes))
         meta = self._result_meta(task, packed, now, holder, token, name, stats)

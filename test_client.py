@@ -12,6 +12,7 @@ import base64
 import io
 import ipaddress
 import json
+import math
 import os
 import re
 import signal
@@ -804,20 +805,29 @@ def test_the_summary_line_says_the_rate_and_the_cpu_per_probe():
 
 
 class CoolingSweep(FakeSweep):
-    """Sweeps whose last probe is out at once but whose cooldown never ends; a wait for one
-    to end is a Ctrl-C."""
+    """Sweeps whose cooldown does not end by itself: a wait for one to end is a Ctrl-C, the
+    first `interrupts` times; after that every cooldown ends. The last probe of each is out
+    at once, but the `sending`-th (1, 2, ...) is still being sent."""
+
+    def __init__(self, interrupts=math.inf, sending=0):
+        super().__init__()
+        self.jobs, self.interrupts, self.left, self.sending = [], 0, interrupts, sending
 
     def start(self, targets, **kwargs):
         job = super().start(targets, **kwargs)
-        job.done = False
-        self.jobs = getattr(self, "jobs", []) + [job]
+        self.jobs.append(job)
+        job.done, job.all_sent = False, len(self.jobs) != self.sending
         return job
 
     def wait_for(self, predicate, timeout=None):
-        if not predicate():
-            self.interrupts = getattr(self, "interrupts", 0) + 1
+        if predicate():
+            return True
+        if self.interrupts < self.left:
+            self.interrupts += 1
             raise KeyboardInterrupt
-        return True
+        for job in self.jobs:
+            job.done = True
+        return predicate()
 
 
 def test_the_next_task_starts_while_the_last_cools_down_and_a_second_ctrl_c_releases_both(
@@ -839,31 +849,10 @@ def test_the_next_task_starts_while_the_last_cools_down_and_a_second_ctrl_c_rele
     assert "listening up to 8 s more for late replies to task(s) 32512, 32513" in capsys.readouterr().err
 
 
-class StopWhileSending(FakeSweep):
-    """The first task's probes are all out (it cools down); Ctrl-C comes while the second is
-    being sent; then the first one's cooldown ends."""
-
-    def start(self, targets, **kwargs):
-        job = super().start(targets, **kwargs)
-        self.jobs = getattr(self, "jobs", []) + [job]
-        job.done, job.all_sent = False, len(self.jobs) == 1
-        return job
-
-    def wait_for(self, predicate, timeout=None):
-        if predicate():
-            return True
-        if not getattr(self, "interrupted", False):
-            self.interrupted = True
-            raise KeyboardInterrupt
-        for job in self.jobs:
-            job.done = True
-        return predicate()
-
-
 @pytest.mark.parametrize("answer, kept", [(OK, 0), ((503, {"error": "down"}), 1)], ids=["accepted", "server-down"])
 def test_ctrl_c_gives_back_the_task_being_sent_and_submits_the_one_cooling_down(
         tmp_path, serve, monkeypatch, capsys, answer, kept):
-    sweep = StopWhileSending()
+    sweep = CoolingSweep(interrupts=1, sending=2)
     monkeypatch.setattr(icmp, "Sweeper", sweep)
     server = serve({("GET", "/get_task"): [(200, task(LOOP_TASK)), (200, task(LOOP_TASK + 1, lease="L2"))],
                     ("POST", "/release"): [OK], ("POST", "/submit_result"): [answer]})
@@ -881,7 +870,7 @@ def test_ctrl_c_gives_back_the_task_being_sent_and_submits_the_one_cooling_down(
 
 
 def test_ctrl_c_while_waiting_for_the_last_cooldown_still_submits(tmp_path, serve, monkeypatch, capsys):
-    sweep = StopWhileSending()
+    sweep = CoolingSweep(interrupts=1)
     monkeypatch.setattr(icmp, "Sweeper", sweep)
     server = serve({("GET", "/get_task"): [(200, task(LOOP_TASK)), (200, NO_TASK)],
                     ("POST", "/submit_result"): [OK]})

@@ -470,10 +470,7 @@ def client_sweep(srv, name, address, ones, only=(), handout=None):
     options = ping_client.SweepOptions(0, 1, 0.0, None, (ipaddress.IPv4Network("127.0.0.0/8"),),
                                        (), tuple(map(ipaddress.IPv4Network, only)))
     base, status = int(task.network.network_address), bytearray(BLOCK)
-    for net in ping_client.check_task(task, options):
-        first = max(int(net.network_address) - base, 0)
-        last = min(int(net.broadcast_address) - base, BLOCK - 1)
-        status[first:last + 1] = bytes([icmp.Status.EXCLUDED]) * max(0, last - first + 1)
+    icmp._mark_excluded(range(base, base + BLOCK), icmp._spans(ping_client.check_task(task, options)), status)
     for k in ones:
         status[k] = icmp.Status.ECHO_REPLY
     counts = dict.fromkeys(icmp.SweepStats._fields, 0)

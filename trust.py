@@ -151,6 +151,9 @@ class Verifier:
         # one is what flags a liar and puts an honest result in its place
         self._queues = {Status.DISPUTED: {}, Status.WAITING: {}}
         self._keys: dict[int, frozenset] = {}   # queued task -> its opinions' names, addresses
+        # queued task -> the names, addresses that sent its check back unswept in part (in
+        # memory only: after a restart they may be handed it once more)
+        self._declined: dict[int, frozenset] = {}
         self._seen: dict[tuple, int] = {}       # name or address -> queued tasks it has seen
         self.agreements = self.disputes = 0    # judged opinions, for /metrics
 
@@ -182,14 +185,20 @@ class Verifier:
         stays cheap when most of the queue is this holder's own results."""
         if not self.fraction or self.standing(name).flagged:
             return None
-        mine = max(self._seen.get(("name", name), 0), self._seen.get(("address", address), 0))
-        if mine >= len(self._keys):             # all of them are its own: no need to look
-            return None
+        keys = _keys_of(name, address)
+        if max(self._seen.get(key, 0) for key in keys) >= len(self._keys):
+            return None                         # all of them are its own: no need to look
         for task in itertools.islice(itertools.chain(*self._queues.values()), SCAN):
-            if (task not in busy and not self.blocks[task].has_seen(name, address)
+            if (task not in busy and keys.isdisjoint(self._keys.get(task, ()))
+                    and keys.isdisjoint(self._declined.get(task, ()))
                     and (wanted is None or wanted(task))):
                 return task
         return None
+
+    def decline(self, task: int, name: str, address: str) -> None:
+        """This holder sent the block's check back unswept in part: next_check() does not hand
+        it this block again while the block waits for the same opinion."""
+        self._declined[task] = self._declined.get(task, frozenset()) | _keys_of(name, address)
 
     def may_check(self, task: int, name: str, address: str) -> bool:
         block = self.blocks.get(task)
@@ -227,6 +236,7 @@ class Verifier:
                                          or standing.agreed < self.trust_after
                                          or self.rng() < self.fraction)
         block = Block((opinion,), (), 0, Status.WAITING if checked else Status.UNVERIFIED)
+        self._declined.pop(task, None)           # a new result: anyone may check it
         self.restore(task, block)
         return Outcome(block, False, credit)
 
@@ -323,9 +333,9 @@ class Verifier:
                 queue.setdefault(task, None)
             else:
                 queue.pop(task, None)
-        keys = frozenset(key for o in block.opinions for s in o.sweeps
-                         for key in (("name", s.contributor), ("address", s.address))
-                         ) if block.wants_opinion else frozenset()
+        keys = frozenset().union(*(_keys_of(s.contributor, s.address)
+                                   for o in block.opinions for s in o.sweeps)
+                             ) if block.wants_opinion else frozenset()
         old = self._keys.pop(task, frozenset())
         for key in old - keys:
             self._seen[key] -= 1
@@ -335,9 +345,16 @@ class Verifier:
             self._seen[key] = self._seen.get(key, 0) + 1
         if keys:
             self._keys[task] = keys
+        else:
+            self._declined.pop(task, None)       # no check wanted any more
 
 
 _NOBODY = Standing()
+
+
+def _keys_of(name: str, address: str) -> frozenset:
+    """How the queues know a holder: by name and by address, either one enough."""
+    return frozenset({("name", name), ("address", address)})
 
 
 def _telling(opinion: Opinion) -> int:
